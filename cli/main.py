@@ -1,0 +1,101 @@
+"""The llmq command line."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from cli.processes import Children, gateway_command, wait_ready, worker_command
+from shared.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune GPT-2 with QLoRA and serve it.")
+console = Console()
+
+
+@app.command()
+def migrate() -> None:
+    """Bring the database to the newest schema."""
+    from shared.migrate import upgrade
+
+    upgrade()
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Address to bind.")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
+) -> None:
+    """Run the gateway."""
+    settings = get_settings()
+    command = gateway_command(host or settings.api_host, port or settings.api_port)
+    os.execv(command[0], command)
+
+
+@app.command()
+def worker(queue: Annotated[str, typer.Option(help="generate or train")] = "generate") -> None:
+    """Run a worker for one queue."""
+    if queue not in ("generate", "train"):
+        raise typer.BadParameter("queue must be generate or train")
+    command = worker_command(queue)
+    os.execv(command[0], command)
+
+
+@app.command()
+def up() -> None:
+    """Run gateway and both workers on this machine until Ctrl-C."""
+    from shared.migrate import upgrade
+
+    settings = get_settings()
+    upgrade()
+    base_url = f"http://{settings.api_host}:{settings.api_port}"
+    children = Children(env=dict(os.environ), log_dir=settings.data_dir / "logs")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        children.start("gateway", gateway_command(settings.api_host, settings.api_port))
+        children.start("worker-generate", worker_command("generate"))
+        children.start("worker-train", worker_command("train"))
+        wait_ready(base_url, children)
+        console.print(f"llmq is up at {base_url} (logs in {children.log_dir}); Ctrl-C stops it")
+        while True:
+            children.check_alive()
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping")
+    except RuntimeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        children.stop_all()
+
+
+@app.command()
+def demo() -> None:
+    """Start everything on the embedded default, run one generation job, print it, stop."""
+    from cli.demo import run_demo
+
+    raise typer.Exit(run_demo(get_settings(), console))
+
+
+@app.command("make-model")
+def make_model(
+    out_dir: Path,
+    full_size: Annotated[bool, typer.Option("--full-size", help="GPT-2 124M architecture, random weights.")] = False,
+    tiny: Annotated[bool, typer.Option("--tiny", help="A 2-layer, 128-wide GPT-2 (the default).")] = False,
+) -> None:
+    """Build a GPT-2 offline (tokenizer trained on shipped text) into OUT_DIR."""
+    from worker.model_factory import build_full_size_gpt2, build_tiny_gpt2
+
+    path = build_full_size_gpt2(out_dir) if full_size else build_tiny_gpt2(out_dir)
+    console.print(str(path))
+
+
+def main() -> None:
+    """Entry point of the `llmq` command."""
+    app()

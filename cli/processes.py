@@ -1,0 +1,93 @@
+"""Starting and stopping llmq's own processes (gateway, workers) as children of this one."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def gateway_command(host: str, port: int) -> list[str]:
+    """The command line of a gateway process."""
+    return [
+        sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
+        "--host", host, "--port", str(port), "--log-level", "warning", "--no-access-log",
+    ]  # fmt: skip
+
+
+def worker_command(queue: str, name: str | None = None) -> list[str]:
+    """The command line of a Celery worker process serving one queue."""
+    return [
+        sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue,
+        "--pool", "solo", "--concurrency", "1", "--loglevel", "INFO",
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "-n", name or f"{queue}-{os.getpid()}@%h",
+    ]  # fmt: skip
+
+
+@dataclass
+class Children:
+    """Processes started by this one, stopped together (gracefully, then by force)."""
+
+    env: Mapping[str, str]
+    log_dir: Path | None = None
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        """Starts a named child with this group's environment; output goes to log_dir/name.log."""
+        output = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
+        proc = subprocess.Popen(
+            command, env=dict(self.env), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output else None
+        )
+        self.procs[name] = proc
+        return proc
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        """Stops one child: sig first, SIGKILL if it has not exited after timeout seconds."""
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def stop_all(self) -> None:
+        """Stops every child."""
+        for name in list(self.procs):
+            self.stop(name)
+
+    def check_alive(self) -> None:
+        """Raises RuntimeError naming any child that has exited."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode}")
+
+
+def wait_ready(base_url: str, children: Children | None = None, timeout: float = 60) -> None:
+    """Returns once the gateway's /readyz answers 200; raises TimeoutError otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if children is not None:
+            children.check_alive()
+        try:
+            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"gateway at {base_url} not ready after {timeout} s")

@@ -1,0 +1,36 @@
+"""The FastAPI gateway: validates requests, writes job rows, enqueues job ids. Never imports torch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from gateway import errors
+from gateway.routes import generations, health, jobs
+from gateway.waiting import FinishedJobs
+from shared.notify import redis_url
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    finished_jobs = FinishedJobs(redis_url())
+    app.state.finished_jobs = finished_jobs
+    await finished_jobs.start()
+    try:
+        yield
+    finally:
+        await finished_jobs.stop()
+
+
+def create_app() -> FastAPI:
+    """The gateway application."""
+    logging.basicConfig(level=logging.INFO)
+    app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan)
+    errors.install(app)
+    app.include_router(health.router)
+    app.include_router(generations.router)
+    app.include_router(jobs.router)
+    return app

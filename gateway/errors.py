@@ -1,0 +1,65 @@
+"""The gateway's error tree, mapped to HTTP in one place.
+
+Bodies carry a short stable `detail` (what tests assert) and an OpenAI-style `error` object
+(what SDKs read).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+
+
+class ApiError(Exception):
+    """Base of every error the API answers on purpose."""
+
+    status_code = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(ApiError):
+    status_code = 404
+    code = "not_found"
+
+
+class JobNotFound(NotFound):
+    code = "job_not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class Unavailable(ApiError):
+    status_code = 503
+    code = "unavailable"
+    type = "server_error"
+
+
+def error_body(status_code: int, code: str, message: str, type_: str) -> dict[str, object]:
+    """The JSON body of an error answer."""
+    return {"detail": message, "error": {"message": message, "type": type_, "code": code}}
+
+
+def install(app: FastAPI) -> None:
+    """Maps ApiError and database outages to JSON answers (never a traceback)."""
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.status_code, exc.code, exc.message, exc.type), status_code=exc.status_code
+        )
+
+    @app.exception_handler(OperationalError)
+    async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:
+        return JSONResponse(
+            error_body(503, "database_unavailable", "database unavailable", "server_error"),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )

@@ -1,0 +1,51 @@
+"""Listing jobs of every kind, newest first."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from sqlalchemy import and_, or_, select
+
+from gateway import views
+from gateway.deps import SessionDep
+from gateway.errors import JobNotFound
+from shared.job_states import JobStatus
+from shared.models import Job
+from shared.schemas import JobKind, JobList, JobSummary
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    session: SessionDep,
+    kind: JobKind | None = None,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
+) -> JobList:
+    """Jobs newest first, a page at a time, optionally of one kind and status."""
+    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    if kind is not None:
+        query = query.where(Job.kind == kind)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        cursor = session.get(Job, after)
+        if cursor is None:
+            raise JobNotFound(f"job {after!r} not found (after)")
+        query = query.where(
+            or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
+        )
+    jobs = session.scalars(query).all()
+    return JobList(data=[views.job_summary(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
+
+
+@router.get("/{job_id}", response_model=JobSummary)
+def get_job(job_id: str, session: SessionDep) -> JobSummary:
+    """One job of any kind."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise JobNotFound(f"job {job_id!r} not found")
+    return views.job_summary(job)

@@ -1,0 +1,62 @@
+"""The one Celery app: JSON messages carrying only a job id, one queue per job kind.
+
+The gateway publishes by task name (it never imports worker code); worker.app registers the tasks.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from celery import Celery
+
+from shared import file_broker
+from shared.settings import Settings, get_settings
+
+QUEUES = {"generate": "generate", "train": "train"}
+TASKS = {"generate": "llmq.generate", "train": "llmq.train"}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured from settings."""
+    file_broker.register()
+    app = Celery("llmq", broker=settings.resolved_broker_url, set_as_current=False)
+    transport_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout}
+    if settings.broker_url is None:
+        folder = settings.broker_dir
+        for sub in ("queue", "processed", "control"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
+            "polling_interval": settings.broker_polling_interval,
+        }
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],  # a pickle message is rejected, never unpickled
+        result_serializer="json",
+        task_ignore_result=True,  # results live in the job row, not in a Celery backend
+        task_acks_late=True,  # a message is acknowledged after its task, so a crash redelivers it
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # a waiting message stays in the broker for idle workers
+        task_routes={name: {"queue": QUEUES[kind]} for kind, name in TASKS.items()},
+        task_default_queue=QUEUES["generate"],
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_enable_remote_control=settings.broker_url is not None,
+        worker_send_task_events=False,
+    )
+    return app
+
+
+@lru_cache
+def get_celery() -> Celery:
+    """The process-wide Celery app for the configured broker."""
+    return make_celery(get_settings())
+
+
+def enqueue(kind: str, job_id: str) -> None:
+    """Publishes the message for a committed job: its id, nothing else."""
+    get_celery().send_task(TASKS[kind], args=[job_id], queue=QUEUES[kind])

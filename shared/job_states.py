@@ -1,0 +1,181 @@
+"""The job state machine: the only code that changes a job's status.
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled                      (a client cancels before any worker claimed it)
+    running -> queued                        (a lease expired: the reaper hands it to the next worker)
+
+A claim is one conditional UPDATE ... WHERE status = 'queued' ... RETURNING, so two workers never get
+the same job. Every later write of a worker names the attempt it claimed, so a worker whose lease
+expired and whose job was claimed again can no longer change it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from shared.models import Job, new_id, utcnow
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+ID_PREFIX = {"generate": "gen", "train": "ftjob"}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds after claiming a job: the job and the attempt it may write as."""
+
+    job: Job
+
+    @property
+    def job_id(self) -> str:
+        return self.job.id
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempt
+
+
+def create_job(
+    session: Session, *, kind: str, model: str, params: dict[str, Any], max_attempts: int
+) -> Job:
+    """A new queued job, added to the session (the caller commits, then enqueues its id)."""
+    job = Job(
+        id=new_id(ID_PREFIX[kind]),
+        kind=kind,
+        status=JobStatus.QUEUED,
+        model=model,
+        params=params,
+        attempt=0,
+        max_attempts=max_attempts,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    return job
+
+
+def claim_batch(
+    session: Session,
+    *,
+    kind: str,
+    worker: str,
+    lease_seconds: float,
+    limit: int,
+    pick: Callable[[Sequence[Job]], Sequence[str]] | None = None,
+) -> list[Claim]:
+    """Claims the oldest queued jobs of a kind (at most limit, then narrowed by pick) and commits.
+
+    pick chooses which of the candidates (oldest first) to take, e.g. to respect a token budget;
+    it must return at least one id when given any candidate.
+    """
+    candidates = session.scalars(
+        select(Job)
+        .where(Job.kind == kind, Job.status == JobStatus.QUEUED)
+        .order_by(Job.created_at, Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    # SQLite cannot upgrade a read transaction to a write one under contention; the conditional
+    # UPDATE below is what makes the claim safe, the row locks above only spare Postgres work.
+    if not candidates or session.get_bind().dialect.name == "sqlite":
+        session.rollback()
+    if not candidates:
+        return []
+    ids = list(pick(candidates)) if pick else [job.id for job in candidates]
+    claims = _claim_where(session, worker, lease_seconds, Job.id.in_(ids))
+    claims.sort(key=lambda c: (c.job.created_at, c.job.id))
+    return claims
+
+
+def claim(session: Session, job_id: str, *, worker: str, lease_seconds: float) -> Claim | None:
+    """Claims one job by id if it is still queued, and commits; None when it is not."""
+    claims = _claim_where(session, worker, lease_seconds, Job.id == job_id)
+    return claims[0] if claims else None
+
+
+def _claim_where(session: Session, worker: str, lease_seconds: float, condition: Any) -> list[Claim]:
+    now = utcnow()
+    claimed_ids = session.scalars(
+        update(Job)
+        .where(condition, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.RUNNING,
+            attempt=Job.attempt + 1,
+            worker=worker,
+            lease_expires_at=now + timedelta(seconds=lease_seconds),
+            started_at=now,
+            updated_at=now,
+        )
+        .returning(Job.id)
+    ).all()
+    session.commit()
+    if not claimed_ids:
+        return []
+    jobs = session.scalars(select(Job).where(Job.id.in_(claimed_ids))).all()
+    return [Claim(job) for job in jobs]
+
+
+def _finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> bool:
+    now = utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
+        .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values)
+    )
+    session.commit()
+    return done.rowcount == 1  # type: ignore[attr-defined]
+
+
+def succeed(session: Session, claim: Claim, result: dict[str, Any]) -> bool:
+    """Marks a claimed job succeeded with its result; False when the claim is no longer current."""
+    return _finish(session, claim, JobStatus.SUCCEEDED, result=result)
+
+
+def fail(session: Session, claim: Claim, code: str, message: str) -> bool:
+    """Marks a claimed job failed with a readable error; False when the claim is no longer current."""
+    return _finish(session, claim, JobStatus.FAILED, error={"code": code, "message": message})
+
+
+def finish_cancelled(session: Session, claim: Claim, result: dict[str, Any] | None = None) -> bool:
+    """Marks a claimed job whose cancel was requested as cancelled, keeping any partial result."""
+    return _finish(session, claim, JobStatus.CANCELLED, result=result)
+
+
+def cancel(session: Session, job_id: str) -> Job | None:
+    """Cancels a job for a client and commits: a queued job at once, a running one at its next step.
+
+    Returns the job as it stands afterwards, or None when there is no such job.
+    """
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, cancel_requested=True)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True, updated_at=now)
+    )
+    session.commit()
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def is_terminal(status: str) -> bool:
+    """True when a job in this status will never change again."""
+    return status in TERMINAL

@@ -1,0 +1,96 @@
+"""The one source of configuration: environment variables prefixed LLMQ_ (or a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Quantization = Literal["nf4", "int8", "bf16", "fp32"]
+
+
+class Settings(BaseSettings):
+    """Every knob of llmq. Each default works on the embedded default (one machine, no servers)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMQ_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(
+        Path(".llmq"),
+        description="Folder for the embedded database, the embedded broker's messages and all artifacts.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the job database; unset means a SQLite file in data_dir. "
+        "Production: postgresql+psycopg://user:pass@host/db.",
+    )
+    broker_url: str | None = Field(
+        None,
+        description="Celery broker URL; unset means the embedded file broker in data_dir/broker. "
+        "Production: redis://host:6379/0.",
+    )
+    broker_polling_interval: float = Field(
+        0.005, description="Seconds between polls of the embedded file broker (Redis needs none)."
+    )
+    broker_visibility_timeout: int = Field(
+        6 * 3600,
+        description="Seconds Redis waits before redelivering an unacknowledged message; "
+        "must exceed the longest task.",
+    )
+
+    base_model: str = Field(
+        "openai-community/gpt2",
+        description="Base model the workers load: a hub id or a local model directory.",
+    )
+    base_model_revision: str = Field("main", description="Hub revision (branch, tag or commit) of base_model.")
+    quantization: Quantization = Field(
+        "nf4", description="How the worker loads the base model: nf4 or int8 (bitsandbytes), bf16 or fp32."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the worker runs the model; auto picks CUDA when present."
+    )
+
+    max_batch_size: int = Field(32, ge=1, description="Most prompts one generate call runs together.")
+    max_batch_tokens: int = Field(
+        16384, ge=1, description="Most prompt + new tokens one generate call runs together."
+    )
+    max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")
+    max_prompts_per_job: int = Field(64, ge=1, description="Cap on prompts in one generation job.")
+    max_prompt_chars: int = Field(16000, ge=1, description="Cap on characters of one prompt.")
+    max_wait_seconds: float = Field(60.0, ge=0, description="Cap on ?wait= of a status request.")
+
+    max_attempts: int = Field(3, ge=1, description="Times a job may be started before it ends failed.")
+    lease_seconds: float = Field(
+        120.0, gt=0, description="How long a claimed job is a worker's before another may take it over."
+    )
+
+    api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
+    api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL in force: the setting, or the embedded SQLite file."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'llmq.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        """The broker URL in force: the setting, or the embedded file broker."""
+        return self.broker_url or "llmq-files://"
+
+    @property
+    def broker_dir(self) -> Path:
+        """Folder of the embedded file broker."""
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Folder of uploaded files, checkpoints and adapters."""
+        return (self.data_dir / "artifacts").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

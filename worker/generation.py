@@ -1,0 +1,166 @@
+"""Batched generation: many prompts, each with its own sampling settings, in one left-padded batch.
+
+transformers' generate() takes one set of sampling settings and one random generator per call; a
+batch here mixes jobs, so this loop samples each row with its own temperature, top-p, stop strings,
+token limit and seeded generator. That keeps a seeded prompt's output the same whatever shares its
+batch, and a greedy prompt's output the same alone or batched.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from worker.model_loading import LoadedModel
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt to complete."""
+
+    prompt: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one request produced."""
+
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus the tokens asked for do not fit the model's context."""
+
+
+def encode(loaded: LoadedModel, prompt: str) -> list[int]:
+    """Token ids of a prompt, without special tokens."""
+    return list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def check_fits(loaded: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    """Raises PromptTooLong when prompt and completion exceed the context length."""
+    if len(prompt_ids) + max_new_tokens > loaded.context_length:
+        raise PromptTooLong(
+            f"prompt has {len(prompt_ids)} tokens and max_tokens is {max_new_tokens}; "
+            f"together they exceed the model's context of {loaded.context_length} tokens"
+        )
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return gen
+
+
+def _next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """One token for one row from its last-position logits [vocab]."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the top one
+        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+        choice = torch.multinomial(sorted_probs, 1, generator=gen)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
+    """text up to its first stop string, or None when it holds none."""
+    positions = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(positions)] if positions else None
+
+
+@torch.inference_mode()
+def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generation]:
+    """Completes every request in one left-padded batch; outputs are in request order.
+
+    Every prompt must fit the context with its max_new_tokens (see check_fits).
+    """
+    if not requests:
+        return []
+    tokenizer, device = loaded.tokenizer, loaded.device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prompts = [encode(loaded, r.prompt) or [eos] for r in requests]
+    for ids, r in zip(prompts, requests, strict=True):
+        check_fits(loaded, ids, r.params.max_new_tokens)
+    batch, width = len(requests), max(len(p) for p in prompts)
+
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)  # [B, L], padded on the left
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]: each row counts from 0
+
+    generators = [_generator(r.params.seed, device) for r in requests]
+    generated: list[list[int]] = [[] for _ in requests]
+    texts: list[str | None] = [None] * batch  # final text once a row is done
+    reasons: list[Literal["stop", "length"]] = ["length"] * batch
+    done = [False] * batch
+    past = None
+    steps = max(r.params.max_new_tokens for r in requests)
+
+    for _ in range(steps):
+        out = loaded.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        past = out.past_key_values
+        last = out.logits[:, -1, :]  # [B, vocab]
+        next_ids = torch.full((batch,), pad, dtype=torch.long)
+        for row, request in enumerate(requests):
+            if done[row]:
+                continue
+            token = _next_token(last[row], request.params, generators[row])
+            next_ids[row] = token
+            if token == eos:
+                done[row], reasons[row] = True, "stop"
+                continue
+            generated[row].append(token)
+            if request.params.stop:
+                cut = _cut_at_stop(tokenizer.decode(generated[row]), request.params.stop)
+                if cut is not None:
+                    done[row], reasons[row], texts[row] = True, "stop", cut
+                    continue
+            if len(generated[row]) >= request.params.max_new_tokens:
+                done[row] = True
+        if all(done):
+            break
+        input_ids = next_ids.unsqueeze(-1).to(device)  # [B, 1]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+
+    return [
+        Generation(
+            text=texts[row] if texts[row] is not None else tokenizer.decode(generated[row]),
+            finish_reason=reasons[row],
+            prompt_tokens=len(prompts[row]),
+            completion_tokens=len(generated[row]),
+        )
+        for row in range(batch)
+    ]

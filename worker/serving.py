@@ -1,0 +1,163 @@
+"""The generate side: claim waiting generation jobs, run them as one batch, write every output back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from shared import job_states
+from shared.db import get_sessionmaker
+from shared.job_states import Claim
+from shared.models import Job
+from shared.notify import publish_finished
+from shared.settings import Settings
+from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
+from worker.model_loading import LoadedModel, load_base_model
+
+log = logging.getLogger(__name__)
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ModelHolder:
+    """The base model of this process, loaded once on first use; a failed load is retried next time."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._loaded: LoadedModel | None = None
+
+    def get(self) -> LoadedModel:
+        if self._loaded is None:
+            s = self.settings
+            self._loaded = load_base_model(s.base_model, s.base_model_revision, s.quantization, s.device)
+        return self._loaded
+
+
+def _requests(job: Job) -> list[Request]:
+    p = job.params
+    params = SamplingParams(
+        max_new_tokens=p["max_tokens"],
+        temperature=p["temperature"],
+        top_p=p["top_p"],
+        stop=tuple(p.get("stop") or ()),
+        seed=p.get("seed"),
+    )
+    return [Request(prompt=prompt, params=params) for prompt in p["prompts"]]
+
+
+def _result(generations: Sequence[Generation]) -> dict[str, Any]:
+    outputs = [
+        {
+            "index": i,
+            "text": g.text,
+            "finish_reason": g.finish_reason,
+            "prompt_tokens": g.prompt_tokens,
+            "completion_tokens": g.completion_tokens,
+        }
+        for i, g in enumerate(generations)
+    ]
+    prompt_tokens = sum(g.prompt_tokens for g in generations)
+    completion_tokens = sum(g.completion_tokens for g in generations)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return {"outputs": outputs, "usage": usage}
+
+
+def _budget(settings: Settings) -> Any:
+    """Chooses the oldest jobs whose prompts fit max_batch_size and (roughly) max_batch_tokens."""
+
+    def pick(candidates: Sequence[Job]) -> list[str]:
+        chosen: list[str] = []
+        prompts = tokens = 0
+        for job in candidates:
+            n = len(job.params["prompts"])
+            # A rough token count (4 characters a token) is enough to bound a batch's memory.
+            cost = sum(len(p) // 4 + 1 for p in job.params["prompts"]) + n * job.params["max_tokens"]
+            if chosen and (prompts + n > settings.max_batch_size or tokens + cost > settings.max_batch_tokens):
+                break
+            chosen.append(job.id)
+            prompts, tokens = prompts + n, tokens + cost
+        return chosen
+
+    return pick
+
+
+def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
+    """Claims a batch of waiting generation jobs, runs it and records every outcome; the job ids."""
+    session_factory = get_sessionmaker()
+    with session_factory() as session:
+        claims = job_states.claim_batch(
+            session,
+            kind="generate",
+            worker=WORKER_ID,
+            lease_seconds=settings.lease_seconds,
+            limit=settings.max_batch_size,
+            pick=_budget(settings),
+        )
+        if not claims:
+            return []
+        started = time.perf_counter()
+        outcomes = _run(claims, settings, models)
+        for claim, (result, error) in zip(claims, outcomes, strict=True):
+            if error is None:
+                job_states.succeed(session, claim, result or {})
+            else:
+                job_states.fail(session, claim, *error)
+    ids = [c.job_id for c in claims]
+    publish_finished(ids)
+    prompts = sum(len(c.job.params["prompts"]) for c in claims)
+    log.info("batch of %d jobs, %d prompts in %.3f s", len(claims), prompts, time.perf_counter() - started)
+    return ids
+
+
+Outcome = tuple[dict[str, Any] | None, tuple[str, str] | None]
+
+
+def _run(claims: Sequence[Claim], settings: Settings, models: ModelHolder) -> list[Outcome]:
+    """(result, None) or (None, (code, message)) for every claim, in order."""
+    try:
+        loaded = models.get()
+    except Exception as exc:
+        log.exception("model load failed")
+        message = f"could not load model {settings.base_model!r}: {type(exc).__name__}: {exc}"
+        return [(None, ("model_load_failed", message[:2000]))] * len(claims)
+
+    outcomes: list[Outcome | None] = [None] * len(claims)
+    runnable: list[tuple[int, list[Request]]] = []
+    for i, claim in enumerate(claims):
+        job = claim.job
+        if job.model != loaded.name:
+            outcomes[i] = (None, ("model_not_served", f"this worker serves {loaded.name!r}, not {job.model!r}"))
+            continue
+        requests = _requests(job)
+        try:
+            for request in requests:
+                check_fits(loaded, encode(loaded, request.prompt), request.params.max_new_tokens)
+        except PromptTooLong as exc:
+            outcomes[i] = (None, ("context_length_exceeded", str(exc)))
+            continue
+        runnable.append((i, requests))
+
+    flat = [request for _, requests in runnable for request in requests]
+    try:
+        generations: list[Generation] = []
+        for start in range(0, len(flat), settings.max_batch_size):
+            generations += generate(loaded, flat[start : start + settings.max_batch_size])
+    except Exception as exc:
+        log.exception("generation failed")
+        for i, _ in runnable:
+            outcomes[i] = (None, ("generation_failed", f"{type(exc).__name__}: {exc}"[:2000]))
+        return [o for o in outcomes if o is not None]
+
+    position = 0
+    for i, requests in runnable:
+        outcomes[i] = (_result(generations[position : position + len(requests)]), None)
+        position += len(requests)
+    return [o for o in outcomes if o is not None]

@@ -1,0 +1,16 @@
+"""Celery tasks: thin wrappers that hand a job id to the runtime. The message carries only the id."""
+
+from __future__ import annotations
+
+from worker.app import app, generate_models
+from worker.serving import serve_waiting_jobs
+from shared.settings import get_settings
+
+
+@app.task(name="llmq.generate", ignore_result=True)
+def generate(job_id: str) -> None:
+    """Serves waiting generation jobs, this one among them unless another worker already took it.
+
+    A message whose job is no longer queued finds nothing to claim and does nothing.
+    """
+    serve_waiting_jobs(get_settings(), generate_models())
