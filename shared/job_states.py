@@ -17,10 +17,10 @@ from datetime import timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import exists, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Job, new_id, utcnow
+from shared.models import Checkpoint, Job, JobEvent, new_id, utcnow
 
 
 class JobStatus(StrEnum):
@@ -174,6 +174,77 @@ def cancel(session: Session, job_id: str) -> Job | None:
     )
     session.commit()
     return session.get(Job, job_id, populate_existing=True)
+
+
+def _holds(claim: Claim) -> Any:
+    """SQL condition: the claim is still the job's current, running attempt."""
+    return (Job.id == claim.job_id) & (Job.attempt == claim.attempt) & (Job.status == JobStatus.RUNNING)
+
+
+def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> bool:
+    """Extends the claim's lease (a heartbeat) and commits; False when the claim was lost."""
+    now = utcnow()
+    renewed = session.execute(
+        update(Job).where(_holds(claim)).values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+    )
+    session.commit()
+    return renewed.rowcount == 1  # type: ignore[attr-defined]
+
+
+def record_progress(session: Session, claim: Claim, result: dict[str, Any]) -> bool:
+    """Replaces the running job's partial result (progress figures) and commits; False if lost."""
+    done = session.execute(update(Job).where(_holds(claim)).values(result=result, updated_at=utcnow()))
+    session.commit()
+    return done.rowcount == 1  # type: ignore[attr-defined]
+
+
+def cancel_requested(session: Session, claim: Claim) -> bool:
+    """True when a client asked to cancel the job, or the claim is no longer current."""
+    row = session.execute(
+        select(Job.cancel_requested, Job.attempt, Job.status).where(Job.id == claim.job_id)
+    ).one_or_none()
+    session.rollback()
+    return row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING
+
+
+def add_event(
+    session: Session,
+    claim: Claim,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",
+    data: dict[str, Any] | None = None,
+) -> bool:
+    """Appends an event to the claimed job's history (only while the claim is current) and commits."""
+    values = {
+        "job_id": claim.job_id,
+        "attempt": claim.attempt,
+        "created_at": utcnow(),
+        "level": level,
+        "type": type,
+        "message": message[:2000],
+        "data": data,
+    }
+    columns = list(values)
+    guarded = select(*[literal(v, type_=JobEvent.__table__.c[k].type) for k, v in values.items()]).where(
+        exists().where(_holds(claim))
+    )
+    done = session.execute(insert(JobEvent).from_select(columns, guarded))
+    session.commit()
+    return done.rowcount == 1  # type: ignore[attr-defined]
+
+
+def add_checkpoint(session: Session, claim: Claim, step: int, path: str, metrics: dict[str, Any]) -> bool:
+    """Records a complete checkpoint of the claimed job (only while the claim is current) and commits."""
+    if not session.execute(select(exists().where(_holds(claim)))).scalar():
+        session.rollback()
+        return False
+    session.add(
+        Checkpoint(id=new_id("ftckpt"), job_id=claim.job_id, step=step, path=path, metrics=metrics, created_at=utcnow())
+    )
+    session.commit()
+    return True
 
 
 def is_terminal(status: str) -> bool:

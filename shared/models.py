@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, Index, Integer, String, TypeDecorator
+from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, Integer, String, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -72,3 +72,59 @@ class Job(Base):
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, {self.kind}, {self.status}, attempt={self.attempt})"
+
+
+class File(Base):
+    """An uploaded training or validation file (validated Alpaca records) in the artifact store."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    filename: Mapped[str] = mapped_column(String(255))
+    purpose: Mapped[str] = mapped_column(String(32))
+    bytes: Mapped[int] = mapped_column(Integer)
+    records: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the artifact store
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobEvent(Base):
+    """One line of a job's history: a message, and for progress the figures behind it."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    level: Mapped[str] = mapped_column(String(8))  # info | warn | error
+    type: Mapped[str] = mapped_column(String(16))  # message | metrics
+    message: Mapped[str] = mapped_column(String(2000))
+    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class Checkpoint(Base):
+    """A complete training checkpoint of a fine-tune, written by the worker that held the job."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    step: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(1024))  # relative to the artifact store
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FineTunedModel(Base):
+    """A finished fine-tune's adapter, servable by its id (ft:<base>:<suffix>:<job id>)."""
+
+    __tablename__ = "fine_tuned_models"
+
+    id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    base_model: Mapped[str] = mapped_column(String(512))
+    path: Mapped[str] = mapped_column(String(1024))  # adapter folder, relative to the artifact store
+    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
