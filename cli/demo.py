@@ -73,11 +73,12 @@ def run_demo(settings: Settings, console: Console) -> int:
             return 1
         table = Table("prompt", "output", "finish", "tokens", title=f"{job['id']} on {model}")
         for prompt, output in zip(DEMO_PROMPTS, job["outputs"], strict=True):
-            table.add_row(prompt[-60:], output["text"], output["finish_reason"], str(output["completion_tokens"]))
+            table.add_row(
+                prompt[-60:], output["text"], output["finish_reason"], str(output["completion_tokens"])
+            )
         console.print(table)
-        console.print(
-            f"end to end {elapsed:.2f} s (queued {job['queue_seconds']:.3f} s, ran {job['run_seconds']:.3f} s)"
-        )
+        queued, ran = job["queue_seconds"], job["run_seconds"]
+        console.print(f"end to end {elapsed:.2f} s (queued {queued:.3f} s, ran {ran:.3f} s)")
         return 0
     finally:
         children.stop_all()

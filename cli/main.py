@@ -86,7 +86,9 @@ def demo() -> None:
 @app.command("make-model")
 def make_model(
     out_dir: Path,
-    full_size: Annotated[bool, typer.Option("--full-size", help="GPT-2 124M architecture, random weights.")] = False,
+    full_size: Annotated[
+        bool, typer.Option("--full-size", help="GPT-2 124M architecture, random weights.")
+    ] = False,
     tiny: Annotated[bool, typer.Option("--tiny", help="A 2-layer, 128-wide GPT-2 (the default).")] = False,
 ) -> None:
     """Build a GPT-2 offline (tokenizer trained on shipped text) into OUT_DIR."""

@@ -13,10 +13,13 @@ def served_models(session: Session, settings: Settings) -> list[str]:
     return [settings.base_model]
 
 
-def resolve_model(session: Session, settings: Settings, requested: str | None) -> str:
-    """The model id a request names, or the base model when it names none; ModelNotFound if unknown."""
+def resolve_model(session: Session, settings: Settings, requested: str | None) -> tuple[str, str]:
+    """(model id, base model it runs on) for a request's model, the base model when it names none.
+
+    Raises ModelNotFound for a model this service does not serve.
+    """
     if requested is None:
-        return settings.base_model
+        return settings.base_model, settings.base_model
     if requested not in served_models(session, settings):
         raise ModelNotFound(f"model {requested!r} does not exist")
-    return requested
+    return requested, settings.base_model

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from shared.models import Job
 from shared.schemas import ErrorInfo, GenerationJob, GenerationOutput, JobSummary, Usage
 
 
-def _seconds(start: object, end: object) -> float | None:
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     if start is None or end is None:
         return None
-    return round((end - start).total_seconds(), 6)  # type: ignore[operator]
+    return round((end - start).total_seconds(), 6)
 
 
 def generation_job(job: Job) -> GenerationJob:
@@ -18,7 +20,7 @@ def generation_job(job: Job) -> GenerationJob:
     outputs = [GenerationOutput(**o) for o in result["outputs"]] if "outputs" in result else None
     return GenerationJob(
         id=job.id,
-        status=job.status,  # type: ignore[arg-type]
+        status=job.status,
         model=job.model,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -37,8 +39,8 @@ def job_summary(job: Job) -> JobSummary:
     """Any job row as one line of a listing."""
     return JobSummary(
         id=job.id,
-        kind=job.kind,  # type: ignore[arg-type]
-        status=job.status,  # type: ignore[arg-type]
+        kind=job.kind,
+        status=job.status,
         model=job.model,
         created_at=job.created_at,
         started_at=job.started_at,

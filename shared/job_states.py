@@ -38,21 +38,21 @@ ID_PREFIX = {"generate": "gen", "train": "ftjob"}
 
 @dataclass(frozen=True)
 class Claim:
-    """What a worker holds after claiming a job: the job and the attempt it may write as."""
+    """What a worker holds after claiming a job: the attempt it may write as, and the row it read."""
 
+    job_id: str
+    attempt: int
     job: Job
-
-    @property
-    def job_id(self) -> str:
-        return self.job.id
-
-    @property
-    def attempt(self) -> int:
-        return self.job.attempt
 
 
 def create_job(
-    session: Session, *, kind: str, model: str, params: dict[str, Any], max_attempts: int
+    session: Session,
+    *,
+    kind: str,
+    model: str,
+    base_model: str,
+    params: dict[str, Any],
+    max_attempts: int,
 ) -> Job:
     """A new queued job, added to the session (the caller commits, then enqueues its id)."""
     job = Job(
@@ -60,6 +60,7 @@ def create_job(
         kind=kind,
         status=JobStatus.QUEUED,
         model=model,
+        base_model=base_model,
         params=params,
         attempt=0,
         max_attempts=max_attempts,
@@ -73,19 +74,20 @@ def claim_batch(
     session: Session,
     *,
     kind: str,
+    base_model: str,
     worker: str,
     lease_seconds: float,
     limit: int,
     pick: Callable[[Sequence[Job]], Sequence[str]] | None = None,
 ) -> list[Claim]:
-    """Claims the oldest queued jobs of a kind (at most limit, then narrowed by pick) and commits.
+    """Claims the oldest queued jobs of a kind on a base model (at most limit, narrowed by pick); commits.
 
     pick chooses which of the candidates (oldest first) to take, e.g. to respect a token budget;
     it must return at least one id when given any candidate.
     """
     candidates = session.scalars(
         select(Job)
-        .where(Job.kind == kind, Job.status == JobStatus.QUEUED)
+        .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model)
         .order_by(Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -110,7 +112,7 @@ def claim(session: Session, job_id: str, *, worker: str, lease_seconds: float) -
 
 def _claim_where(session: Session, worker: str, lease_seconds: float, condition: Any) -> list[Claim]:
     now = utcnow()
-    claimed_ids = session.scalars(
+    claimed = session.execute(
         update(Job)
         .where(condition, Job.status == JobStatus.QUEUED)
         .values(
@@ -121,13 +123,16 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
             started_at=now,
             updated_at=now,
         )
-        .returning(Job.id)
+        .returning(Job.id, Job.attempt)
     ).all()
     session.commit()
-    if not claimed_ids:
+    if not claimed:
         return []
-    jobs = session.scalars(select(Job).where(Job.id.in_(claimed_ids))).all()
-    return [Claim(job) for job in jobs]
+    attempts = {row.id: row.attempt for row in claimed}
+    jobs = session.scalars(
+        select(Job).where(Job.id.in_(attempts)).execution_options(populate_existing=True)
+    ).all()
+    return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
 
 def _finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> bool:
@@ -204,7 +209,9 @@ def cancel_requested(session: Session, claim: Claim) -> bool:
         select(Job.cancel_requested, Job.attempt, Job.status).where(Job.id == claim.job_id)
     ).one_or_none()
     session.rollback()
-    return row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING
+    return (
+        row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING
+    )
 
 
 def add_event(
@@ -241,7 +248,14 @@ def add_checkpoint(session: Session, claim: Claim, step: int, path: str, metrics
         session.rollback()
         return False
     session.add(
-        Checkpoint(id=new_id("ftckpt"), job_id=claim.job_id, step=step, path=path, metrics=metrics, created_at=utcnow())
+        Checkpoint(
+            id=new_id("ftckpt"),
+            job_id=claim.job_id,
+            step=step,
+            path=path,
+            metrics=metrics,
+            created_at=utcnow(),
+        )
     )
     session.commit()
     return True

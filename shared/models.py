@@ -47,7 +47,8 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16))  # "generate" | "train"
     status: Mapped[str] = mapped_column(String(16))  # see shared.job_states.JobStatus
-    model: Mapped[str] = mapped_column(String(512))
+    model: Mapped[str] = mapped_column(String(512))  # what the client asked for (base or fine-tuned id)
+    base_model: Mapped[str] = mapped_column(String(512))  # the base it runs on: workers claim by it
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # {code, message}
@@ -66,7 +67,7 @@ class Job(Base):
 
     # The claim scans queued jobs of one kind oldest first; listings go newest first.
     __table_args__ = (
-        Index("ix_jobs_kind_status_created", "kind", "status", "created_at"),
+        Index("ix_jobs_claim", "kind", "status", "base_model", "created_at"),
         Index("ix_jobs_created", "created_at"),
     )
 

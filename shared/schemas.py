@@ -22,7 +22,9 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(None, min_length=1, max_length=512, description="Model id; default: the base model.")
+    model: str | None = Field(
+        None, min_length=1, max_length=512, description="Model id; default: the base model."
+    )
     prompt: str | None = Field(None, description="A single prompt (or use prompts).")
     prompts: list[str] | None = Field(None, min_length=1, description="Several prompts, one output each.")
     max_tokens: int = Field(16, ge=1, description="Most new tokens per prompt.")

@@ -44,7 +44,9 @@ class Settings(BaseSettings):
         "openai-community/gpt2",
         description="Base model the workers load: a hub id or a local model directory.",
     )
-    base_model_revision: str = Field("main", description="Hub revision (branch, tag or commit) of base_model.")
+    base_model_revision: str = Field(
+        "main", description="Hub revision (branch, tag or commit) of base_model."
+    )
     quantization: Quantization = Field(
         "nf4", description="How the worker loads the base model: nf4 or int8 (bitsandbytes), bf16 or fp32."
     )

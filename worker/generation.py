@@ -54,6 +54,10 @@ def encode(loaded: LoadedModel, prompt: str) -> list[int]:
     return list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
+def _decode(loaded: LoadedModel, ids: list[int]) -> str:
+    return str(loaded.tokenizer.decode(ids))
+
+
 def check_fits(loaded: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
     """Raises PromptTooLong when prompt and completion exceed the context length."""
     if len(prompt_ids) + max_new_tokens > loaded.context_length:
@@ -73,14 +77,17 @@ def _next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generat
     """One token for one row from its last-position logits [vocab]."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    scores = logits.float() / params.temperature
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the top one
-        sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
-        choice = torch.multinomial(sorted_probs, 1, generator=gen)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=gen))
+        sorted_probs, order = torch.sort(torch.softmax(scores, dim=-1), descending=True)
+        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= params.top_p  # never the top one
+        scores = scores.masked_fill(outside.scatter(0, order, outside), float("-inf"))
+    # Gumbel-max: argmax(scores + Gumbel noise) is a draw from softmax(scores). The draw changes only
+    # if numeric noise swaps the top two perturbed scores, whose gap is typically of order 1, so a row
+    # samples the same tokens alone or batched (an inverse-CDF draw over 50k near-equal boundaries
+    # would not).
+    uniform = torch.rand(scores.shape, generator=gen, device=scores.device).clamp_(min=1e-20)
+    return int(torch.argmax(scores - torch.log(-torch.log(uniform))))
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
@@ -118,7 +125,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generatio
     texts: list[str | None] = [None] * batch  # final text once a row is done
     reasons: list[Literal["stop", "length"]] = ["length"] * batch
     done = [False] * batch
-    past = None
+    cache = None
     steps = max(r.params.max_new_tokens for r in requests)
 
     for _ in range(steps):
@@ -126,11 +133,11 @@ def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generatio
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        past = out.past_key_values
+        cache = out.cache
         last = out.logits[:, -1, :]  # [B, vocab]
         next_ids = torch.full((batch,), pad, dtype=torch.long)
         for row, request in enumerate(requests):
@@ -143,7 +150,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generatio
                 continue
             generated[row].append(token)
             if request.params.stop:
-                cut = _cut_at_stop(tokenizer.decode(generated[row]), request.params.stop)
+                cut = _cut_at_stop(_decode(loaded, generated[row]), request.params.stop)
                 if cut is not None:
                     done[row], reasons[row], texts[row] = True, "stop", cut
                     continue
@@ -157,7 +164,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generatio
 
     return [
         Generation(
-            text=texts[row] if texts[row] is not None else tokenizer.decode(generated[row]),
+            text=texts[row] or _decode(loaded, generated[row]),
             finish_reason=reasons[row],
             prompt_tokens=len(prompts[row]),
             completion_tokens=len(generated[row]),

@@ -80,7 +80,9 @@ def _budget(settings: Settings) -> Any:
             n = len(job.params["prompts"])
             # A rough token count (4 characters a token) is enough to bound a batch's memory.
             cost = sum(len(p) // 4 + 1 for p in job.params["prompts"]) + n * job.params["max_tokens"]
-            if chosen and (prompts + n > settings.max_batch_size or tokens + cost > settings.max_batch_tokens):
+            if chosen and (
+                prompts + n > settings.max_batch_size or tokens + cost > settings.max_batch_tokens
+            ):
                 break
             chosen.append(job.id)
             prompts, tokens = prompts + n, tokens + cost
@@ -96,6 +98,7 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
         claims = job_states.claim_batch(
             session,
             kind="generate",
+            base_model=settings.base_model,
             worker=WORKER_ID,
             lease_seconds=settings.lease_seconds,
             limit=settings.max_batch_size,
@@ -134,7 +137,10 @@ def _run(claims: Sequence[Claim], settings: Settings, models: ModelHolder) -> li
     for i, claim in enumerate(claims):
         job = claim.job
         if job.model != loaded.name:
-            outcomes[i] = (None, ("model_not_served", f"this worker serves {loaded.name!r}, not {job.model!r}"))
+            outcomes[i] = (
+                None,
+                ("model_not_served", f"this worker serves {loaded.name!r}, not {job.model!r}"),
+            )
             continue
         requests = _requests(job)
         try:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from shared.settings import get_settings
 from worker.app import app, generate_models
 from worker.serving import serve_waiting_jobs
-from shared.settings import get_settings
 
 
 @app.task(name="llmq.generate", ignore_result=True)

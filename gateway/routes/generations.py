@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 def _check_caps(body: GenerationRequest, settings: Settings) -> None:
     """422 naming the field when a request exceeds a configured cap."""
-    errors = []
+    errors: list[tuple[tuple[str | int, ...], str]] = []
     if body.max_tokens > settings.max_new_tokens:
         errors.append((("body", "max_tokens"), f"must be at most {settings.max_new_tokens}"))
     prompts = body.prompt_list()
@@ -34,7 +34,7 @@ def _check_caps(body: GenerationRequest, settings: Settings) -> None:
     if len(prompts) > settings.max_prompts_per_job:
         errors.append((("body", field), f"at most {settings.max_prompts_per_job} prompts per job"))
     for i, prompt in enumerate(prompts):
-        loc = ("body", field) if body.prompt is not None else ("body", field, i)
+        loc: tuple[str | int, ...] = ("body", field) if body.prompt is not None else ("body", field, i)
         if not prompt:
             errors.append((loc, "prompt must not be empty"))
         elif len(prompt) > settings.max_prompt_chars:
@@ -49,10 +49,15 @@ def _check_caps(body: GenerationRequest, settings: Settings) -> None:
 def create_generation(body: GenerationRequest, session: SessionDep, settings: SettingsDep) -> GenerationJob:
     """Queues a generation job and answers at once with its id."""
     _check_caps(body, settings)
-    model = resolve_model(session, settings, body.model)
+    model, base_model = resolve_model(session, settings, body.model)
     params = body.model_dump(exclude={"model", "prompt", "prompts"}) | {"prompts": body.prompt_list()}
     job = job_states.create_job(
-        session, kind="generate", model=model, params=params, max_attempts=settings.max_attempts
+        session,
+        kind="generate",
+        model=model,
+        base_model=base_model,
+        params=params,
+        max_attempts=settings.max_attempts,
     )
     session.commit()
     enqueue("generate", job.id)

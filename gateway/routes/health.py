@@ -41,7 +41,10 @@ def _check_broker() -> str:
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 async def readyz() -> JSONResponse:
     """The database and the broker answer; otherwise 503 naming the part that does not."""
-    checks = {"database": await run_in_threadpool(_check_database), "broker": await run_in_threadpool(_check_broker)}
+    checks = {
+        "database": await run_in_threadpool(_check_database),
+        "broker": await run_in_threadpool(_check_broker),
+    }
     ready = all(v == "ok" for v in checks.values())
     body = Readiness(status="ok" if ready else "unavailable", checks=checks)
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)

@@ -36,7 +36,10 @@ def list_jobs(
         if cursor is None:
             raise JobNotFound(f"job {after!r} not found (after)")
         query = query.where(
-            or_(Job.created_at < cursor.created_at, and_(Job.created_at == cursor.created_at, Job.id < cursor.id))
+            or_(
+                Job.created_at < cursor.created_at,
+                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
+            )
         )
     jobs = session.scalars(query).all()
     return JobList(data=[views.job_summary(j) for j in jobs[:limit]], has_more=len(jobs) > limit)

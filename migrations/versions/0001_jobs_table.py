@@ -22,6 +22,7 @@ def upgrade() -> None:
     sa.Column('kind', sa.String(length=16), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('model', sa.String(length=512), nullable=False),
+    sa.Column('base_model', sa.String(length=512), nullable=False),
     sa.Column('params', sa.JSON(), nullable=False),
     sa.Column('result', sa.JSON(), nullable=True),
     sa.Column('error', sa.JSON(), nullable=True),
@@ -38,12 +39,12 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index('ix_jobs_created', ['created_at'], unique=False)
-        batch_op.create_index('ix_jobs_kind_status_created', ['kind', 'status', 'created_at'], unique=False)
+        batch_op.create_index('ix_jobs_claim', ['kind', 'status', 'base_model', 'created_at'], unique=False)
 
 def downgrade() -> None:
 
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_index('ix_jobs_kind_status_created')
+        batch_op.drop_index('ix_jobs_claim')
         batch_op.drop_index('ix_jobs_created')
 
     op.drop_table('jobs')

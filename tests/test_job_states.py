@@ -1,0 +1,147 @@
+"""The job state machine on a real Postgres (and SQLite): claims, guarded writes, cancel."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import delete
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import job_states
+from shared.db import make_engine
+from shared.job_states import Claim, JobStatus
+from shared.migrate import upgrade
+from shared.models import Job, JobEvent
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def sessions(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """A session factory on an empty jobs table."""
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_url")
+    else:
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        upgrade(url)
+    engine = make_engine(url)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    with factory() as session:
+        session.execute(delete(Job))
+        session.commit()
+    yield factory
+    engine.dispose()
+
+
+def add_jobs(factory: sessionmaker[Session], n: int, base_model: str = "m") -> list[str]:
+    with factory() as session:
+        jobs = [
+            job_states.create_job(
+                session,
+                kind="generate",
+                model=base_model,
+                base_model=base_model,
+                params={"i": i},
+                max_attempts=3,
+            )
+            for i in range(n)
+        ]
+        session.commit()
+        return [j.id for j in jobs]
+
+
+def claim_all(factory: sessionmaker[Session], worker: str, out: list[str]) -> None:
+    with factory() as session:
+        while claims := job_states.claim_batch(
+            session, kind="generate", base_model="m", worker=worker, lease_seconds=60, limit=3
+        ):
+            out.extend(c.job_id for c in claims)
+
+
+def test_concurrent_claimers_never_share_a_job(sessions: sessionmaker[Session]) -> None:
+    ids = add_jobs(sessions, 60)
+    results: list[list[str]] = [[] for _ in range(6)]
+    threads = [threading.Thread(target=claim_all, args=(sessions, f"w{i}", results[i])) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [job_id for r in results for job_id in r]
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+    with sessions() as session:
+        jobs = session.query(Job).all()
+        assert {j.status for j in jobs} == {JobStatus.RUNNING}
+        assert {j.attempt for j in jobs} == {1}
+
+
+def test_claim_takes_oldest_first_and_only_its_base_model(sessions: sessionmaker[Session]) -> None:
+    other = add_jobs(sessions, 2, base_model="other")
+    mine = add_jobs(sessions, 3)
+    with sessions() as session:
+        claims = job_states.claim_batch(
+            session, kind="generate", base_model="m", worker="w", lease_seconds=60, limit=2
+        )
+        assert [c.job_id for c in claims] == mine[:2]
+        assert session.get(Job, other[0]).status == JobStatus.QUEUED  # type: ignore[union-attr]
+
+
+def test_pick_narrows_the_batch_but_always_takes_one(sessions: sessionmaker[Session]) -> None:
+    ids = add_jobs(sessions, 3)
+    with sessions() as session:
+        claims = job_states.claim_batch(
+            session, kind="generate", base_model="m", worker="w", lease_seconds=60, limit=3,
+            pick=lambda jobs: [jobs[0].id],
+        )  # fmt: skip
+        assert [c.job_id for c in claims] == ids[:1]
+
+
+def test_claim_of_a_job_that_is_no_longer_queued_does_nothing(sessions: sessionmaker[Session]) -> None:
+    (job_id,) = add_jobs(sessions, 1)
+    with sessions() as session:
+        first = job_states.claim(session, job_id, worker="a", lease_seconds=60)
+        second = job_states.claim(session, job_id, worker="b", lease_seconds=60)
+        assert first is not None and second is None
+
+
+def test_stale_attempt_cannot_finish_a_job_claimed_again(sessions: sessionmaker[Session]) -> None:
+    (job_id,) = add_jobs(sessions, 1)
+    with sessions() as session:
+        stale = job_states.claim(session, job_id, worker="a", lease_seconds=60)
+        assert stale is not None
+        stale_attempt = Claim(job_id, stale.attempt, stale.job)
+        # The lease expired and the job went back to the queue (what the reaper does).
+        session.execute(Job.__table__.update().values(status=JobStatus.QUEUED))
+        session.commit()
+        fresh = job_states.claim(session, job_id, worker="b", lease_seconds=60)
+        assert fresh is not None and fresh.attempt == 2
+        assert not job_states.succeed(session, stale_attempt, {"who": "stale"})
+        assert not job_states.add_event(session, stale_attempt, "stale event")
+        assert job_states.succeed(session, fresh, {"who": "fresh"})
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None and job.status == JobStatus.SUCCEEDED and job.result == {"who": "fresh"}
+        assert session.query(JobEvent).filter_by(job_id=job_id).count() == 0
+
+
+def test_terminal_jobs_do_not_change_again(sessions: sessionmaker[Session]) -> None:
+    (job_id,) = add_jobs(sessions, 1)
+    with sessions() as session:
+        claim = job_states.claim(session, job_id, worker="a", lease_seconds=60)
+        assert claim is not None
+        assert job_states.fail(session, claim, "boom", "it broke")
+        assert not job_states.succeed(session, claim, {})
+        assert job_states.cancel(session, job_id).status == JobStatus.FAILED  # type: ignore[union-attr]
+
+
+def test_cancel_ends_a_queued_job_and_flags_a_running_one(sessions: sessionmaker[Session]) -> None:
+    queued, running = add_jobs(sessions, 2)
+    with sessions() as session:
+        claim = job_states.claim(session, running, worker="a", lease_seconds=60)
+        assert claim is not None
+        assert job_states.cancel(session, queued).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+        flagged = job_states.cancel(session, running)
+        assert flagged is not None and flagged.status == JobStatus.RUNNING and flagged.cancel_requested
+        assert job_states.cancel_requested(session, claim)
+        assert job_states.finish_cancelled(session, claim)
+        assert session.get(Job, running, populate_existing=True).status == JobStatus.CANCELLED  # type: ignore[union-attr]
+        assert job_states.cancel(session, "gen-missing") is None
