@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from gateway import errors
-from gateway.routes import generations, health, jobs
+from gateway.routes import files, fine_tuning, generations, health, jobs, models
 from gateway.waiting import FinishedJobs
 from shared.notify import redis_url
 
@@ -33,4 +33,7 @@ def create_app() -> FastAPI:
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(jobs.router)
+    app.include_router(files.router)
+    app.include_router(fine_tuning.router)
+    app.include_router(models.router)
     return app

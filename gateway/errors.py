@@ -36,6 +36,15 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+class FileNotFound(NotFound):
+    code = "file_not_found"
+
+
+class PayloadTooLarge(ApiError):
+    status_code = 413
+    code = "payload_too_large"
+
+
 class Unavailable(ApiError):
     status_code = 503
     code = "unavailable"

@@ -4,8 +4,20 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from shared.models import Job
-from shared.schemas import ErrorInfo, GenerationJob, GenerationOutput, JobSummary, Usage
+from shared.models import Checkpoint, File, Job, JobEvent
+from shared.schemas import (
+    ErrorInfo,
+    FileObject,
+    FineTuningCheckpoint,
+    FineTuningEvent,
+    FineTuningJob,
+    FineTuningJobHyperparameters,
+    GenerationJob,
+    GenerationOutput,
+    JobSummary,
+    OpenAIError,
+    Usage,
+)
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:
@@ -47,4 +59,86 @@ def job_summary(job: Job) -> JobSummary:
         finished_at=job.finished_at,
         attempt=job.attempt,
         error=ErrorInfo(**job.error) if job.error else None,
+    )
+
+
+def _unix(moment: datetime | None) -> int | None:
+    return int(moment.timestamp()) if moment is not None else None
+
+
+def file_object(row: File) -> FileObject:
+    """A file row in OpenAI's file shape."""
+    return FileObject(
+        id=row.id,
+        bytes=row.bytes,
+        created_at=int(row.created_at.timestamp()),
+        filename=row.filename,
+        purpose=row.purpose,
+        records=row.records,
+        sha256=row.sha256,
+    )
+
+
+def fine_tuning_job(job: Job) -> FineTuningJob:
+    """A train job row in OpenAI's fine-tuning job shape, with progress while it runs."""
+    params, result = job.params, job.result or {}
+    hp = params["hyperparameters"]
+    estimated = result.get("estimated_finish")
+    return FineTuningJob(
+        id=job.id,
+        created_at=int(job.created_at.timestamp()),
+        finished_at=_unix(job.finished_at),
+        model=job.model,
+        fine_tuned_model=result.get("fine_tuned_model"),
+        status=job.status,
+        training_file=params["training_file"],
+        validation_file=params["validation_file"],
+        hyperparameters=FineTuningJobHyperparameters(
+            n_epochs=hp["n_epochs"],
+            batch_size=hp["batch_size"],
+            learning_rate_multiplier=hp["learning_rate_multiplier"],
+        ),
+        method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        result_files=result.get("result_files", []),
+        trained_tokens=result.get("trained_tokens"),
+        estimated_finish=int(estimated) if estimated is not None and job.status == "running" else None,
+        error=OpenAIError(**job.error) if job.error else None,
+        seed=params["seed"],
+        user_provided_suffix=params["suffix"],
+        metadata=params["metadata"],
+        dataset=params["dataset"],
+        metrics=result.get("metrics"),
+    )
+
+
+EVENT_PREFIX = "ftevent-"
+
+
+def event_number(event_id: str) -> int:
+    """The row number inside an event id (ftevent-<n>); 0 for anything else."""
+    number = event_id.removeprefix(EVENT_PREFIX)
+    return int(number) if number.isdigit() else 0
+
+
+def event(row: JobEvent) -> FineTuningEvent:
+    """A job event in OpenAI's fine-tuning event shape."""
+    return FineTuningEvent(
+        id=f"{EVENT_PREFIX}{row.id}",
+        created_at=int(row.created_at.timestamp()),
+        level=row.level,
+        message=row.message,
+        type=row.type,
+        data=row.data,
+    )
+
+
+def checkpoint(job: Job, row: Checkpoint) -> FineTuningCheckpoint:
+    """A checkpoint row in OpenAI's fine-tuning checkpoint shape."""
+    return FineTuningCheckpoint(
+        id=row.id,
+        created_at=int(row.created_at.timestamp()),
+        fine_tuned_model_checkpoint=f"{job.id}:ckpt-step-{row.step}",
+        fine_tuning_job_id=job.id,
+        step_number=row.step,
+        metrics=row.metrics,
     )

@@ -135,20 +135,30 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
 
-def _finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> bool:
+def _finish(
+    session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: Any
+) -> bool:
     now = utcnow()
     done = session.execute(
         update(Job)
         .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
         .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values)
     )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    session.add_all(add)
     session.commit()
-    return done.rowcount == 1  # type: ignore[attr-defined]
+    return True
 
 
-def succeed(session: Session, claim: Claim, result: dict[str, Any]) -> bool:
-    """Marks a claimed job succeeded with its result; False when the claim is no longer current."""
-    return _finish(session, claim, JobStatus.SUCCEEDED, result=result)
+def succeed(session: Session, claim: Claim, result: dict[str, Any], *, add: Sequence[object] = ()) -> bool:
+    """Marks a claimed job succeeded with its result; False when the claim is no longer current.
+
+    Rows in add (e.g. the fine-tuned model a fine-tune produced) are inserted in the same transaction,
+    and only when the claim is still current, so a result and its rows appear together or not at all.
+    """
+    return _finish(session, claim, JobStatus.SUCCEEDED, add=add, result=result)
 
 
 def fail(session: Session, claim: Claim, code: str, message: str) -> bool:
@@ -240,6 +250,21 @@ def add_event(
     done = session.execute(insert(JobEvent).from_select(columns, guarded))
     session.commit()
     return done.rowcount == 1  # type: ignore[attr-defined]
+
+
+def note(session: Session, job: Job, message: str, *, level: str = "info") -> None:
+    """Adds a gateway-side event (created, cancel requested) to the session; the caller commits."""
+    session.add(
+        JobEvent(
+            job_id=job.id,
+            attempt=job.attempt,
+            created_at=utcnow(),
+            level=level,
+            type="message",
+            message=message,
+        )
+    )
+    session.flush()
 
 
 def add_checkpoint(session: Session, claim: Claim, step: int, path: str, metrics: dict[str, Any]) -> bool:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.fine_tuning import HubDataset, Hyperparameters
 from shared.job_states import JobStatus
 
 JobKind = Literal["generate", "train"]
@@ -110,3 +111,167 @@ class JobList(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ok", "unavailable"]
     checks: dict[str, str]
+
+
+# --- Files, fine-tuning and models, in the shapes of the OpenAI API (created_at as unix seconds) ---
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+    records: int = Field(description="Validated Alpaca records in the file.")
+    sha256: str = Field(description="SHA-256 of the uploaded bytes.")
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool = False
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised"] = "supervised"
+    supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
+
+
+class FineTuningJobRequest(BaseModel):
+    """POST /v1/fine_tuning/jobs (OpenAI's shape; llmq extensions documented per field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=512, description="Base model to fine-tune.")
+    training_file: str | None = Field(None, description="Id of an uploaded file (purpose fine-tune).")
+    validation_file: str | None = Field(None, description="Id of an uploaded file for validation loss.")
+    dataset: HubDataset | None = Field(
+        None, description="llmq extension: a hub dataset instead of training_file (default tatsu-lab/alpaca)."
+    )
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    method: Method | None = None
+    hyperparameters: Hyperparameters | None = Field(None, description="Deprecated OpenAI form of method.")
+    integrations: list[Any] | None = Field(None, max_length=0, description="Not supported; must be empty.")
+
+    @model_validator(mode="after")
+    def _one_data_source(self) -> FineTuningJobRequest:
+        if self.training_file is not None and self.dataset is not None:
+            raise ValueError("give training_file or dataset, not both")
+        if self.method is not None and self.hyperparameters is not None:
+            raise ValueError("give method or hyperparameters, not both")
+        return self
+
+    def chosen_hyperparameters(self) -> Hyperparameters:
+        """The hyperparameters from method.supervised, the deprecated field, or the defaults."""
+        if self.method is not None:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()
+
+
+class OpenAIError(BaseModel):
+    code: str
+    message: str
+    param: str | None = None
+
+
+class FineTuningJobHyperparameters(BaseModel):
+    n_epochs: int
+    batch_size: int
+    learning_rate_multiplier: float
+
+
+class FineTuningJob(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job"] = "fine_tuning.job"
+    created_at: int
+    finished_at: int | None
+    model: str
+    fine_tuned_model: str | None
+    organization_id: str = "llmq"
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    training_file: str | None
+    validation_file: str | None
+    hyperparameters: FineTuningJobHyperparameters
+    method: dict[str, Any]
+    result_files: list[str]
+    trained_tokens: int | None
+    estimated_finish: int | None
+    error: OpenAIError | None
+    seed: int
+    user_provided_suffix: str | None
+    metadata: dict[str, str] | None
+    integrations: list[Any] = Field(default_factory=list)
+    dataset: dict[str, Any] | None = Field(description="llmq extension: the hub dataset, if any.")
+    metrics: dict[str, Any] | None = Field(description="llmq extension: losses and throughput so far.")
+
+
+class FineTuningJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningJob]
+    has_more: bool
+
+
+class FineTuningEvent(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
+    created_at: int
+    level: str
+    message: str
+    type: str
+    data: dict[str, Any] | None
+
+
+class FineTuningEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningEvent]
+    has_more: bool
+
+
+class FineTuningCheckpoint(BaseModel):
+    id: str
+    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
+    created_at: int
+    fine_tuned_model_checkpoint: str
+    fine_tuning_job_id: str
+    step_number: int
+    metrics: dict[str, Any]
+
+
+class FineTuningCheckpointList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningCheckpoint]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llmq"
+    parent: str | None = Field(None, description="The base model a fine-tuned model was trained from.")
+    root: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]

@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(16000, ge=1, description="Cap on characters of one prompt.")
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on ?wait= of a status request.")
 
+    max_upload_bytes: int = Field(200 * 2**20, ge=1, description="Largest training file accepted, in bytes.")
+    max_records: int = Field(200_000, ge=1, description="Most records in one training file.")
+    max_field_chars: int = Field(
+        20_000, ge=1, description="Longest instruction, input or output of one record, in characters."
+    )
+
     max_attempts: int = Field(3, ge=1, description="Times a job may be started before it ends failed.")
     lease_seconds: float = Field(
         120.0, gt=0, description="How long a claimed job is a worker's before another may take it over."

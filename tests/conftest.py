@@ -48,11 +48,24 @@ def postgres_url() -> Iterator[str]:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def redis_db(number: int) -> str:
+    """The URL of another database on the test Redis server (tests that must not share a queue)."""
+    return f"{TEST_REDIS_URL.rsplit('/', 1)[0]}/{number}"
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """The test Redis database, emptied once per session."""
+    """The test Redis database the running systems use, emptied once per session."""
     redis.Redis.from_url(TEST_REDIS_URL).flushdb()
     return TEST_REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def quiet_redis_url() -> str:
+    """A Redis database no worker consumes from, emptied once per session."""
+    url = redis_db(13)
+    redis.Redis.from_url(url).flushdb()
+    return url
 
 
 @pytest.fixture(scope="session")

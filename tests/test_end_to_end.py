@@ -83,12 +83,12 @@ def test_too_long_prompt_fails_alone_while_its_batch_neighbours_succeed(producti
 def test_model_that_fails_to_load_fails_the_job_and_the_worker_keeps_serving(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.conftest import start_system
+    from tests.conftest import redis_db, start_system
 
     data = tmp_path_factory.mktemp("broken-model")
     env = {
         "LLMQ_DATABASE_URL": postgres_url,
-        "LLMQ_BROKER_URL": redis_url.rsplit("/", 1)[0] + "/14",  # its own queue, apart from the others
+        "LLMQ_BROKER_URL": redis_db(14),  # its own queues, apart from the other systems' workers
         "LLMQ_DATA_DIR": str(data),
         "LLMQ_BASE_MODEL": str(data / "no-such-model"),
         "HF_HUB_OFFLINE": "1",

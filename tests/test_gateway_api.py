@@ -44,12 +44,12 @@ def test_post_generation_answers_202_with_a_queued_job(client: TestClient) -> No
     assert fetched["status"] == "queued" and fetched["outputs"] is None
 
 
-def test_post_generation_publishes_only_the_job_id(client: TestClient, redis_url: str) -> None:
+def test_post_generation_publishes_only_the_job_id(client: TestClient, quiet_redis_url: str) -> None:
     import json
 
     import redis
 
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(quiet_redis_url)
     r.delete("generate")
     job = client.post("/v1/generations", json={"prompt": "Hi"}).json()
     (raw,) = r.lrange("generate", 0, -1)

@@ -1,0 +1,109 @@
+"""Training files: upload (validated Alpaca records), list, read, delete."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Annotated
+
+from fastapi import APIRouter, Form, UploadFile
+from sqlalchemy import select
+
+from gateway import views
+from gateway.deps import SessionDep, SettingsDep
+from gateway.errors import ApiError, FileNotFound, PayloadTooLarge
+from shared import artifacts
+from shared.alpaca import BadRecord, Limits, read_records
+from shared.models import File, new_id, utcnow
+from shared.schemas import FileDeleted, FileList, FileObject
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+CHUNK = 1 << 20
+
+
+class InvalidFile(ApiError):
+    status_code = 422
+    code = "invalid_file"
+
+
+@router.post("", response_model=FileObject)
+async def upload_file(
+    file: UploadFile,
+    session: SessionDep,
+    settings: SettingsDep,
+    purpose: Annotated[str, Form()] = "fine-tune",
+) -> FileObject:
+    """Stores an Alpaca file (JSONL or JSON array) once every record is valid; 422 names the first bad one."""
+    if purpose != "fine-tune":
+        raise InvalidFile("purpose must be 'fine-tune'")
+    file_id = new_id("file")
+    final = artifacts.resolve(settings, artifacts.file_path(file_id))
+    upload = final.with_suffix(".upload")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    digest, size = hashlib.sha256(), 0
+    try:
+        with upload.open("wb") as out:
+            while chunk := await file.read(CHUNK):
+                size += len(chunk)
+                if size > settings.max_upload_bytes:
+                    raise PayloadTooLarge(f"file larger than {settings.max_upload_bytes} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        limits = Limits(max_records=settings.max_records, max_field_chars=settings.max_field_chars)
+        count = 0
+        with final.with_suffix(".part").open("w", encoding="utf-8") as out:
+            for record in read_records(upload, limits):
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+        if count == 0:
+            raise BadRecord("file", "no records")
+        os.replace(final.with_suffix(".part"), final)
+    except BadRecord as exc:
+        final.with_suffix(".part").unlink(missing_ok=True)
+        raise InvalidFile(f"{file.filename or 'file'}: {exc}") from None
+    finally:
+        upload.unlink(missing_ok=True)
+        final.with_suffix(".part").unlink(missing_ok=True)
+    row = File(
+        id=file_id,
+        filename=(file.filename or "upload.jsonl")[:255],
+        purpose=purpose,
+        bytes=size,
+        records=count,
+        sha256=digest.hexdigest(),
+        path=artifacts.file_path(file_id),
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.commit()
+    return views.file_object(row)
+
+
+@router.get("", response_model=FileList)
+def list_files(session: SessionDep) -> FileList:
+    """Every uploaded file, newest first."""
+    rows = session.scalars(select(File).order_by(File.created_at.desc(), File.id.desc())).all()
+    return FileList(data=[views.file_object(f) for f in rows])
+
+
+@router.get("/{file_id}", response_model=FileObject)
+def get_file(file_id: str, session: SessionDep) -> FileObject:
+    """One file's description."""
+    row = session.get(File, file_id)
+    if row is None:
+        raise FileNotFound(f"file {file_id!r} not found")
+    return views.file_object(row)
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+def delete_file(file_id: str, session: SessionDep, settings: SettingsDep) -> FileDeleted:
+    """Deletes a file and its stored records (jobs that already used it keep their results)."""
+    row = session.get(File, file_id)
+    if row is None:
+        raise FileNotFound(f"file {file_id!r} not found")
+    artifacts.resolve(settings, row.path).unlink(missing_ok=True)
+    session.delete(row)
+    session.commit()
+    return FileDeleted(id=file_id, deleted=True)

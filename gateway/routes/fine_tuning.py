@@ -1,0 +1,163 @@
+"""Fine-tuning jobs in the OpenAI shape: create, list, read, cancel, events, checkpoints."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session
+
+from gateway import views
+from gateway.deps import SessionDep, SettingsDep
+from gateway.errors import JobNotFound
+from shared import job_states
+from shared.celery_app import enqueue
+from shared.fine_tuning import HubDataset
+from shared.models import Checkpoint, File, Job, JobEvent
+from shared.schemas import (
+    FineTuningCheckpointList,
+    FineTuningEventList,
+    FineTuningJob,
+    FineTuningJobList,
+    FineTuningJobRequest,
+)
+from shared.settings import Settings
+
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+def _invalid(field: str, message: str) -> RequestValidationError:
+    return RequestValidationError(
+        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}]
+    )
+
+
+def _check_request(body: FineTuningJobRequest, session: Session, settings: Settings) -> None:
+    """422 naming the field for a base model that is not offered or a file that does not exist."""
+    if body.model != settings.base_model:
+        raise _invalid(
+            "model", f"model {body.model!r} is not available for fine-tuning (use {settings.base_model!r})"
+        )
+    for field in ("training_file", "validation_file"):
+        file_id = getattr(body, field)
+        if file_id is not None and session.get(File, file_id) is None:
+            raise _invalid(field, f"file {file_id!r} not found")
+
+
+def _job(session: Session, job_id: str) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.kind != "train":
+        raise JobNotFound(f"fine-tuning job {job_id!r} not found")
+    return job
+
+
+@router.post("", response_model=FineTuningJob)
+def create_fine_tuning_job(
+    body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep
+) -> FineTuningJob:
+    """Queues a fine-tune of the base model on an uploaded file (or a hub dataset)."""
+    _check_request(body, session, settings)
+    dataset = None if body.training_file else (body.dataset or HubDataset())
+    params: dict[str, Any] = {
+        "training_file": body.training_file,
+        "validation_file": body.validation_file,
+        "dataset": dataset.model_dump() if dataset else None,
+        "suffix": body.suffix,
+        "seed": body.seed if body.seed is not None else secrets.randbelow(2**31),
+        "metadata": body.metadata,
+        "hyperparameters": body.chosen_hyperparameters().resolved().model_dump(),
+    }
+    job = job_states.create_job(
+        session,
+        kind="train",
+        model=body.model,
+        base_model=body.model,
+        params=params,
+        max_attempts=settings.max_attempts,
+    )
+    job_states.note(session, job, "Created fine-tuning job")
+    session.commit()
+    enqueue("train", job.id)
+    return views.fine_tuning_job(job)
+
+
+@router.get("", response_model=FineTuningJobList)
+def list_fine_tuning_jobs(
+    session: SessionDep,
+    after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> FineTuningJobList:
+    """Fine-tuning jobs, newest first."""
+    query = select(Job).where(Job.kind == "train").order_by(Job.created_at.desc(), Job.id.desc())
+    if after is not None:
+        cursor = _job(session, after)
+        query = query.where(
+            or_(
+                Job.created_at < cursor.created_at,
+                and_(Job.created_at == cursor.created_at, Job.id < cursor.id),
+            )
+        )
+    jobs = session.scalars(query.limit(limit + 1)).all()
+    return FineTuningJobList(
+        data=[views.fine_tuning_job(j) for j in jobs[:limit]], has_more=len(jobs) > limit
+    )
+
+
+@router.get("/{job_id}", response_model=FineTuningJob)
+def get_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJob:
+    """One fine-tuning job, with progress while it runs."""
+    return views.fine_tuning_job(_job(session, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=FineTuningJob)
+def cancel_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJob:
+    """Cancels a job: a queued one at once, a running one after its current step (keeping its checkpoints)."""
+    job = _job(session, job_id)
+    if not job_states.is_terminal(job.status):
+        job_states.note(session, job, "Cancellation requested")
+    cancelled = job_states.cancel(session, job_id)
+    assert cancelled is not None
+    return views.fine_tuning_job(cancelled)
+
+
+@router.get("/{job_id}/events", response_model=FineTuningEventList)
+def list_fine_tuning_events(
+    job_id: str,
+    session: SessionDep,
+    after: Annotated[str | None, Query(description="Id of the last event of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> FineTuningEventList:
+    """The job's events, newest first."""
+    _job(session, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
+    if after is not None:
+        query = query.where(JobEvent.id < views.event_number(after))
+    events = session.scalars(query.limit(limit + 1)).all()
+    return FineTuningEventList(data=[views.event(e) for e in events[:limit]], has_more=len(events) > limit)
+
+
+@router.get("/{job_id}/checkpoints", response_model=FineTuningCheckpointList)
+def list_fine_tuning_checkpoints(
+    job_id: str,
+    session: SessionDep,
+    after: Annotated[str | None, Query(description="Id of the last checkpoint of the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> FineTuningCheckpointList:
+    """The job's complete checkpoints, newest first."""
+    job = _job(session, job_id)
+    query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
+    if after is not None:
+        cursor = session.get(Checkpoint, after)
+        if cursor is not None:
+            query = query.where(Checkpoint.step < cursor.step)
+    rows = session.scalars(query.limit(limit + 1)).all()
+    data = [views.checkpoint(job, c) for c in rows[:limit]]
+    return FineTuningCheckpointList(
+        data=data,
+        has_more=len(rows) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )

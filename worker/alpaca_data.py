@@ -1,0 +1,180 @@
+"""Training data for a fine-tune: Alpaca records from an uploaded file or a hub dataset, split and formatted.
+
+A record is {"instruction", "input", "output"}. An example is what the trainer sees: the Stanford prompt and
+the completion it must learn, `RESPONSE_PREFIX + output` (the trainer appends EOS and trains it too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from shared import artifacts
+from shared.fine_tuning import HubDataset
+from shared.models import File
+from shared.prompts import alpaca_prompt
+from shared.settings import Settings
+
+Record = dict[str, str]
+FIELDS = ("instruction", "input", "output")
+
+# The prompt ends with "### Response:". A space before the response makes its first word the same
+# space-prefixed BPE token it is everywhere else in GPT-2 text, keeps the tokenized prompt an exact prefix of
+# prompt + completion (so the prompt/completion boundary is exact), and costs no extra token; a newline costs
+# one token per example and no separator makes the first word an odd, unprefixed token. Generated text
+# therefore starts with this space; the manifest records it so serving can strip it.
+RESPONSE_PREFIX = " "
+
+
+class DatasetUnavailable(Exception):
+    """The training or validation data cannot be loaded (hub unreachable, file missing, wrong shape)."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The records a job trains and validates on, and where they came from (for the manifest)."""
+
+    train: list[Record]
+    validation: list[Record]
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def completion(output: str) -> str:
+    """The completion the model learns for an output (EOS is appended by the trainer)."""
+    return output if output[:1].isspace() else RESPONSE_PREFIX + output
+
+
+def to_examples(records: Sequence[Record]) -> list[dict[str, str]]:
+    """Prompt/completion pairs, the shape TRL trains with completion-only loss."""
+    return [
+        {"prompt": alpaca_prompt(r["instruction"], r.get("input", "")), "completion": completion(r["output"])}
+        for r in records
+    ]
+
+
+def records_sha256(records: Sequence[Record]) -> str:
+    """sha256 of records as canonical JSON lines (sorted keys), for data that came without a file hash."""
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps({k: record[k] for k in FIELDS}, sort_keys=True, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def _check_record(record: Any, where: str) -> Record:
+    if not isinstance(record, dict) or not all(isinstance(record.get(k, ""), str) for k in FIELDS):
+        raise DatasetUnavailable(f"{where}: expected an object with string instruction, input and output")
+    if not record.get("instruction") or not record.get("output"):
+        raise DatasetUnavailable(f"{where}: instruction and output must not be empty")
+    return {k: record.get(k, "") for k in FIELDS}
+
+
+def read_jsonl(path: Path, name: str) -> list[Record]:
+    """The records of a JSONL file of Alpaca records; DatasetUnavailable when missing or malformed."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DatasetUnavailable(f"file {name} cannot be read: {exc.strerror or exc}") from exc
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DatasetUnavailable(f"file {name}, line {number}: not JSON ({exc.msg})") from exc
+        records.append(_check_record(value, f"file {name}, line {number}"))
+    if not records:
+        raise DatasetUnavailable(f"file {name} holds no records")
+    return records
+
+
+def load_file(session: Session, settings: Settings, file_id: str) -> tuple[list[Record], dict[str, Any]]:
+    """An uploaded file's records and its manifest entry (id, sha256)."""
+    row = session.get(File, file_id)
+    session.rollback()  # a read; end the transaction so SQLite writers are not held up
+    if row is None:
+        raise DatasetUnavailable(f"file {file_id} does not exist")
+    records = read_jsonl(artifacts.resolve(settings, artifacts.file_path(file_id)), file_id)
+    return records, {"type": "file", "file_id": file_id, "sha256": row.sha256, "records": len(records)}
+
+
+def load_hub(spec: HubDataset, seed: int) -> tuple[list[Record], dict[str, Any]]:
+    """A hub dataset's records (a seeded sample when sample_size is set) and its manifest entry."""
+    import datasets  # costs about a second to import; only hub datasets need it
+
+    try:
+        loaded = datasets.load_dataset(spec.name, split=spec.split)
+    except (ConnectionError, TimeoutError) as exc:
+        # datasets raises ConnectionError("Couldn't reach ... on the Hub (...)") offline and when the hub is down.
+        raise DatasetUnavailable(
+            f"the Hugging Face Hub is unreachable: could not load dataset {spec.name!r} (split {spec.split!r})"
+        ) from exc
+    except Exception as exc:  # DatasetNotFoundError, a bad split name, ...
+        message = " ".join(str(exc).split())[:300]
+        raise DatasetUnavailable(
+            f"could not load dataset {spec.name!r} (split {spec.split!r}): {type(exc).__name__}: {message}"
+        ) from exc
+    if not isinstance(loaded, datasets.Dataset):
+        raise DatasetUnavailable(f"dataset {spec.name!r} split {spec.split!r} is not a single split")
+    missing = [c for c in ("instruction", "output") if c not in loaded.column_names]
+    if missing:
+        raise DatasetUnavailable(f"dataset {spec.name!r} has no column {', '.join(missing)}")
+    if spec.sample_size is not None and spec.sample_size < len(loaded):
+        loaded = loaded.shuffle(seed=seed).select(range(spec.sample_size))
+    records = [_check_record(row, f"dataset {spec.name!r} row {i}") for i, row in enumerate(loaded)]
+    if not records:
+        raise DatasetUnavailable(f"dataset {spec.name!r} split {spec.split!r} is empty")
+    source = {
+        "type": "hub",
+        "name": spec.name,
+        "split": spec.split,
+        "sample_size": spec.sample_size,
+        "sha256": records_sha256(records),
+        "records": len(records),
+    }
+    return records, source
+
+
+def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
+    """(train, validation): a seeded share of the records held out; none when fraction is 0 or too few."""
+    if fraction <= 0 or len(records) < 2:
+        return records, []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(records) - 1, max(1, round(len(records) * fraction)))
+    held_out = set(order[:n_val])
+    train = [r for i, r in enumerate(records) if i not in held_out]
+    validation = [records[i] for i in sorted(held_out)]
+    return train, validation
+
+
+def load_training_data(session: Session, settings: Settings, params: dict[str, Any]) -> TrainingData:
+    """The job's training and validation records, from its files or its hub dataset."""
+    seed = int(params.get("seed") or 0)
+    hyper = params.get("hyperparameters") or {}
+    if params.get("training_file"):
+        records, source = load_file(session, settings, params["training_file"])
+    elif params.get("dataset"):
+        records, source = load_hub(HubDataset.model_validate(params["dataset"]), seed)
+    else:
+        raise DatasetUnavailable("the job names neither a training file nor a dataset")
+
+    if params.get("validation_file"):
+        validation, val_source = load_file(session, settings, params["validation_file"])
+        train = records
+        source = {"train": source, "validation": val_source}
+    else:
+        fraction = float(hyper.get("validation_split", 0.0))
+        train, validation = split_validation(records, fraction, seed)
+        source = {"train": source, "validation": {"type": "split", "fraction": fraction, "seed": seed}}
+    source["train_records"] = len(train)
+    source["validation_records"] = len(validation)
+    return TrainingData(train=train, validation=validation, source=source)
