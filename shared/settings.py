@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     max_batch_tokens: int = Field(
         16384, ge=1, description="Most prompt + new tokens one generate call runs together."
     )
+    max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")
     max_prompts_per_job: int = Field(64, ge=1, description="Cap on prompts in one generation job.")
     max_prompt_chars: int = Field(16000, ge=1, description="Cap on characters of one prompt.")

@@ -33,6 +33,7 @@ class Request:
 
     prompt: str
     params: SamplingParams = field(default_factory=SamplingParams)
+    adapter: str | None = None  # a loaded peft adapter's name; None runs the base model
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class PromptTooLong(ValueError):
 def encode(loaded: LoadedModel, prompt: str) -> list[int]:
     """Token ids of a prompt, without special tokens."""
     return list(loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def _has_adapters(loaded: LoadedModel) -> bool:
+    return hasattr(loaded.model, "peft_config")
 
 
 def _decode(loaded: LoadedModel, ids: list[int]) -> str:
@@ -127,6 +132,8 @@ def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generatio
     done = [False] * batch
     cache = None
     steps = max(r.params.max_new_tokens for r in requests)
+    # With adapters loaded the model is a PeftModel, which routes each row to its own adapter.
+    per_row = {"adapter_names": [r.adapter or "__base__" for r in requests]} if _has_adapters(loaded) else {}
 
     for _ in range(steps):
         out = loaded.model(
@@ -136,6 +143,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generatio
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            **per_row,
         )
         cache = out.cache
         last = out.logits[:, -1, :]  # [B, vocab]

@@ -7,14 +7,19 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from shared import job_states
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared import artifacts, job_states
 from shared.db import get_sessionmaker
 from shared.job_states import Claim
-from shared.models import Job
+from shared.models import FineTunedModel, Job
 from shared.notify import publish_finished
 from shared.settings import Settings
+from worker.adapters import AdapterCache
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.model_loading import LoadedModel, load_base_model
 
@@ -24,20 +29,28 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
 class ModelHolder:
-    """The base model of this process, loaded once on first use; a failed load is retried next time."""
+    """The base model of this process and its adapters, loaded on first use (a failed load is retried)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._loaded: LoadedModel | None = None
+        self._adapters: AdapterCache | None = None
 
     def get(self) -> LoadedModel:
         if self._loaded is None:
             s = self.settings
             self._loaded = load_base_model(s.base_model, s.base_model_revision, s.quantization, s.device)
+            self._adapters = AdapterCache(self._loaded, s.max_loaded_adapters)
         return self._loaded
 
+    @property
+    def adapters(self) -> AdapterCache:
+        self.get()
+        assert self._adapters is not None
+        return self._adapters
 
-def _requests(job: Job) -> list[Request]:
+
+def _requests(job: Job, adapter: str | None) -> list[Request]:
     p = job.params
     params = SamplingParams(
         max_new_tokens=p["max_tokens"],
@@ -46,7 +59,7 @@ def _requests(job: Job) -> list[Request]:
         stop=tuple(p.get("stop") or ()),
         seed=p.get("seed"),
     )
-    return [Request(prompt=prompt, params=params) for prompt in p["prompts"]]
+    return [Request(prompt=prompt, params=params, adapter=adapter) for prompt in p["prompts"]]
 
 
 def _result(generations: Sequence[Generation]) -> dict[str, Any]:
@@ -80,9 +93,7 @@ def _budget(settings: Settings) -> Any:
             n = len(job.params["prompts"])
             # A rough token count (4 characters a token) is enough to bound a batch's memory.
             cost = sum(len(p) // 4 + 1 for p in job.params["prompts"]) + n * job.params["max_tokens"]
-            if chosen and (
-                prompts + n > settings.max_batch_size or tokens + cost > settings.max_batch_tokens
-            ):
+            if chosen and (prompts + n > settings.max_batch_size or tokens + cost > settings.max_batch_tokens):
                 break
             chosen.append(job.id)
             prompts, tokens = prompts + n, tokens + cost
@@ -107,7 +118,7 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
         if not claims:
             return []
         started = time.perf_counter()
-        outcomes = _run(claims, settings, models)
+        outcomes = _run(session, claims, settings, models)
         for claim, (result, error) in zip(claims, outcomes, strict=True):
             if error is None:
                 job_states.succeed(session, claim, result or {})
@@ -123,7 +134,17 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
 Outcome = tuple[dict[str, Any] | None, tuple[str, str] | None]
 
 
-def _run(claims: Sequence[Claim], settings: Settings, models: ModelHolder) -> list[Outcome]:
+def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, Path | None]:
+    """Adapter folder of every fine-tuned model these jobs name (None where the model is unknown)."""
+    wanted = {c.job.model for c in claims} - {settings.base_model}
+    rows = session.scalars(select(FineTunedModel).where(FineTunedModel.id.in_(wanted))).all() if wanted else []
+    folders: dict[str, Path | None] = dict.fromkeys(wanted)
+    for row in rows:
+        folders[row.id] = artifacts.resolve(settings, row.path)
+    return folders
+
+
+def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: ModelHolder) -> list[Outcome]:
     """(result, None) or (None, (code, message)) for every claim, in order."""
     try:
         loaded = models.get()
@@ -133,16 +154,22 @@ def _run(claims: Sequence[Claim], settings: Settings, models: ModelHolder) -> li
         return [(None, ("model_load_failed", message[:2000]))] * len(claims)
 
     outcomes: list[Outcome | None] = [None] * len(claims)
+    folders = _adapter_folders(session, settings, claims)
+    usable = {m: f for m, f in folders.items() if f is not None}
+    broken: str | None = None
+    try:
+        names = models.adapters.ensure(usable)
+    except Exception as exc:  # a broken adapter fails its jobs, not the base-model jobs beside them
+        log.exception("adapter load failed")
+        names, broken = {}, f"could not load adapter: {type(exc).__name__}: {exc}"[:2000]
     runnable: list[tuple[int, list[Request]]] = []
     for i, claim in enumerate(claims):
         job = claim.job
-        if job.model != loaded.name:
-            outcomes[i] = (
-                None,
-                ("model_not_served", f"this worker serves {loaded.name!r}, not {job.model!r}"),
-            )
+        if job.model != settings.base_model and job.model not in names:
+            missing = ("model_not_found", f"no model {job.model!r}")
+            outcomes[i] = (None, ("adapter_load_failed", broken) if broken and usable.get(job.model) else missing)
             continue
-        requests = _requests(job)
+        requests = _requests(job, names.get(job.model))
         try:
             for request in requests:
                 check_fits(loaded, encode(loaded, request.prompt), request.params.max_new_tokens)

@@ -1,0 +1,79 @@
+"""LoRA adapters on the one base model of a generate worker: loaded on demand, least recently used out.
+
+peft lets one forward pass run each row of a batch through a different adapter (`adapter_names`,
+"__base__" for none), so jobs for different fine-tunes of the same base share a batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+
+from peft import PeftModel
+
+from worker.model_loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class UnsafeAdapter(ValueError):
+    """An adapter folder without safetensors weights (pickled .bin weights are never loaded)."""
+
+
+def adapter_name(model_id: str) -> str:
+    """A peft-safe adapter name for a model id (peft names are module keys: no dots)."""
+    return "ft_" + "".join(c if c.isalnum() else "_" for c in model_id)
+
+
+class AdapterCache:
+    """The adapters loaded on a base model, at most `capacity`, evicting the least recently used."""
+
+    def __init__(self, loaded: LoadedModel, capacity: int) -> None:
+        self.loaded = loaded
+        self.capacity = capacity
+        self._lru: OrderedDict[str, str] = OrderedDict()  # model id -> adapter name
+
+    @property
+    def names(self) -> list[str]:
+        """Model ids of the adapters loaded now, least recently used first."""
+        return list(self._lru)
+
+    def ensure(self, folders: Mapping[str, Path]) -> dict[str, str]:
+        """Loads every adapter of this batch that is not loaded yet; model id -> adapter name.
+
+        Adapters this batch needs are never evicted for each other, so a batch may briefly hold more
+        than capacity.
+        """
+        for model_id, folder in folders.items():
+            if model_id in self._lru:
+                self._lru.move_to_end(model_id)
+            else:
+                self._load(model_id, folder)
+        while len(self._lru) > self.capacity:
+            victim = next((m for m in self._lru if m not in folders), None)
+            if victim is None:
+                break
+            self._unload(victim)
+        return {model_id: self._lru[model_id] for model_id in folders}
+
+    def _load(self, model_id: str, folder: Path) -> None:
+        if not (folder / "adapter_model.safetensors").is_file():
+            raise UnsafeAdapter(f"adapter {model_id!r} has no adapter_model.safetensors")
+        name = adapter_name(model_id)
+        model = self.loaded.model
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        else:
+            self.loaded.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+        self.loaded.model.eval()
+        self._lru[model_id] = name
+        log.info("loaded adapter %s", model_id)
+
+    def _unload(self, model_id: str) -> None:
+        name = self._lru.pop(model_id)
+        self.loaded.model.delete_adapter(name)
+        log.info("unloaded adapter %s", model_id)
