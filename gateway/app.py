@@ -6,23 +6,28 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from gateway import errors
-from gateway.routes import files, fine_tuning, generations, health, jobs, models
+from gateway.routes import completions, files, fine_tuning, generations, health, jobs, models
 from gateway.waiting import FinishedJobs
 from shared.notify import redis_url
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    finished_jobs = FinishedJobs(redis_url())
+    url = redis_url()
+    finished_jobs = FinishedJobs(url)
     app.state.finished_jobs = finished_jobs
+    app.state.redis = aioredis.Redis.from_url(url) if url else None  # streaming subscriptions
     await finished_jobs.start()
     try:
         yield
     finally:
         await finished_jobs.stop()
+        if app.state.redis is not None:
+            await app.state.redis.aclose()
 
 
 def create_app() -> FastAPI:
@@ -32,6 +37,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     app.include_router(health.router)
     app.include_router(generations.router)
+    app.include_router(completions.router)
     app.include_router(jobs.router)
     app.include_router(files.router)
     app.include_router(fine_tuning.router)

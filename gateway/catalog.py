@@ -16,9 +16,7 @@ def _base(settings: Settings) -> ModelObject:
 
 
 def _fine_tuned(row: FineTunedModel) -> ModelObject:
-    return ModelObject(
-        id=row.id, created=int(row.created_at.timestamp()), parent=row.base_model, root=row.base_model
-    )
+    return ModelObject(id=row.id, created=int(row.created_at.timestamp()), parent=row.base_model, root=row.base_model)
 
 
 def list_models(session: Session, settings: Settings) -> list[ModelObject]:

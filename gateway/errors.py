@@ -61,9 +61,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.status_code, exc.code, exc.message, exc.type), status_code=exc.status_code
-        )
+        return JSONResponse(error_body(exc.status_code, exc.code, exc.message, exc.type), status_code=exc.status_code)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:

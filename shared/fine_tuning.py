@@ -40,16 +40,12 @@ class Hyperparameters(BaseModel):
     )
     max_seq_len: int = Field(512, ge=16, le=8192, description="Tokens per example; longer ones are cut.")
     packing: bool = Field(False, description="Pack several examples into one row (no padding).")
-    gradient_accumulation_steps: int = Field(
-        1, ge=1, le=1024, description="Micro-batches per optimizer step."
-    )
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024, description="Micro-batches per optimizer step.")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of steps with rising learning rate.")
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", description="Learning-rate schedule after warm-up."
     )
-    eval_every_steps: int | None = Field(
-        None, ge=1, description="Validation loss every N steps (and at the end)."
-    )
+    eval_every_steps: int | None = Field(None, ge=1, description="Validation loss every N steps (and at the end).")
     save_every_steps: int = Field(50, ge=1, description="A checkpoint every N steps.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     validation_split: float = Field(

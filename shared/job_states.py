@@ -53,10 +53,11 @@ def create_job(
     base_model: str,
     params: dict[str, Any],
     max_attempts: int,
+    job_id: str | None = None,
 ) -> Job:
     """A new queued job, added to the session (the caller commits, then enqueues its id)."""
     job = Job(
-        id=new_id(ID_PREFIX[kind]),
+        id=job_id or new_id(ID_PREFIX[kind]),
         kind=kind,
         status=JobStatus.QUEUED,
         model=model,
@@ -129,15 +130,11 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
     if not claimed:
         return []
     attempts = {row.id: row.attempt for row in claimed}
-    jobs = session.scalars(
-        select(Job).where(Job.id.in_(attempts)).execution_options(populate_existing=True)
-    ).all()
+    jobs = session.scalars(select(Job).where(Job.id.in_(attempts)).execution_options(populate_existing=True)).all()
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
 
-def _finish(
-    session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: Any
-) -> bool:
+def _finish(session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: Any) -> bool:
     now = utcnow()
     done = session.execute(
         update(Job)
@@ -219,9 +216,7 @@ def cancel_requested(session: Session, claim: Claim) -> bool:
         select(Job.cancel_requested, Job.attempt, Job.status).where(Job.id == claim.job_id)
     ).one_or_none()
     session.rollback()
-    return (
-        row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING
-    )
+    return row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING
 
 
 def add_event(

@@ -7,6 +7,7 @@ there is nothing to publish to, and waiters fall back to reading the row at a sh
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from functools import lru_cache
@@ -28,6 +29,33 @@ def redis_url() -> str | None:
 @lru_cache
 def _client(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+
+def stream_channel(job_id: str) -> str:
+    """The channel a streaming job's text deltas travel on."""
+    return f"llmq:stream:{job_id}"
+
+
+def publish_deltas(job_id: str, deltas: dict[int, str]) -> None:
+    """Sends new text of a streaming job's outputs (output index -> text to append), best effort."""
+    url = redis_url()
+    if url is None or not deltas:
+        return
+    try:
+        _client(url).publish(stream_channel(job_id), json.dumps(deltas))
+    except redis.RedisError as exc:
+        log.warning("could not publish stream delta: %s", exc)
+
+
+def publish_stream_end(job_id: str) -> None:
+    """Tells a streaming job's listener that the job's row is final."""
+    url = redis_url()
+    if url is None:
+        return
+    try:
+        _client(url).publish(stream_channel(job_id), json.dumps({"done": True}))
+    except redis.RedisError as exc:
+        log.warning("could not publish stream end: %s", exc)
 
 
 def publish_finished(job_ids: Iterable[str]) -> None:

@@ -17,6 +17,11 @@ TEMPLATE = {"name": "alpaca", "with_input": PROMPT_WITH_INPUT, "no_input": PROMP
 
 def alpaca_prompt(instruction: str, input: str = "") -> str:
     """The prompt for one instruction (and optional input); the response follows it."""
+    return apply_template(TEMPLATE, instruction, input)
+
+
+def apply_template(template: dict[str, str], instruction: str, input: str = "") -> str:
+    """The prompt for an instruction under a stored template (the shape of TEMPLATE)."""
     if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+        return template["with_input"].format(instruction=instruction, input=input)
+    return template["no_input"].format(instruction=instruction)

@@ -23,9 +23,7 @@ class GenerationRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(
-        None, min_length=1, max_length=512, description="Model id; default: the base model."
-    )
+    model: str | None = Field(None, min_length=1, max_length=512, description="Model id; default: the base model.")
     prompt: str | None = Field(None, description="A single prompt (or use prompts).")
     prompts: list[str] | None = Field(None, min_length=1, description="Several prompts, one output each.")
     max_tokens: int = Field(16, ge=1, description="Most new tokens per prompt.")
@@ -33,6 +31,7 @@ class GenerationRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] | None = Field(None, max_length=4, description="Up to 4 strings that end the text.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible per prompt.")
+    n: int = Field(1, ge=1, description="Outputs per prompt (output i*n+j is choice j of prompt i).")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -275,3 +274,73 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+# --- /v1/completions (OpenAI's legacy completions shape) ---
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = True
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions. Unsupported OpenAI options are accepted only at their neutral values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=512)
+    prompt: str | list[str] = Field(description="A prompt or a list of prompts (token arrays not supported).")
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1)
+    stop: list[str] | None = Field(None, max_length=4)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    echo: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
+    template: Literal["raw", "model"] = Field(
+        "raw",
+        description="llmq extension: 'model' treats each prompt as an instruction and wraps it in the prompt "
+        "template stored with the model (the Alpaca template for the base model).",
+    )
+    logprobs: int | None = Field(None, le=0, description="Not supported: must be null or 0.")
+    best_of: int | None = Field(None, le=1, description="Not supported: must be null or 1.")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
+    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
+    suffix: str | None = Field(None, max_length=0, description="Not supported: must be null.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and any(s == "" for s in value):
+            raise ValueError("stop sequences must not be empty")
+        return value
+
+    def prompt_list(self) -> list[str]:
+        """The prompts as a list."""
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class CompletionChoice(BaseModel):
+    text: str
+    index: int
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None

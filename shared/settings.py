@@ -36,17 +36,14 @@ class Settings(BaseSettings):
     )
     broker_visibility_timeout: int = Field(
         6 * 3600,
-        description="Seconds Redis waits before redelivering an unacknowledged message; "
-        "must exceed the longest task.",
+        description="Seconds Redis waits before redelivering an unacknowledged message; must exceed the longest task.",
     )
 
     base_model: str = Field(
         "openai-community/gpt2",
         description="Base model the workers load: a hub id or a local model directory.",
     )
-    base_model_revision: str = Field(
-        "main", description="Hub revision (branch, tag or commit) of base_model."
-    )
+    base_model_revision: str = Field("main", description="Hub revision (branch, tag or commit) of base_model.")
     quantization: Quantization = Field(
         "nf4", description="How the worker loads the base model: nf4 or int8 (bitsandbytes), bf16 or fp32."
     )
@@ -55,12 +52,14 @@ class Settings(BaseSettings):
     )
 
     max_batch_size: int = Field(32, ge=1, description="Most prompts one generate call runs together.")
-    max_batch_tokens: int = Field(
-        16384, ge=1, description="Most prompt + new tokens one generate call runs together."
-    )
+    max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")
     max_prompts_per_job: int = Field(64, ge=1, description="Cap on prompts in one generation job.")
+    max_n: int = Field(8, ge=1, description="Cap on n (outputs per prompt).")
+    completion_timeout_seconds: float = Field(
+        600.0, gt=0, description="How long POST /v1/completions waits for its job before answering 504."
+    )
     max_prompt_chars: int = Field(16000, ge=1, description="Cap on characters of one prompt.")
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on ?wait= of a status request.")
 

@@ -9,7 +9,7 @@ batch, and a greedy prompt's output the same alone or batched.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,11 +101,15 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
     return text[: min(positions)] if positions else None
 
 
+StepListener = Callable[[Sequence[Sequence[int]]], None]
+
+
 @torch.inference_mode()
-def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generation]:
+def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepListener | None = None) -> list[Generation]:
     """Completes every request in one left-padded batch; outputs are in request order.
 
-    Every prompt must fit the context with its max_new_tokens (see check_fits).
+    Every prompt must fit the context with its max_new_tokens (see check_fits). on_step, if given,
+    sees every row's generated token ids after each step (for streaming).
     """
     if not requests:
         return []
@@ -164,6 +168,8 @@ def generate(loaded: LoadedModel, requests: Sequence[Request]) -> list[Generatio
                     continue
             if len(generated[row]) >= request.params.max_new_tokens:
                 done[row] = True
+        if on_step is not None:
+            on_step(generated)
         if all(done):
             break
         input_ids = next_ids.unsqueeze(-1).to(device)  # [B, 1]

@@ -17,11 +17,12 @@ from shared import artifacts, job_states
 from shared.db import get_sessionmaker
 from shared.job_states import Claim
 from shared.models import FineTunedModel, Job
-from shared.notify import publish_finished
+from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
 from worker.adapters import AdapterCache
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.model_loading import LoadedModel, load_base_model
+from worker.streaming import DeltaPublisher, StreamRow
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,21 @@ class ModelHolder:
 
 
 def _requests(job: Job, adapter: str | None) -> list[Request]:
+    """One request per output: each prompt n times, choice j seeded with seed + j."""
     p = job.params
-    params = SamplingParams(
-        max_new_tokens=p["max_tokens"],
-        temperature=p["temperature"],
-        top_p=p["top_p"],
-        stop=tuple(p.get("stop") or ()),
-        seed=p.get("seed"),
-    )
-    return [Request(prompt=prompt, params=params, adapter=adapter) for prompt in p["prompts"]]
+    n, seed = p.get("n", 1), p.get("seed")
+    requests = []
+    for prompt in p["prompts"]:
+        for j in range(n):
+            params = SamplingParams(
+                max_new_tokens=p["max_tokens"],
+                temperature=p["temperature"],
+                top_p=p["top_p"],
+                stop=tuple(p.get("stop") or ()),
+                seed=None if seed is None else seed + j,
+            )
+            requests.append(Request(prompt=prompt, params=params, adapter=adapter))
+    return requests
 
 
 def _result(generations: Sequence[Generation]) -> dict[str, Any]:
@@ -126,6 +133,9 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
                 job_states.fail(session, claim, *error)
     ids = [c.job_id for c in claims]
     publish_finished(ids)
+    for claim in claims:
+        if claim.job.params.get("stream"):
+            publish_stream_end(claim.job_id)
     prompts = sum(len(c.job.params["prompts"]) for c in claims)
     log.info("batch of %d jobs, %d prompts in %.3f s", len(claims), prompts, time.perf_counter() - started)
     return ids
@@ -179,10 +189,18 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
         runnable.append((i, requests))
 
     flat = [request for _, requests in runnable for request in requests]
+    stream_rows = [
+        StreamRow(claims[i].job_id, k, r.params.stop) if claims[i].job.params.get("stream") else None
+        for i, requests in runnable
+        for k, r in enumerate(requests)
+    ]
     try:
         generations: list[Generation] = []
         for start in range(0, len(flat), settings.max_batch_size):
-            generations += generate(loaded, flat[start : start + settings.max_batch_size])
+            end = start + settings.max_batch_size
+            rows = stream_rows[start:end]
+            listener = DeltaPublisher(loaded, rows) if any(rows) else None
+            generations += generate(loaded, flat[start:end], on_step=listener)
     except Exception as exc:
         log.exception("generation failed")
         for i, _ in runnable:

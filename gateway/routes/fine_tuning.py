@@ -30,17 +30,13 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
 
 
 def _invalid(field: str, message: str) -> RequestValidationError:
-    return RequestValidationError(
-        [{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}]
-    )
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}])
 
 
 def _check_request(body: FineTuningJobRequest, session: Session, settings: Settings) -> None:
     """422 naming the field for a base model that is not offered or a file that does not exist."""
     if body.model != settings.base_model:
-        raise _invalid(
-            "model", f"model {body.model!r} is not available for fine-tuning (use {settings.base_model!r})"
-        )
+        raise _invalid("model", f"model {body.model!r} is not available for fine-tuning (use {settings.base_model!r})")
     for field in ("training_file", "validation_file"):
         file_id = getattr(body, field)
         if file_id is not None and session.get(File, file_id) is None:
@@ -55,9 +51,7 @@ def _job(session: Session, job_id: str) -> Job:
 
 
 @router.post("", response_model=FineTuningJob)
-def create_fine_tuning_job(
-    body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep
-) -> FineTuningJob:
+def create_fine_tuning_job(body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep) -> FineTuningJob:
     """Queues a fine-tune of the base model on an uploaded file (or a hub dataset)."""
     _check_request(body, session, settings)
     dataset = None if body.training_file else (body.dataset or HubDataset())
@@ -101,9 +95,7 @@ def list_fine_tuning_jobs(
             )
         )
     jobs = session.scalars(query.limit(limit + 1)).all()
-    return FineTuningJobList(
-        data=[views.fine_tuning_job(j) for j in jobs[:limit]], has_more=len(jobs) > limit
-    )
+    return FineTuningJobList(data=[views.fine_tuning_job(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)

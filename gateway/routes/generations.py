@@ -6,61 +6,31 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from gateway import views
 from gateway.catalog import resolve_model
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import JobNotFound
+from gateway.submission import check_caps, submit
 from shared import job_states
-from shared.celery_app import enqueue
 from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.schemas import GenerationJob, GenerationRequest
-from shared.settings import Settings
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"])
 log = logging.getLogger(__name__)
 
 
-def _check_caps(body: GenerationRequest, settings: Settings) -> None:
-    """422 naming the field when a request exceeds a configured cap."""
-    errors: list[tuple[tuple[str | int, ...], str]] = []
-    if body.max_tokens > settings.max_new_tokens:
-        errors.append((("body", "max_tokens"), f"must be at most {settings.max_new_tokens}"))
-    prompts = body.prompt_list()
-    field = "prompt" if body.prompt is not None else "prompts"
-    if len(prompts) > settings.max_prompts_per_job:
-        errors.append((("body", field), f"at most {settings.max_prompts_per_job} prompts per job"))
-    for i, prompt in enumerate(prompts):
-        loc: tuple[str | int, ...] = ("body", field) if body.prompt is not None else ("body", field, i)
-        if not prompt:
-            errors.append((loc, "prompt must not be empty"))
-        elif len(prompt) > settings.max_prompt_chars:
-            errors.append((loc, f"prompt longer than {settings.max_prompt_chars} characters"))
-    if errors:
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": loc, "msg": msg, "input": None} for loc, msg in errors]
-        )
-
-
 @router.post("", status_code=202, response_model=GenerationJob)
 def create_generation(body: GenerationRequest, session: SessionDep, settings: SettingsDep) -> GenerationJob:
     """Queues a generation job and answers at once with its id."""
-    _check_caps(body, settings)
+    prompts = body.prompt_list()
+    field = "prompt" if body.prompt is not None else "prompts"
+    check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, settings)
     model, base_model = resolve_model(session, settings, body.model)
-    params = body.model_dump(exclude={"model", "prompt", "prompts"}) | {"prompts": body.prompt_list()}
-    job = job_states.create_job(
-        session,
-        kind="generate",
-        model=model,
-        base_model=base_model,
-        params=params,
-        max_attempts=settings.max_attempts,
-    )
-    session.commit()
-    enqueue("generate", job.id)
+    params = body.model_dump(exclude={"model", "prompt", "prompts"}) | {"prompts": prompts}
+    job = submit(session, settings, model=model, base_model=base_model, params=params)
     return views.generation_job(job)
 
 

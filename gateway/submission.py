@@ -1,0 +1,60 @@
+"""Turning a validated generation request into a job: caps, the row, the commit, the message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session
+
+from shared import job_states
+from shared.celery_app import enqueue
+from shared.models import Job
+from shared.settings import Settings
+
+Loc = tuple[str | int, ...]
+
+
+def check_caps(prompts: list[str], field: str, single: bool, max_tokens: int, n: int, settings: Settings) -> None:
+    """422 naming the field when a request exceeds a configured cap or holds an empty prompt."""
+    errors: list[tuple[Loc, str]] = []
+    if max_tokens > settings.max_new_tokens:
+        errors.append((("body", "max_tokens"), f"must be at most {settings.max_new_tokens}"))
+    if n > settings.max_n:
+        errors.append((("body", "n"), f"must be at most {settings.max_n}"))
+    if len(prompts) * n > settings.max_prompts_per_job:
+        errors.append((("body", field), f"at most {settings.max_prompts_per_job} outputs (prompts x n) per job"))
+    for i, prompt in enumerate(prompts):
+        loc: Loc = ("body", field) if single else ("body", field, i)
+        if not prompt:
+            errors.append((loc, "prompt must not be empty"))
+        elif len(prompt) > settings.max_prompt_chars:
+            errors.append((loc, f"prompt longer than {settings.max_prompt_chars} characters"))
+    if errors:
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": loc, "msg": msg, "input": None} for loc, msg in errors]
+        )
+
+
+def submit(
+    session: Session,
+    settings: Settings,
+    *,
+    model: str,
+    base_model: str,
+    params: dict[str, Any],
+    job_id: str | None = None,
+) -> Job:
+    """Writes the queued generation job, commits, then publishes its id."""
+    job = job_states.create_job(
+        session,
+        kind="generate",
+        model=model,
+        base_model=base_model,
+        params=params,
+        max_attempts=settings.max_attempts,
+        job_id=job_id,
+    )
+    session.commit()
+    enqueue("generate", job.id)
+    return job
