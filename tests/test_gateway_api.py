@@ -14,9 +14,9 @@ BASE = "test-base-model"
 
 
 @pytest.fixture
-def client(postgres_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
+def client(postgres_url: str, quiet_redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
     configure(
-        monkeypatch, database_url=postgres_url, broker_url=redis_url, base_model=BASE, max_new_tokens="64"
+        monkeypatch, database_url=postgres_url, broker_url=quiet_redis_url, base_model=BASE, max_new_tokens="64"
     )
     from gateway.app import create_app
     from shared.db import get_sessionmaker
@@ -157,10 +157,10 @@ def test_readiness_names_the_broker_when_it_is_unreachable(
 
 
 def test_readiness_names_the_database_when_it_is_unreachable(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    quiet_redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     configure(
-        monkeypatch, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none", broker_url=redis_url
+        monkeypatch, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none", broker_url=quiet_redis_url
     )
     from gateway.app import create_app
 
