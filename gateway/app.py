@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
 
 from gateway import errors
 from gateway.routes import completions, files, fine_tuning, generations, health, jobs, models
 from gateway.waiting import FinishedJobs
+from shared.db import get_sessionmaker
 from shared.notify import redis_url
+from shared.reaper import reap_once
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 
 @asynccontextmanager
@@ -22,12 +29,30 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.finished_jobs = finished_jobs
     app.state.redis = aioredis.Redis.from_url(url) if url else None  # streaming subscriptions
     await finished_jobs.start()
+    reaper = asyncio.create_task(_reaper_loop(get_settings())) if get_settings().gateway_runs_reaper else None
     try:
         yield
     finally:
+        if reaper is not None:
+            reaper.cancel()
         await finished_jobs.stop()
         if app.state.redis is not None:
             await app.state.redis.aclose()
+
+
+def _reap() -> None:
+    with get_sessionmaker()() as session:
+        reap_once(session, get_settings())
+
+
+async def _reaper_loop(settings: Settings) -> None:
+    """The reaper, every reaper_interval_seconds, for as long as the gateway runs."""
+    while True:
+        await asyncio.sleep(settings.reaper_interval_seconds)
+        try:
+            await run_in_threadpool(_reap)
+        except Exception as exc:  # the database or broker may be down; the next pass tries again
+            log.warning("reaper pass failed: %s", exc)
 
 
 def create_app() -> FastAPI:

@@ -56,6 +56,7 @@ def create_job(
     job_id: str | None = None,
 ) -> Job:
     """A new queued job, added to the session (the caller commits, then enqueues its id)."""
+    now = utcnow()
     job = Job(
         id=job_id or new_id(ID_PREFIX[kind]),
         kind=kind,
@@ -65,7 +66,8 @@ def create_job(
         params=params,
         attempt=0,
         max_attempts=max_attempts,
-        created_at=utcnow(),
+        created_at=now,
+        published_at=now,  # the caller publishes right after its commit; the reaper repairs a lost one
     )
     session.add(job)
     return job
@@ -99,7 +101,13 @@ def claim_batch(
         session.rollback()
     if not candidates:
         return []
-    ids = list(pick(candidates)) if pick else [job.id for job in candidates]
+    # A job that was running when its worker died may be what killed it: it runs alone, so a poison
+    # job cannot take its batch neighbours down with it again.
+    if candidates[0].attempt > 0:
+        ids = [candidates[0].id]
+    else:
+        fresh = [job for job in candidates if job.attempt == 0]
+        ids = list(pick(fresh)) if pick else [job.id for job in fresh]
     claims = _claim_where(session, worker, lease_seconds, Job.id.in_(ids))
     claims.sort(key=lambda c: (c.job.created_at, c.job.id))
     return claims
@@ -279,6 +287,59 @@ def add_checkpoint(session: Session, claim: Claim, step: int, path: str, metrics
     )
     session.commit()
     return True
+
+
+def requeue_expired(session: Session) -> list[Job]:
+    """Hands running jobs whose lease expired back to the queue (attempts left) and commits; those jobs."""
+    now = utcnow()
+    ids = session.scalars(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt < Job.max_attempts)
+        .values(status=JobStatus.QUEUED, lease_expires_at=None, published_at=now, updated_at=now)
+        .returning(Job.id)
+    ).all()
+    session.commit()
+    return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
+
+
+def fail_exhausted(session: Session) -> list[str]:
+    """Ends failed the running jobs whose lease expired on their last attempt, and commits; their ids."""
+    now = utcnow()
+    ids = session.scalars(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt >= Job.max_attempts)
+        .values(
+            status=JobStatus.FAILED,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+            error={
+                "code": "max_attempts_exceeded",
+                "message": "the worker running this job stopped answering on every attempt "
+                "(the job may crash its worker)",
+            },
+        )
+        .returning(Job.id)
+    ).all()
+    session.commit()
+    return list(ids)
+
+
+def unpublished(session: Session, older_than_seconds: float, limit: int = 1000) -> list[Job]:
+    """Queued jobs whose last message is older than this (it may be lost); marks them published, commits."""
+    now = utcnow()
+    ids = session.scalars(
+        update(Job)
+        .where(
+            Job.status == JobStatus.QUEUED,
+            Job.published_at < now - timedelta(seconds=older_than_seconds),
+            Job.id.in_(select(Job.id).where(Job.status == JobStatus.QUEUED).limit(limit).scalar_subquery()),
+        )
+        .values(published_at=now)
+        .returning(Job.id)
+    ).all()
+    session.commit()
+    return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
 
 
 def is_terminal(status: str) -> bool:

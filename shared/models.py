@@ -59,6 +59,7 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    published_at: Mapped[datetime | None] = mapped_column(default=None)  # last message sent for it
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -69,6 +70,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_claim", "kind", "status", "base_model", "created_at"),
         Index("ix_jobs_created", "created_at"),
+        Index("ix_jobs_status_lease", "status", "lease_expires_at"),  # the reaper's scan
     )
 
     def __repr__(self) -> str:

@@ -71,7 +71,19 @@ class Settings(BaseSettings):
 
     max_attempts: int = Field(3, ge=1, description="Times a job may be started before it ends failed.")
     lease_seconds: float = Field(
-        120.0, gt=0, description="How long a claimed job is a worker's before another may take it over."
+        30.0,
+        gt=0,
+        description="How long a claimed job stays a worker's without a heartbeat before it is handed on; "
+        "workers renew it every third of this.",
+    )
+    reaper_interval_seconds: float = Field(
+        5.0, gt=0, description="How often the reaper looks for expired leases and lost messages."
+    )
+    republish_after_seconds: float = Field(
+        60.0, gt=0, description="A job queued this long since its last message gets another (lost-message repair)."
+    )
+    gateway_runs_reaper: bool = Field(
+        True, description="Run the reaper inside each gateway process (safe with several: every step is conditional)."
     )
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")

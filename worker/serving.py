@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import time
+from functools import lru_cache
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,19 @@ from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
 from worker.adapters import AdapterCache
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
+from worker.leases import LeaseKeeper
 from worker.model_loading import LoadedModel, load_base_model
 from worker.streaming import DeltaPublisher, StreamRow
 
 log = logging.getLogger(__name__)
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+@lru_cache
+def _leases(lease_seconds: float) -> LeaseKeeper:
+    """This process's lease keeper."""
+    return LeaseKeeper(lease_seconds)
 
 
 class ModelHolder:
@@ -125,7 +133,8 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
         if not claims:
             return []
         started = time.perf_counter()
-        outcomes = _run(session, claims, settings, models)
+        with _leases(settings.lease_seconds).holding(claims):
+            outcomes = _run(session, claims, settings, models)
         for claim, (result, error) in zip(claims, outcomes, strict=True):
             if error is None:
                 job_states.succeed(session, claim, result or {})
