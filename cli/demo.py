@@ -6,11 +6,11 @@ import os
 import time
 from pathlib import Path
 
-import httpx
 from rich.console import Console
 from rich.table import Table
 
 from cli.processes import Children, gateway_command, wait_ready, worker_command
+from client import TERMINAL, LlmqClient
 from shared.migrate import upgrade
 from shared.prompts import alpaca_prompt
 from shared.settings import Settings
@@ -61,24 +61,23 @@ def run_demo(settings: Settings, console: Console) -> int:
         children.start("worker-generate", worker_command("generate"))
         wait_ready(base_url, children)
         started = time.perf_counter()
-        body = {"model": model, "prompts": DEMO_PROMPTS, "max_tokens": 32, "temperature": 0}
-        job = httpx.post(f"{base_url}/v1/generations", json=body, timeout=10).raise_for_status().json()
-        console.print(f"submitted {job['id']} ({job['status']})")
-        while job["status"] in ("queued", "running"):
-            children.check_alive()
-            job = httpx.get(f"{base_url}/v1/generations/{job['id']}?wait=10", timeout=20).json()
+        with LlmqClient(base_url) as client:
+            job = client.create_generation(DEMO_PROMPTS, model=model, max_tokens=32, temperature=0)
+            console.print(f"submitted {job.id} ({job.status})")
+            while job.status not in TERMINAL:
+                children.check_alive()
+                job = client.get_generation(job.id, wait=10)
         elapsed = time.perf_counter() - started
-        if job["status"] != "succeeded":
-            console.print(f"[red]job {job['status']}: {job['error']}[/red]")
+        if job.status != "succeeded" or job.outputs is None:
+            console.print(f"[red]job {job.status}: {job.error}[/red]")
             return 1
-        table = Table("prompt", "output", "finish", "tokens", title=f"{job['id']} on {model}")
-        for prompt, output in zip(DEMO_PROMPTS, job["outputs"], strict=True):
-            table.add_row(
-                prompt[-60:], output["text"], output["finish_reason"], str(output["completion_tokens"])
-            )
+        table = Table("prompt", "output", "finish", "tokens", title=f"{job.id} on {model}")
+        for prompt, output in zip(DEMO_PROMPTS, job.outputs, strict=True):
+            table.add_row(prompt[-60:], output.text, output.finish_reason, str(output.completion_tokens))
         console.print(table)
-        queued, ran = job["queue_seconds"], job["run_seconds"]
-        console.print(f"end to end {elapsed:.2f} s (queued {queued:.3f} s, ran {ran:.3f} s)")
+        console.print(
+            f"end to end {elapsed:.2f} s (queued {job.queue_seconds or 0:.3f} s, ran {job.run_seconds or 0:.3f} s)"
+        )
         return 0
     finally:
         children.stop_all()

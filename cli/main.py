@@ -1,4 +1,5 @@
-"""The llmq command line."""
+"""The llmq command line: run the services (serve, worker, up, demo, migrate, make-model) and use them
+(upload, finetune, jobs, status, events, cancel, generate, models, keys). Exit codes: cli/exit_codes.py."""
 
 from __future__ import annotations
 
@@ -12,11 +13,55 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from cli import api_commands, keys
+from cli.api_commands import Connection
+from cli.exit_codes import FAILED, USAGE, OneLineErrors
 from cli.processes import Children, gateway_command, wait_ready, worker_command
+from client import DEFAULT_URL
 from shared.settings import get_settings
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune GPT-2 with QLoRA and serve it.")
+app = typer.Typer(
+    cls=OneLineErrors,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Fine-tune GPT-2 with QLoRA and serve it.",
+)
 console = Console()
+
+
+@app.callback(invoke_without_command=True)
+def options(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option("--url", envvar="LLMQ_URL", help="The gateway's address.")] = DEFAULT_URL,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="LLMQ_API_KEY", help="Sent as a Bearer token.", show_default=False),
+    ] = None,
+    retries: Annotated[
+        int, typer.Option(envvar="LLMQ_RETRIES", min=0, help="Retries after 429, 503 or a failed connection.")
+    ] = 3,
+) -> None:
+    """Fine-tune GPT-2 with QLoRA and serve it."""
+    if not url.startswith(("http://", "https://")):
+        raise typer.BadParameter(f"{url!r} is not an http:// or https:// address", param_hint="--url")
+    ctx.obj = Connection(url=url, api_key=api_key, retries=retries)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+        raise typer.Exit(USAGE)
+
+
+for _command in (
+    api_commands.upload,
+    api_commands.finetune,
+    api_commands.jobs,
+    api_commands.status,
+    api_commands.events,
+    api_commands.cancel,
+    api_commands.generate,
+    api_commands.models,
+):
+    app.command(rich_help_panel="Use a running llmq")(_command)
+app.add_typer(keys.app, name="keys", rich_help_panel="Administer")
 
 
 @app.command()
@@ -70,7 +115,7 @@ def up() -> None:
         console.print("stopping")
     except RuntimeError as exc:
         console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
+        raise typer.Exit(FAILED) from None
     finally:
         children.stop_all()
 
@@ -86,12 +131,12 @@ def demo() -> None:
 @app.command("make-model")
 def make_model(
     out_dir: Path,
-    full_size: Annotated[
-        bool, typer.Option("--full-size", help="GPT-2 124M architecture, random weights.")
-    ] = False,
+    full_size: Annotated[bool, typer.Option("--full-size", help="GPT-2 124M architecture, random weights.")] = False,
     tiny: Annotated[bool, typer.Option("--tiny", help="A 2-layer, 128-wide GPT-2 (the default).")] = False,
 ) -> None:
     """Build a GPT-2 offline (tokenizer trained on shipped text) into OUT_DIR."""
+    if tiny and full_size:
+        raise typer.BadParameter("give --tiny or --full-size, not both")
     from worker.model_factory import build_full_size_gpt2, build_tiny_gpt2
 
     path = build_full_size_gpt2(out_dir) if full_size else build_tiny_gpt2(out_dir)

@@ -35,6 +35,7 @@ COPY shared/ shared/
 COPY gateway/ gateway/
 COPY worker/ worker/
 COPY cli/ cli/
+COPY client/ client/
 COPY migrations/ migrations/
 COPY alembic.ini ./
 RUN pip install --no-cache-dir ".[worker]"

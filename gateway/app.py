@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from gateway import errors
+from gateway.body_limit import BodyLimit
 from gateway.routes import completions, files, fine_tuning, generations, health, jobs, models
 from gateway.waiting import FinishedJobs
 from shared.db import get_sessionmaker
@@ -29,6 +30,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.finished_jobs = finished_jobs
     app.state.redis = aioredis.Redis.from_url(url) if url else None  # streaming subscriptions
     await finished_jobs.start()
+    if not get_settings().require_api_keys:
+        log.warning("API keys are not required (LLMQ_REQUIRE_API_KEYS=false): bind this gateway to localhost only")
     reaper = asyncio.create_task(_reaper_loop(get_settings())) if get_settings().gateway_runs_reaper else None
     try:
         yield
@@ -58,8 +61,11 @@ async def _reaper_loop(settings: Settings) -> None:
 def create_app() -> FastAPI:
     """The gateway application."""
     logging.basicConfig(level=logging.INFO)
+    settings = get_settings()
     app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan)
     errors.install(app)
+    # One megabyte of multipart framing on top of the largest file accepted.
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(completions.router)

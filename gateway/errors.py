@@ -7,6 +7,8 @@ Bodies carry a short stable `detail` (what tests assert) and an OpenAI-style `er
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import OperationalError
 
@@ -17,6 +19,7 @@ class ApiError(Exception):
     status_code = 400
     code = "invalid_request"
     type = "invalid_request_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -45,6 +48,22 @@ class PayloadTooLarge(ApiError):
     code = "payload_too_large"
 
 
+class Unauthorized(ApiError):
+    status_code = 401
+    code = "invalid_api_key"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class RateLimited(ApiError):
+    status_code = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class Unavailable(ApiError):
     status_code = 503
     code = "unavailable"
@@ -61,7 +80,18 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, exc.code, exc.message, exc.type), status_code=exc.status_code)
+        body = error_body(exc.status_code, exc.code, exc.message, exc.type)
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = jsonable_encoder(exc.errors())
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"])
+        message = f"{where}: {first['msg']}" if where else str(first["msg"])
+        body = {"detail": errors, "error": {"message": message, "type": "invalid_request_error",
+                                            "code": "invalid_request", "param": where or None}}  # fmt: skip
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:

@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from gateway.errors import RateLimited
 from shared import job_states
 from shared.celery_app import enqueue
 from shared.models import Job
 from shared.settings import Settings
+from shared.statuses import JobStatus
 
 Loc = tuple[str | int, ...]
 
@@ -36,6 +39,21 @@ def check_caps(prompts: list[str], field: str, single: bool, max_tokens: int, n:
         )
 
 
+def check_quota(session: Session, settings: Settings, tenant: str) -> None:
+    """429 when the tenant already has max_active_jobs_per_tenant jobs queued or running."""
+    if settings.max_active_jobs_per_tenant == 0:
+        return
+    active = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    )
+    if (active or 0) >= settings.max_active_jobs_per_tenant:
+        raise RateLimited(
+            f"{active} jobs queued or running; at most {settings.max_active_jobs_per_tenant} at once", retry_after=5
+        )
+
+
 def submit(
     session: Session,
     settings: Settings,
@@ -43,11 +61,14 @@ def submit(
     model: str,
     base_model: str,
     params: dict[str, Any],
+    tenant: str,
     job_id: str | None = None,
 ) -> Job:
-    """Writes the queued generation job, commits, then publishes its id."""
+    """Writes the queued generation job, commits, then publishes its id (429 over the tenant's quota)."""
+    check_quota(session, settings, tenant)
     job = job_states.create_job(
         session,
+        tenant=tenant,
         kind="generate",
         model=model,
         base_model=base_model,

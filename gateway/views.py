@@ -66,6 +66,13 @@ def _unix(moment: datetime | None) -> int | None:
     return int(moment.timestamp()) if moment is not None else None
 
 
+def _unix_seconds(value: object) -> int | None:
+    """Unix seconds from what the worker wrote: an ISO time or a number."""
+    if isinstance(value, str):
+        return int(datetime.fromisoformat(value).timestamp())
+    return int(value) if isinstance(value, int | float) else None
+
+
 def file_object(row: File) -> FileObject:
     """A file row in OpenAI's file shape."""
     return FileObject(
@@ -83,7 +90,7 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
     """A train job row in OpenAI's fine-tuning job shape, with progress while it runs."""
     params, result = job.params, job.result or {}
     hp = params["hyperparameters"]
-    estimated = result.get("estimated_finish")
+    estimated = _unix_seconds(result.get("estimated_finish"))
     return FineTuningJob(
         id=job.id,
         created_at=int(job.created_at.timestamp()),
@@ -101,7 +108,7 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         method={"type": "supervised", "supervised": {"hyperparameters": hp}},
         result_files=result.get("result_files", []),
         trained_tokens=result.get("trained_tokens"),
-        estimated_finish=int(estimated) if estimated is not None and job.status == "running" else None,
+        estimated_finish=estimated if job.status == "running" else None,
         error=OpenAIError(**job.error) if job.error else None,
         seed=params["seed"],
         user_provided_suffix=params["suffix"],

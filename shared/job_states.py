@@ -14,24 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import exists, insert, literal, select, update
 from sqlalchemy.orm import Session
 
-from shared.models import Checkpoint, Job, JobEvent, new_id, utcnow
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+from shared.models import DEFAULT_TENANT, Checkpoint, Job, JobEvent, new_id, utcnow
+from shared.statuses import JobStatus
 
 ID_PREFIX = {"generate": "gen", "train": "ftjob"}
 
@@ -53,12 +42,14 @@ def create_job(
     base_model: str,
     params: dict[str, Any],
     max_attempts: int,
+    tenant: str = DEFAULT_TENANT,
     job_id: str | None = None,
 ) -> Job:
     """A new queued job, added to the session (the caller commits, then enqueues its id)."""
     now = utcnow()
     job = Job(
         id=job_id or new_id(ID_PREFIX[kind]),
+        tenant=tenant,
         kind=kind,
         status=JobStatus.QUEUED,
         model=model,
@@ -340,8 +331,3 @@ def unpublished(session: Session, older_than_seconds: float, limit: int = 1000) 
     ).all()
     session.commit()
     return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
-
-
-def is_terminal(status: str) -> bool:
-    """True when a job in this status will never change again."""
-    return status in TERMINAL

@@ -9,6 +9,8 @@ from typing import Any
 from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, Integer, String, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+DEFAULT_TENANT = "default"  # the tenant of every request when API keys are not required
+
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC."""
@@ -45,8 +47,9 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
     kind: Mapped[str] = mapped_column(String(16))  # "generate" | "train"
-    status: Mapped[str] = mapped_column(String(16))  # see shared.job_states.JobStatus
+    status: Mapped[str] = mapped_column(String(16))  # see shared.statuses.JobStatus
     model: Mapped[str] = mapped_column(String(512))  # what the client asked for (base or fine-tuned id)
     base_model: Mapped[str] = mapped_column(String(512))  # the base it runs on: workers claim by it
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -69,7 +72,7 @@ class Job(Base):
     # The claim scans queued jobs of one kind oldest first; listings go newest first.
     __table_args__ = (
         Index("ix_jobs_claim", "kind", "status", "base_model", "created_at"),
-        Index("ix_jobs_created", "created_at"),
+        Index("ix_jobs_tenant_created", "tenant", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),  # the reaper's scan
     )
 
@@ -83,6 +86,7 @@ class File(Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(Integer)
@@ -126,8 +130,22 @@ class FineTunedModel(Base):
     __tablename__ = "fine_tuned_models"
 
     id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     base_model: Mapped[str] = mapped_column(String(512))
     path: Mapped[str] = mapped_column(String(1024))  # adapter folder, relative to the artifact store
     manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key: only a hash of its secret is stored. The key belongs to one tenant."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(255))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.fine_tuning import HubDataset, Hyperparameters
-from shared.job_states import JobStatus
+from shared.statuses import JobStatus
 
 JobKind = Literal["generate", "train"]
 

@@ -86,8 +86,32 @@ class Settings(BaseSettings):
         True, description="Run the reaper inside each gateway process (safe with several: every step is conditional)."
     )
 
+    require_api_keys: bool = Field(
+        False,
+        description="Require `Authorization: Bearer <key>` on every /v1 request. Off only for the embedded "
+        "default bound to localhost; `llmq serve` refuses a non-local address without it.",
+    )
+    rate_limit_per_minute: int = Field(
+        6000, ge=0, description="Requests per minute one API key may make (0 = no limit)."
+    )
+    max_active_jobs_per_tenant: int = Field(
+        1000, ge=0, description="Queued plus running jobs one tenant may have at once (0 = no limit)."
+    )
+    max_request_bytes: int = Field(
+        4 * 2**20, ge=1, description="Largest request body outside file uploads, in bytes (chunked too)."
+    )
+    allowed_base_models: list[str] = Field(
+        default_factory=list,
+        description="Base models jobs may name (JSON list); empty means only base_model.",
+    )
+
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+
+    @property
+    def base_models(self) -> list[str]:
+        """The base models jobs may name: the allowlist, always including base_model."""
+        return [self.base_model, *(m for m in self.allowed_base_models if m != self.base_model)]
 
     @property
     def resolved_database_url(self) -> str:

@@ -16,9 +16,7 @@ import redis
 
 from cli.processes import Children, gateway_command, wait_ready, worker_command
 
-TEST_DATABASE_URL = os.environ.get(
-    "LLMQ_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+TEST_DATABASE_URL = os.environ.get("LLMQ_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TEST_REDIS_URL = os.environ.get("LLMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 

@@ -62,9 +62,7 @@ def test_streamed_completion_adds_up_to_the_whole_text(system_name: str, request
     texts: dict[int, str] = {}
     finish: dict[int, str | None] = {}
     usage = None
-    for chunk in openai.OpenAI(base_url=f"{system.base_url}/v1", api_key="x").completions.create(
-        **ask, stream=True
-    ):  # type: ignore[call-overload]
+    for chunk in openai.OpenAI(base_url=f"{system.base_url}/v1", api_key="x").completions.create(**ask, stream=True):  # type: ignore[call-overload]
         for choice in chunk.choices:
             texts[choice.index] = texts.get(choice.index, "") + choice.text
             finish[choice.index] = choice.finish_reason or finish.get(choice.index)

@@ -78,9 +78,7 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
 
 def _gateway_image_services(services: dict[str, Any]) -> set[str]:
     return {
-        name
-        for name, svc in services.items()
-        if svc.get("build", {}).get("dockerfile") == "docker/gateway.Dockerfile"
+        name for name, svc in services.items() if svc.get("build", {}).get("dockerfile") == "docker/gateway.Dockerfile"
     }
 
 
@@ -128,9 +126,7 @@ def _dockerfile_cmd(path: Path) -> list[str]:
 
 def _torch_pin() -> str:
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    pins = [
-        dep for dep in pyproject["project"]["optional-dependencies"]["worker"] if dep.startswith("torch==")
-    ]
+    pins = [dep for dep in pyproject["project"]["optional-dependencies"]["worker"] if dep.startswith("torch==")]
     assert len(pins) == 1, "the worker extra pins torch exactly once"
     return pins[0]
 
@@ -219,9 +215,7 @@ def test_migrate_runs_once_after_postgres_is_healthy(services: dict[str, Any]) -
 
 
 @pytest.mark.parametrize("name", ["gateway", *WORKERS])
-def test_gateway_and_workers_start_after_migrations_and_healthy_backends(
-    services: dict[str, Any], name: str
-) -> None:
+def test_gateway_and_workers_start_after_migrations_and_healthy_backends(services: dict[str, Any], name: str) -> None:
     deps = _depends_on(services[name])
     assert deps.get("migrate") == "service_completed_successfully"
     assert deps.get("postgres") == "service_healthy"
@@ -259,9 +253,7 @@ def test_workers_are_scalable_without_fixed_names_or_host_ports(services: dict[s
 
 
 @pytest.mark.parametrize(("name", "queue"), [("worker-generate", "generate"), ("worker-train", "train")])
-def test_each_worker_consumes_its_own_queue_one_task_at_a_time(
-    services: dict[str, Any], name: str, queue: str
-) -> None:
+def test_each_worker_consumes_its_own_queue_one_task_at_a_time(services: dict[str, Any], name: str, queue: str) -> None:
     argv = _argv(services[name]["command"])
     assert argv[:4] == ["celery", "-A", "worker.app", "worker"]
     assert argv[argv.index("-Q") + 1] == queue

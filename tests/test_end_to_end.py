@@ -49,16 +49,12 @@ def test_wait_returns_as_soon_as_the_job_finishes(production_system: System) -> 
     submit_and_wait(production_system, body)  # warm the worker
     job = httpx.post(f"{production_system.base_url}/v1/generations", json=body).json()
     started = time.monotonic()
-    got = httpx.get(
-        f"{production_system.base_url}/v1/generations/{job['id']}", params={"wait": 30}, timeout=40
-    )
+    got = httpx.get(f"{production_system.base_url}/v1/generations/{job['id']}", params={"wait": 30}, timeout=40)
     assert got.json()["status"] == "succeeded"
     assert time.monotonic() - started < 5  # far from the 30 s it was allowed to wait
 
 
-def test_greedy_output_is_the_same_on_both_deployments(
-    production_system: System, embedded_system: System
-) -> None:
+def test_greedy_output_is_the_same_on_both_deployments(production_system: System, embedded_system: System) -> None:
     body = {"prompt": "The quick brown fox", "max_tokens": 8, "temperature": 0}
     a = submit_and_wait(production_system, body)["outputs"]
     b = submit_and_wait(embedded_system, body)["outputs"]
@@ -71,9 +67,7 @@ def test_too_long_prompt_fails_alone_while_its_batch_neighbours_succeed(producti
         json={"prompt": "word " * 3000, "max_tokens": 16, "temperature": 0},
     ).json()
     ok = submit_and_wait(production_system, {"prompt": "Hello", "max_tokens": 3, "temperature": 0})
-    failed = httpx.get(
-        f"{production_system.base_url}/v1/generations/{long_job['id']}", params={"wait": 30}
-    ).json()
+    failed = httpx.get(f"{production_system.base_url}/v1/generations/{long_job['id']}", params={"wait": 30}).json()
     assert ok["status"] == "succeeded"
     assert failed["status"] == "failed"
     assert failed["error"]["code"] == "context_length_exceeded"

@@ -15,9 +15,7 @@ BASE = "test-base-model"
 
 @pytest.fixture
 def client(postgres_url: str, quiet_redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[TestClient]:
-    configure(
-        monkeypatch, database_url=postgres_url, broker_url=quiet_redis_url, base_model=BASE, max_new_tokens="64"
-    )
+    configure(monkeypatch, database_url=postgres_url, broker_url=quiet_redis_url, base_model=BASE, max_new_tokens="64")
     from gateway.app import create_app
     from shared.db import get_sessionmaker
     from shared.models import Job
@@ -143,9 +141,7 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
 
 
-def test_readiness_names_the_broker_when_it_is_unreachable(
-    postgres_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_readiness_names_the_broker_when_it_is_unreachable(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     configure(monkeypatch, database_url=postgres_url, broker_url="redis://127.0.0.1:1/0")
     from gateway.app import create_app
 
@@ -159,9 +155,7 @@ def test_readiness_names_the_broker_when_it_is_unreachable(
 def test_readiness_names_the_database_when_it_is_unreachable(
     quiet_redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    configure(
-        monkeypatch, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none", broker_url=quiet_redis_url
-    )
+    configure(monkeypatch, database_url="postgresql+psycopg://postgres@127.0.0.1:1/none", broker_url=quiet_redis_url)
     from gateway.app import create_app
 
     with TestClient(create_app()) as client:

@@ -29,10 +29,7 @@ def greedy(max_new_tokens: int = 12, stop: tuple[str, ...] = ()) -> SamplingPara
 def test_greedy_output_is_identical_alone_and_in_a_mixed_batch(loaded: LoadedModel) -> None:
     alone = [generate(loaded, [Request(p, greedy())])[0] for p in PROMPTS]
     mixed = [Request(p, greedy()) for p in PROMPTS]
-    mixed += [
-        Request(p * 2, SamplingParams(max_new_tokens=20, temperature=0.9, seed=i))
-        for i, p in enumerate(PROMPTS)
-    ]
+    mixed += [Request(p * 2, SamplingParams(max_new_tokens=20, temperature=0.9, seed=i)) for i, p in enumerate(PROMPTS)]
     batched = generate(loaded, mixed)
     assert batched[: len(PROMPTS)] == alone
 
@@ -40,18 +37,14 @@ def test_greedy_output_is_identical_alone_and_in_a_mixed_batch(loaded: LoadedMod
 def test_seed_makes_sampling_reproducible_whatever_shares_the_batch(loaded: LoadedModel) -> None:
     seeded = Request(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, top_p=0.9, seed=1234))
     alone = generate(loaded, [seeded])[0]
-    with_others = generate(loaded, [Request(PROMPTS[2], greedy(3)), seeded, Request(PROMPTS[1], greedy(20))])[
-        1
-    ]
+    with_others = generate(loaded, [Request(PROMPTS[2], greedy(3)), seeded, Request(PROMPTS[1], greedy(20))])[1]
     assert with_others == alone
     other_seed = Request(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=1.0, seed=99))
     assert generate(loaded, [other_seed])[0].text != alone.text
 
 
 def test_max_tokens_ends_with_finish_reason_length(loaded: LoadedModel) -> None:
-    (out,) = generate(
-        loaded, [Request(PROMPTS[1], SamplingParams(max_new_tokens=5, temperature=0.7, seed=1))]
-    )
+    (out,) = generate(loaded, [Request(PROMPTS[1], SamplingParams(max_new_tokens=5, temperature=0.7, seed=1))])
     if out.finish_reason == "length":
         assert out.completion_tokens == 5
     else:  # it sampled EOS first
@@ -78,3 +71,9 @@ def test_outputs_come_back_in_request_order_with_token_counts(loaded: LoadedMode
 def test_prompt_longer_than_the_context_is_refused(loaded: LoadedModel) -> None:
     with pytest.raises(PromptTooLong, match="context"):
         generate(loaded, [Request("word " * 2000, greedy(4))])
+
+
+def test_stop_sequence_at_the_very_start_gives_empty_text(loaded: LoadedModel) -> None:
+    (free,) = generate(loaded, [Request(PROMPTS[0], greedy(8))])
+    (cut,) = generate(loaded, [Request(PROMPTS[0], greedy(8, stop=(free.text[:1],)))])
+    assert cut.text == "" and cut.finish_reason == "stop"

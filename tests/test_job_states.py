@@ -12,9 +12,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import job_states
 from shared.db import make_engine
-from shared.job_states import Claim, JobStatus
+from shared.job_states import Claim
 from shared.migrate import upgrade
 from shared.models import Job, JobEvent
+from shared.statuses import JobStatus
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
@@ -79,9 +80,7 @@ def test_claim_takes_oldest_first_and_only_its_base_model(sessions: sessionmaker
     other = add_jobs(sessions, 2, base_model="other")
     mine = add_jobs(sessions, 3)
     with sessions() as session:
-        claims = job_states.claim_batch(
-            session, kind="generate", base_model="m", worker="w", lease_seconds=60, limit=2
-        )
+        claims = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=60, limit=2)
         assert [c.job_id for c in claims] == mine[:2]
         assert session.get(Job, other[0]).status == JobStatus.QUEUED  # type: ignore[union-attr]
 

@@ -12,8 +12,8 @@ from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from shared import job_states
-from shared.job_states import JobStatus
 from shared.models import Job, utcnow
+from shared.statuses import JobStatus
 from tests.conftest import configure
 
 

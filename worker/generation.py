@@ -178,7 +178,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
 
     return [
         Generation(
-            text=texts[row] or _decode(loaded, generated[row]),
+            text=cut if (cut := texts[row]) is not None else _decode(loaded, generated[row]),
             finish_reason=reasons[row],
             prompt_tokens=len(prompts[row]),
             completion_tokens=len(generated[row]),

@@ -6,8 +6,8 @@ import logging
 import os
 import socket
 import time
-from functools import lru_cache
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 

@@ -14,13 +14,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from gateway import owned
+from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
 from gateway.deps import SettingsDep
 from gateway.errors import ApiError, error_body
 from gateway.submission import check_caps, submit
-from shared import job_states
+from shared import job_states, statuses
 from shared.db import get_sessionmaker
-from shared.models import FineTunedModel, Job, new_id
+from shared.models import Job, new_id
 from shared.notify import stream_channel
 from shared.prompts import TEMPLATE, apply_template
 from shared.schemas import Completion, CompletionChoice, CompletionRequest, Usage
@@ -38,19 +40,19 @@ class CompletionTimeout(ApiError):
     type = "server_error"
 
 
-def _template_for(session: Session, settings: Settings, model: str) -> dict[str, str]:
-    row = session.get(FineTunedModel, model)
+def _template_for(session: Session, tenant: str, model: str) -> dict[str, str]:
+    row = owned.fine_tuned_model(session, tenant, model)
     return (row.manifest.get("prompt_template") if row else None) or TEMPLATE
 
 
-def _prepare(body: CompletionRequest, settings: Settings) -> tuple[str, str, dict[str, Any]]:
+def _prepare(body: CompletionRequest, settings: Settings, tenant: str) -> tuple[str, str, dict[str, Any]]:
     """(model, base model, job params) of a valid request; 422 or 404 otherwise (runs in a thread)."""
     prompts = body.prompt_list()
     check_caps(prompts, "prompt", isinstance(body.prompt, str), body.max_tokens, body.n, settings)
     with get_sessionmaker()() as session:
-        model, base_model = resolve_model(session, settings, body.model)
+        model, base_model = resolve_model(session, settings, tenant, body.model)
         if body.template == "model":
-            template = _template_for(session, settings, model)
+            template = _template_for(session, tenant, model)
             prompts = [apply_template(template, p) for p in prompts]
     params: dict[str, Any] = {
         "prompts": prompts,
@@ -66,10 +68,12 @@ def _prepare(body: CompletionRequest, settings: Settings) -> tuple[str, str, dic
     return model, base_model, params
 
 
-def _submit(settings: Settings, prepared: tuple[str, str, dict[str, Any]], job_id: str) -> Job:
+def _submit(settings: Settings, tenant: str, prepared: tuple[str, str, dict[str, Any]], job_id: str) -> Job:
     model, base_model, params = prepared
     with get_sessionmaker()() as session:
-        return submit(session, settings, model=model, base_model=base_model, params=params, job_id=job_id)
+        return submit(
+            session, settings, model=model, base_model=base_model, params=params, tenant=tenant, job_id=job_id
+        )
 
 
 def _load(job_id: str) -> Job:
@@ -82,7 +86,7 @@ def _load(job_id: str) -> Job:
 def _cancel_if_queued(job_id: str) -> None:
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
-        if job is not None and job.status == job_states.JobStatus.QUEUED:
+        if job is not None and job.status == statuses.JobStatus.QUEUED:
             job_states.cancel(session, job_id)
 
 
@@ -110,21 +114,21 @@ def _usage(job: Job) -> Usage:
 
 
 @router.post("/completions", response_model=Completion)
-async def create_completion(body: CompletionRequest, request: Request, settings: SettingsDep) -> Any:
+async def create_completion(body: CompletionRequest, request: Request, settings: SettingsDep, tenant: TenantDep) -> Any:
     """Runs a completion as a generation job; answers when it is done, or streams it (stream: true)."""
     job_id = new_id("gen")
-    prepared = await run_in_threadpool(_prepare, body, settings)
+    prepared = await run_in_threadpool(_prepare, body, settings, tenant)
     if body.stream:
-        events = _stream(body, prepared, request, settings, job_id)
+        events = _stream(body, prepared, request, settings, tenant, job_id)
         return StreamingResponse(events, media_type="text/event-stream")
-    job = await run_in_threadpool(_submit, settings, prepared, job_id)
+    job = await run_in_threadpool(_submit, settings, tenant, prepared, job_id)
     if not await _wait(request, job.id, settings.completion_timeout_seconds):
         await run_in_threadpool(_cancel_if_queued, job.id)
         if await request.is_disconnected():
             return JSONResponse({}, status_code=499)
         raise CompletionTimeout(f"job {job.id} not finished after {settings.completion_timeout_seconds} s")
     job = await run_in_threadpool(_load, job.id)
-    if job.status != job_states.JobStatus.SUCCEEDED:
+    if job.status != statuses.JobStatus.SUCCEEDED:
         return _failure(job)
     return Completion(
         id=job.id,
@@ -142,7 +146,7 @@ async def _wait(request: Request, job_id: str, timeout: float) -> bool:
     async def check() -> bool:
         nonlocal finished
         job = await run_in_threadpool(_load, job_id)
-        finished = job_states.is_terminal(job.status)
+        finished = statuses.is_terminal(job.status)
         return finished or await request.is_disconnected()
 
     await request.app.state.finished_jobs.wait(job_id, timeout, check)
@@ -158,6 +162,7 @@ async def _stream(
     prepared: tuple[str, str, dict[str, Any]],
     request: Request,
     settings: Settings,
+    tenant: str,
     job_id: str,
 ) -> AsyncIterator[str]:
     """SSE chunks: text deltas while the job runs (with Redis), the rest and finish reasons at the end,
@@ -176,7 +181,7 @@ async def _stream(
     try:
         if pubsub is not None:
             await pubsub.subscribe(stream_channel(job_id))  # before the job exists: no delta is missed
-        await run_in_threadpool(_submit, settings, prepared, job_id)
+        await run_in_threadpool(_submit, settings, tenant, prepared, job_id)
         if body.echo:
             for i in range(len(prompts) * body.n):
                 sent[i] = 0
@@ -197,14 +202,14 @@ async def _stream(
             else:
                 await request.app.state.finished_jobs.wait(job_id, 1.0, _terminal_check(job_id))
             job = await run_in_threadpool(_load, job_id)
-            if job_states.is_terminal(job.status):
+            if statuses.is_terminal(job.status):
                 break
             if time.monotonic() > deadline:
                 yield _sse({"error": {"message": f"job {job_id} not finished in time", "type": "server_error",
                                       "code": "timeout"}})  # fmt: skip
                 return
         job = await run_in_threadpool(_load, job_id)
-        if job.status != job_states.JobStatus.SUCCEEDED:
+        if job.status != statuses.JobStatus.SUCCEEDED:
             error = job.error or {"code": job.status, "message": f"job {job.status}"}
             yield _sse({"error": {"message": error["message"], "type": "server_error", "code": error["code"]}})
             return
@@ -224,6 +229,6 @@ async def _stream(
 def _terminal_check(job_id: str) -> Any:
     async def check() -> bool:
         job = await run_in_threadpool(_load, job_id)
-        return job_states.is_terminal(job.status)
+        return statuses.is_terminal(job.status)
 
     return check

@@ -10,7 +10,8 @@ from typing import Annotated
 from fastapi import APIRouter, Form, UploadFile
 from sqlalchemy import select
 
-from gateway import views
+from gateway import owned, views
+from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import ApiError, FileNotFound, PayloadTooLarge
 from shared import artifacts
@@ -33,6 +34,7 @@ async def upload_file(
     file: UploadFile,
     session: SessionDep,
     settings: SettingsDep,
+    tenant: TenantDep,
     purpose: Annotated[str, Form()] = "fine-tune",
 ) -> FileObject:
     """Stores an Alpaca file (JSONL or JSON array) once every record is valid; 422 names the first bad one."""
@@ -68,6 +70,7 @@ async def upload_file(
         final.with_suffix(".part").unlink(missing_ok=True)
     row = File(
         id=file_id,
+        tenant=tenant,
         filename=(file.filename or "upload.jsonl")[:255],
         purpose=purpose,
         bytes=size,
@@ -82,25 +85,27 @@ async def upload_file(
 
 
 @router.get("", response_model=FileList)
-def list_files(session: SessionDep) -> FileList:
-    """Every uploaded file, newest first."""
-    rows = session.scalars(select(File).order_by(File.created_at.desc(), File.id.desc())).all()
+def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
+    """Every file the tenant uploaded, newest first."""
+    rows = session.scalars(
+        select(File).where(File.tenant == tenant).order_by(File.created_at.desc(), File.id.desc())
+    ).all()
     return FileList(data=[views.file_object(f) for f in rows])
 
 
 @router.get("/{file_id}", response_model=FileObject)
-def get_file(file_id: str, session: SessionDep) -> FileObject:
+def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
     """One file's description."""
-    row = session.get(File, file_id)
+    row = owned.file(session, tenant, file_id)
     if row is None:
         raise FileNotFound(f"file {file_id!r} not found")
     return views.file_object(row)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-def delete_file(file_id: str, session: SessionDep, settings: SettingsDep) -> FileDeleted:
+def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> FileDeleted:
     """Deletes a file and its stored records (jobs that already used it keep their results)."""
-    row = session.get(File, file_id)
+    row = owned.file(session, tenant, file_id)
     if row is None:
         raise FileNotFound(f"file {file_id!r} not found")
     artifacts.resolve(settings, row.path).unlink(missing_ok=True)

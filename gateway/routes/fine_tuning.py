@@ -10,13 +10,15 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from gateway import views
+from gateway import owned, views
+from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import JobNotFound
-from shared import job_states
+from gateway.submission import check_quota
+from shared import job_states, statuses
 from shared.celery_app import enqueue
 from shared.fine_tuning import HubDataset
-from shared.models import Checkpoint, File, Job, JobEvent
+from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
     FineTuningCheckpointList,
     FineTuningEventList,
@@ -33,27 +35,31 @@ def _invalid(field: str, message: str) -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}])
 
 
-def _check_request(body: FineTuningJobRequest, session: Session, settings: Settings) -> None:
+def _check_request(body: FineTuningJobRequest, session: Session, settings: Settings, tenant: str) -> None:
     """422 naming the field for a base model that is not offered or a file that does not exist."""
-    if body.model != settings.base_model:
-        raise _invalid("model", f"model {body.model!r} is not available for fine-tuning (use {settings.base_model!r})")
+    if body.model not in settings.base_models:
+        offered = ", ".join(repr(m) for m in settings.base_models)
+        raise _invalid("model", f"model {body.model!r} is not available for fine-tuning (offered: {offered})")
     for field in ("training_file", "validation_file"):
         file_id = getattr(body, field)
-        if file_id is not None and session.get(File, file_id) is None:
+        if file_id is not None and owned.file(session, tenant, file_id) is None:
             raise _invalid(field, f"file {file_id!r} not found")
 
 
-def _job(session: Session, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.kind != "train":
+def _job(session: Session, tenant: str, job_id: str) -> Job:
+    job = owned.job(session, tenant, job_id, kind="train")
+    if job is None:
         raise JobNotFound(f"fine-tuning job {job_id!r} not found")
     return job
 
 
 @router.post("", response_model=FineTuningJob)
-def create_fine_tuning_job(body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep) -> FineTuningJob:
+def create_fine_tuning_job(
+    body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> FineTuningJob:
     """Queues a fine-tune of the base model on an uploaded file (or a hub dataset)."""
-    _check_request(body, session, settings)
+    _check_request(body, session, settings, tenant)
+    check_quota(session, settings, tenant)
     dataset = None if body.training_file else (body.dataset or HubDataset())
     params: dict[str, Any] = {
         "training_file": body.training_file,
@@ -67,6 +73,7 @@ def create_fine_tuning_job(body: FineTuningJobRequest, session: SessionDep, sett
     job = job_states.create_job(
         session,
         kind="train",
+        tenant=tenant,
         model=body.model,
         base_model=body.model,
         params=params,
@@ -81,13 +88,14 @@ def create_fine_tuning_job(body: FineTuningJobRequest, session: SessionDep, sett
 @router.get("", response_model=FineTuningJobList)
 def list_fine_tuning_jobs(
     session: SessionDep,
+    tenant: TenantDep,
     after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> FineTuningJobList:
     """Fine-tuning jobs, newest first."""
-    query = select(Job).where(Job.kind == "train").order_by(Job.created_at.desc(), Job.id.desc())
+    query = select(Job).where(Job.kind == "train", Job.tenant == tenant).order_by(Job.created_at.desc(), Job.id.desc())
     if after is not None:
-        cursor = _job(session, after)
+        cursor = _job(session, tenant, after)
         query = query.where(
             or_(
                 Job.created_at < cursor.created_at,
@@ -99,16 +107,16 @@ def list_fine_tuning_jobs(
 
 
 @router.get("/{job_id}", response_model=FineTuningJob)
-def get_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJob:
+def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
     """One fine-tuning job, with progress while it runs."""
-    return views.fine_tuning_job(_job(session, job_id))
+    return views.fine_tuning_job(_job(session, tenant, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob)
-def cancel_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJob:
+def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
     """Cancels a job: a queued one at once, a running one after its current step (keeping its checkpoints)."""
-    job = _job(session, job_id)
-    if not job_states.is_terminal(job.status):
+    job = _job(session, tenant, job_id)
+    if not statuses.is_terminal(job.status):
         job_states.note(session, job, "Cancellation requested")
     cancelled = job_states.cancel(session, job_id)
     assert cancelled is not None
@@ -119,11 +127,12 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep) -> FineTuningJob:
 def list_fine_tuning_events(
     job_id: str,
     session: SessionDep,
+    tenant: TenantDep,
     after: Annotated[str | None, Query(description="Id of the last event of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> FineTuningEventList:
     """The job's events, newest first."""
-    _job(session, job_id)
+    _job(session, tenant, job_id)
     query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
     if after is not None:
         query = query.where(JobEvent.id < views.event_number(after))
@@ -135,11 +144,12 @@ def list_fine_tuning_events(
 def list_fine_tuning_checkpoints(
     job_id: str,
     session: SessionDep,
+    tenant: TenantDep,
     after: Annotated[str | None, Query(description="Id of the last checkpoint of the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> FineTuningCheckpointList:
     """The job's complete checkpoints, newest first."""
-    job = _job(session, job_id)
+    job = _job(session, tenant, job_id)
     query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
     if after is not None:
         cursor = session.get(Checkpoint, after)

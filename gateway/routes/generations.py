@@ -8,12 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from gateway import views
+from gateway import owned, views
+from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import JobNotFound
 from gateway.submission import check_caps, submit
-from shared import job_states
+from shared import job_states, statuses
 from shared.db import get_sessionmaker
 from shared.models import Job
 from shared.schemas import GenerationJob, GenerationRequest
@@ -23,21 +24,22 @@ log = logging.getLogger(__name__)
 
 
 @router.post("", status_code=202, response_model=GenerationJob)
-def create_generation(body: GenerationRequest, session: SessionDep, settings: SettingsDep) -> GenerationJob:
+def create_generation(
+    body: GenerationRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep
+) -> GenerationJob:
     """Queues a generation job and answers at once with its id."""
     prompts = body.prompt_list()
     field = "prompt" if body.prompt is not None else "prompts"
     check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, settings)
-    model, base_model = resolve_model(session, settings, body.model)
+    model, base_model = resolve_model(session, settings, tenant, body.model)
     params = body.model_dump(exclude={"model", "prompt", "prompts"}) | {"prompts": prompts}
-    job = submit(session, settings, model=model, base_model=base_model, params=params)
+    job = submit(session, settings, model=model, base_model=base_model, params=params, tenant=tenant)
     return views.generation_job(job)
 
 
-def _load(job_id: str) -> Job | None:
+def _load(tenant: str, job_id: str) -> Job | None:
     with get_sessionmaker()() as session:
-        job = session.get(Job, job_id)
-        return job if job is not None and job.kind == "generate" else None
+        return owned.job(session, tenant, job_id, kind="generate")
 
 
 @router.get("/{job_id}", response_model=GenerationJob)
@@ -45,18 +47,19 @@ async def get_generation(
     job_id: str,
     request: Request,
     settings: SettingsDep,
+    tenant: TenantDep,
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal status (capped).")] = 0,
 ) -> GenerationJob:
     """The job's status and, once it succeeded, its outputs; ?wait=S returns as soon as it is done."""
-    job = await run_in_threadpool(_load, job_id)
+    job = await run_in_threadpool(_load, tenant, job_id)
     if job is None:
         raise JobNotFound(f"generation job {job_id!r} not found")
-    if wait > 0 and not job_states.is_terminal(job.status):
+    if wait > 0 and not statuses.is_terminal(job.status):
 
         async def finished() -> bool:
             nonlocal job
-            job = await run_in_threadpool(_load, job_id)
-            return job is not None and job_states.is_terminal(job.status)
+            job = await run_in_threadpool(_load, tenant, job_id)
+            return job is not None and statuses.is_terminal(job.status)
 
         await request.app.state.finished_jobs.wait(job_id, min(wait, settings.max_wait_seconds), finished)
         assert job is not None
@@ -64,10 +67,10 @@ async def get_generation(
 
 
 @router.post("/{job_id}/cancel", response_model=GenerationJob)
-def cancel_generation(job_id: str, session: SessionDep) -> GenerationJob:
+def cancel_generation(job_id: str, session: SessionDep, tenant: TenantDep) -> GenerationJob:
     """Cancels a queued job; a running batch finishes, since one generate call cannot be split."""
-    job = session.get(Job, job_id)
-    if job is None or job.kind != "generate":
+    job = owned.job(session, tenant, job_id, kind="generate")
+    if job is None:
         raise JobNotFound(f"generation job {job_id!r} not found")
     cancelled = job_states.cancel(session, job_id)
     assert cancelled is not None

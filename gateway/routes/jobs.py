@@ -7,12 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import and_, or_, select
 
-from gateway import views
+from gateway import owned, views
+from gateway.auth import TenantDep
 from gateway.deps import SessionDep
 from gateway.errors import JobNotFound
-from shared.job_states import JobStatus
 from shared.models import Job
 from shared.schemas import JobKind, JobList, JobSummary
+from shared.statuses import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -20,19 +21,20 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 @router.get("", response_model=JobList)
 def list_jobs(
     session: SessionDep,
+    tenant: TenantDep,
     kind: JobKind | None = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[str | None, Query(description="Id of the last job of the previous page.")] = None,
 ) -> JobList:
     """Jobs newest first, a page at a time, optionally of one kind and status."""
-    query = select(Job).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    query = select(Job).where(Job.tenant == tenant).order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     if kind is not None:
         query = query.where(Job.kind == kind)
     if status is not None:
         query = query.where(Job.status == status)
     if after is not None:
-        cursor = session.get(Job, after)
+        cursor = owned.job(session, tenant, after)
         if cursor is None:
             raise JobNotFound(f"job {after!r} not found (after)")
         query = query.where(
@@ -46,9 +48,9 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobSummary)
-def get_job(job_id: str, session: SessionDep) -> JobSummary:
+def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobSummary:
     """One job of any kind."""
-    job = session.get(Job, job_id)
+    job = owned.job(session, tenant, job_id)
     if job is None:
         raise JobNotFound(f"job {job_id!r} not found")
     return views.job_summary(job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from gateway.auth import TenantDep
 from gateway.catalog import find_model, list_models
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import ModelNotFound
@@ -13,15 +14,15 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 @router.get("", response_model=ModelList)
-def get_models(session: SessionDep, settings: SettingsDep) -> ModelList:
+def get_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelList:
     """Every model a generation may name: the base model and the fine-tuned ones."""
-    return ModelList(data=list_models(session, settings))
+    return ModelList(data=list_models(session, settings, tenant))
 
 
 @router.get("/{model_id:path}", response_model=ModelObject)
-def get_model(model_id: str, session: SessionDep, settings: SettingsDep) -> ModelObject:
+def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelObject:
     """One model."""
-    model = find_model(session, settings, model_id)
+    model = find_model(session, settings, tenant, model_id)
     if model is None:
         raise ModelNotFound(f"model {model_id!r} does not exist")
     return model

@@ -1,0 +1,324 @@
+"""Fine-tuning throughput: llmq's training path against a seed-style baseline, side by side.
+
+    python bench/train.py [--steps 4] [--warmup 1] [--batch-size 8] [--max-seq-len 512] [--configs ...]
+
+Every configuration trains LoRA (r=16 on c_attn, c_proj, c_fc) on the same 4-bit nf4 base, the full-size
+GPT-2 architecture with random weights (worker.model_factory.build_full_size_gpt2, cached under --cache-dir),
+with the same batch size and sequence limit, on the same Alpaca-shaped data, each in its own process (so each
+peak memory figure is its own), one after another on this machine:
+
+  baseline       seed-style: TRL SFTTrainer on the formatted full text (prompt + response + EOS), padded to a
+                 fixed max length, loss on the whole sequence, no packing; TRL's defaults otherwise
+                 (activation checkpointing on; bf16=False, the one change CPU needs).
+  ours           worker.training.build_trainer as a fine-tuning job runs it: prompt/completion examples with
+                 loss on the response + EOS only, dynamic padding (each batch padded to its longest example),
+                 no activation checkpointing, bf16 autocast where the CPU has it, fp32 LoRA weights.
+  ours+group     the same, batches drawn from length-sorted megabatches (train_sampling_strategy
+                 "group_by_length"), so little padding is left.
+  ours+packing   the same with packing=True (TRL best-fit-decreasing packing, padding-free rows).
+
+Useful tokens are what a fine-tune is for: response tokens (and each response's EOS) that are not padding,
+counted batch by batch from the inputs each step actually ran. All tokens are every position the model ran,
+padding included. The first --warmup steps of each configuration are not timed.
+
+Data: --records synthetic Alpaca-shaped records with Alpaca's length spread (prompt with the Stanford header
+about 70 tokens, responses with a median of about 50 tokens and a long tail, 40% with an input), built
+deterministically from the project's corpus (worker/data/corpus.txt); or --data FILE.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = ("baseline", "ours", "ours+group", "ours+packing")
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["c_attn", "c_proj", "c_fc"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------
+
+
+def synthetic_alpaca(n: int, seed: int) -> list[dict[str, str]]:
+    """n Alpaca-shaped records with Alpaca's length spread, made of spans of the shipped corpus's prose."""
+    text = (ROOT / "worker" / "data" / "corpus.txt").read_text(encoding="utf-8")
+    prose = [p for p in text.split("\n\n\n") if "###" not in p and "{" not in p]
+    words = " ".join(prose).split()
+    rng = random.Random(seed)
+
+    def span(count: int) -> str:
+        start = rng.randrange(0, len(words) - count)
+        return " ".join(words[start : start + count])
+
+    def lognormal(median: float, sigma: float, low: int, high: int) -> int:
+        return max(low, min(high, round(rng.lognormvariate(math.log(median), sigma))))
+
+    records = []
+    for _ in range(n):
+        instruction = span(rng.randint(5, 20)).rstrip(".") + "."
+        given = span(lognormal(14, 0.7, 1, 150)) if rng.random() < 0.4 else ""
+        output = span(lognormal(38, 0.8, 1, 450))
+        records.append({"instruction": instruction[:1].upper() + instruction[1:], "input": given, "output": output})
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One configuration, in a child process
+# ----------------------------------------------------------------------------------------------------------
+
+
+def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Trains warmup + steps steps of one configuration; its measured figures."""
+    warnings.filterwarnings("ignore")
+    import torch
+    from transformers import TrainerCallback
+
+    from shared.fine_tuning import Hyperparameters
+    from worker.alpaca_data import TrainingData, read_jsonl
+    from worker.model_loading import load_base_model
+    from worker.training import build_trainer, keep_4bit_trainable
+
+    records = read_jsonl(data, data.name)
+    loaded = load_base_model(str(model_dir), "main", "nf4", "cpu")
+    keep_4bit_trainable(loaded.model)
+    tokenizer = loaded.tokenizer
+    total_steps = args.warmup + args.steps
+    out_dir = Path(tempfile.mkdtemp(prefix=f"llmq-bench-train-{name.replace('+', '-')}-"))
+
+    if name == "baseline":
+        trainer = _baseline_trainer(loaded, records, args, total_steps, out_dir)
+        useful = _response_lookup(tokenizer, records, args.max_seq_len)
+
+        def count_useful(inputs: dict[str, Any]) -> int:
+            rows = [
+                ids[mask == 1].tolist() for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"], strict=True)
+            ]
+            return sum(useful[tuple(row)] for row in rows)
+
+    else:
+        hp = Hyperparameters(
+            batch_size=args.batch_size,
+            max_seq_len=args.max_seq_len,
+            packing=name == "ours+packing",
+            max_steps=total_steps,
+            save_every_steps=10**6,
+            lora_r=LORA["r"],
+            lora_alpha=LORA["lora_alpha"],
+            lora_dropout=LORA["lora_dropout"],
+            target_modules=LORA["target_modules"],
+        ).resolved()
+        trainer = build_trainer(loaded, TrainingData(train=records, validation=[]), hp, 0, output_dir=out_dir)
+        if name == "ours+group":
+            trainer.args.train_sampling_strategy = "group_by_length"
+
+        def count_useful(inputs: dict[str, Any]) -> int:
+            return int((inputs["labels"] != -100).sum())
+
+    stats = {"useful": 0, "all": 0, "real": 0, "started": 0.0, "ended": 0.0, "timing": False}
+    original_step = trainer.training_step
+
+    def training_step(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
+        if stats["timing"]:
+            stats["useful"] += count_useful(inputs)
+            stats["all"] += inputs["input_ids"].numel()
+            mask = inputs.get("attention_mask")
+            stats["real"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return original_step(model, inputs, num_items_in_batch)
+
+    trainer.training_step = training_step
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == args.warmup:
+                stats["timing"], stats["started"] = True, time.perf_counter()
+
+        def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == total_steps:
+                stats["timing"], stats["ended"] = False, time.perf_counter()
+
+    trainer.add_callback(Timer())
+    trainer.train()
+    wall = stats["ended"] - stats["started"]
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return {
+        "config": name,
+        "steps": args.steps,
+        "wall_s": wall,
+        "useful_tokens": stats["useful"],
+        "all_tokens": stats["all"],
+        "real_tokens": stats["real"],
+        "useful_tps": stats["useful"] / wall,
+        "all_tps": stats["all"] / wall,
+        "peak_mb": peak_mb,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _baseline_trainer(
+    loaded: Any, records: list[dict[str, str]], args: argparse.Namespace, steps: int, out: Path
+) -> Any:
+    """Seed-style: TRL SFTTrainer on full text, fixed-length padding, whole-sequence loss, TRL defaults."""
+    from datasets import Dataset
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from trl import SFTConfig, SFTTrainer
+
+    from worker.alpaca_data import to_examples
+
+    model = prepare_model_for_kbit_training(loaded.model)  # its default: activation checkpointing on
+    texts = [{"text": e["prompt"] + e["completion"]} for e in to_examples(records)]
+    config = SFTConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=args.batch_size,
+        max_length=args.max_seq_len,
+        pad_to_multiple_of=args.max_seq_len,  # every row padded to the fixed max length
+        packing=False,
+        bf16=False,  # SFTConfig's bf16 default fails on CPU
+        learning_rate=2e-4,
+        max_steps=steps,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+    )
+    return SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=Dataset.from_list(texts),
+        processing_class=loaded.tokenizer,
+        peft_config=LoraConfig(**LORA, fan_in_fan_out=True, task_type="CAUSAL_LM"),
+    )
+
+
+def _response_lookup(tokenizer: Any, records: list[dict[str, str]], max_len: int) -> dict[tuple[int, ...], int]:
+    """Full token sequence (as the baseline trains it, truncated) -> response tokens + EOS within it."""
+    from worker.alpaca_data import to_examples
+
+    lookup = {}
+    for example in to_examples(records):
+        full = tokenizer(example["prompt"] + example["completion"] + tokenizer.eos_token)["input_ids"][:max_len]
+        prompt = len(tokenizer(example["prompt"])["input_ids"])
+        lookup[tuple(full)] = max(0, len(full) - prompt)
+    return lookup
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------
+
+
+def describe_data(model_dir: Path, data: Path) -> str:
+    from transformers import AutoTokenizer
+
+    from worker.alpaca_data import read_jsonl, to_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = to_examples(read_jsonl(data, data.name))
+    prompts = [len(tokenizer(e["prompt"])["input_ids"]) for e in examples]
+    responses = [len(tokenizer(e["completion"])["input_ids"]) + 1 for e in examples]
+    totals = [p + r for p, r in zip(prompts, responses, strict=True)]
+
+    def spread(values: list[int]) -> str:
+        p95 = statistics.quantiles(values, n=20)[-1]
+        mean, median = statistics.mean(values), statistics.median(values)
+        return f"mean {mean:.0f}, median {median:.0f}, p95 {p95:.0f}, max {max(values)}"
+
+    return (
+        f"{len(examples)} records; tokens per example: prompt {spread(prompts)}; response+EOS {spread(responses)}; "
+        f"total {spread(totals)}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/train.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--records", type=int, default=2000, help="synthetic records (unless --data)")
+    parser.add_argument("--data", type=Path, help="a JSONL of Alpaca records instead of synthetic ones")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "llmq-bench-cache")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        print("RESULT " + json.dumps(run_config(args.child, args.model_dir, args.data, args)), flush=True)
+        return 0
+
+    from worker.model_factory import build_full_size_gpt2
+
+    model_dir = build_full_size_gpt2(args.cache_dir / "gpt2-full-size")
+    data = args.data
+    if data is None:
+        data = args.cache_dir / f"alpaca-synthetic-{args.records}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_alpaca(args.records, seed=0)))
+    print(f"model: GPT-2 124M architecture, random weights, nf4 + LoRA r={LORA['r']}, {os.cpu_count()} CPUs")
+    print(f"data: {describe_data(model_dir, data)}")
+    print(
+        f"batch {args.batch_size}, max_seq_len {args.max_seq_len}, {args.warmup} warm-up + {args.steps} timed steps\n"
+    )
+
+    results = []
+    for name in args.configs:
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            name,
+            "--model-dir",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-seq-len",
+            str(args.max_seq_len),
+        ]
+        started = time.perf_counter()
+        done = subprocess.run(
+            command, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+        )
+        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+        if done.returncode != 0 or not lines:
+            print(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(lines[-1][len("RESULT ") :]))
+        print(f"  {name}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+
+    base = next((r for r in results if r["config"] == "baseline"), None)
+    print("| config | steps | wall s | useful tokens/s | all tokens/s | padding % | peak MB | useful vs baseline |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        padding = 100 * (1 - r["real_tokens"] / r["all_tokens"]) if r["all_tokens"] else 0.0
+        ratio = f"{r['useful_tps'] / base['useful_tps']:.2f}x" if base else "-"
+        print(
+            f"| {r['config']} | {r['steps']} | {r['wall_s']:.1f} | {r['useful_tps']:.0f} | {r['all_tps']:.0f} "
+            f"| {padding:.0f} | {r['peak_mb']:.0f} | {ratio} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
