@@ -15,7 +15,7 @@ from rich.console import Console
 
 from cli import api_commands, keys
 from cli.api_commands import Connection
-from cli.exit_codes import FAILED, USAGE, OneLineErrors
+from cli.exit_codes import FAILED, USAGE, CliError, OneLineErrors
 from cli.processes import Children, gateway_command, wait_ready, worker_command
 from client import DEFAULT_URL
 from shared.settings import get_settings
@@ -79,8 +79,26 @@ def serve(
 ) -> None:
     """Run the gateway."""
     settings = get_settings()
-    command = gateway_command(host or settings.api_host, port or settings.api_port)
+    host = host or settings.api_host
+    _refuse_open_without_keys(host, settings.require_api_keys)
+    command = gateway_command(host, port or settings.api_port)
     os.execv(command[0], command)
+
+
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+def _refuse_open_without_keys(host: str, require_api_keys: bool) -> None:
+    """Without API keys the gateway may listen on this machine only; says so either way."""
+    if require_api_keys:
+        return
+    if host not in LOCAL_HOSTS and not host.startswith("127."):
+        raise CliError(
+            f"refusing to listen on {host} without API keys: set LLMQ_REQUIRE_API_KEYS=true "
+            "(and create keys with `llmq keys create`) or bind to 127.0.0.1",
+            USAGE,
+        )
+    console.print(f"[yellow]API keys are not required: listening on {host} only (LLMQ_REQUIRE_API_KEYS=false)[/]")
 
 
 @app.command()
@@ -98,6 +116,7 @@ def up() -> None:
     from shared.migrate import upgrade
 
     settings = get_settings()
+    _refuse_open_without_keys(settings.api_host, settings.require_api_keys)
     upgrade()
     base_url = f"http://{settings.api_host}:{settings.api_port}"
     children = Children(env=dict(os.environ), log_dir=settings.data_dir / "logs")

@@ -396,3 +396,8 @@ def test_ci_test_job_runs_scripts_test_and_always_uploads_artifacts(workflow: di
 def test_ci_test_command_exists_and_is_executable() -> None:
     script = REPO / "scripts" / "test"
     assert script.is_file() and os.access(script, os.X_OK), "scripts/test is missing or not executable"
+
+
+def test_compose_gateway_requires_api_keys() -> None:
+    compose = _load_yaml(REPO / "docker-compose.yml")
+    assert compose["services"]["gateway"]["environment"]["LLMQ_REQUIRE_API_KEYS"] == "true"
