@@ -1,6 +1,6 @@
 """Fine-tuning throughput: llmq's training path against a seed-style baseline, side by side.
 
-    python bench/train.py [--steps 4] [--warmup 1] [--batch-size 8] [--max-seq-len 512] [--configs ...]
+    python bench/train.py [--steps 3] [--warmup 1] [--batch-size 8] [--max-seq-len 256] [--configs ...]
 
 Every configuration trains LoRA (r=16 on c_attn, c_proj, c_fc) on the same 4-bit nf4 base, the full-size
 GPT-2 architecture with random weights (worker.model_factory.build_full_size_gpt2, cached under --cache-dir),
@@ -10,12 +10,13 @@ peak memory figure is its own), one after another on this machine:
   baseline       seed-style: TRL SFTTrainer on the formatted full text (prompt + response + EOS), padded to a
                  fixed max length, loss on the whole sequence, no packing; TRL's defaults otherwise
                  (activation checkpointing on; bf16=False, the one change CPU needs).
-  ours           worker.training.build_trainer as a fine-tuning job runs it: prompt/completion examples with
-                 loss on the response + EOS only, dynamic padding (each batch padded to its longest example),
-                 no activation checkpointing, bf16 autocast where the CPU has it, fp32 LoRA weights.
-  ours+group     the same, batches drawn from length-sorted megabatches (train_sampling_strategy
-                 "group_by_length"), so little padding is left.
-  ours+packing   the same with packing=True (TRL best-fit-decreasing packing, padding-free rows).
+  ours           worker.training.build_trainer as a fine-tuning job runs it (default hyperparameters):
+                 prompt/completion examples with loss on the response + EOS only, dynamic padding (each batch
+                 padded to its longest example) with batches drawn from length-sorted megabatches, no
+                 activation checkpointing, bf16 autocast where the CPU has it, fp32 LoRA weights.
+  ours/random    the same with plain random batches (dynamic padding alone).
+  ours+packing   the same with packing=True (TRL best-fit-decreasing packing, padding-free rows, about
+                 batch-size examples per step).
 
 Useful tokens are what a fine-tune is for: response tokens (and each response's EOS) that are not padding,
 counted batch by batch from the inputs each step actually ran. All tokens are every position the model ran,
@@ -46,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("baseline", "ours", "ours+group", "ours+packing")
+CONFIGS = ("baseline", "ours", "ours/random", "ours+packing")
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["c_attn", "c_proj", "c_fc"]}
 
 
@@ -99,7 +100,7 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
     keep_4bit_trainable(loaded.model)
     tokenizer = loaded.tokenizer
     total_steps = args.warmup + args.steps
-    out_dir = Path(tempfile.mkdtemp(prefix=f"llmq-bench-train-{name.replace('+', '-')}-"))
+    out_dir = Path(tempfile.mkdtemp(prefix="llmq-bench-train-"))
 
     if name == "baseline":
         trainer = _baseline_trainer(loaded, records, args, total_steps, out_dir)
@@ -124,13 +125,13 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
             target_modules=LORA["target_modules"],
         ).resolved()
         trainer = build_trainer(loaded, TrainingData(train=records, validation=[]), hp, 0, output_dir=out_dir)
-        if name == "ours+group":
-            trainer.args.train_sampling_strategy = "group_by_length"
+        if name == "ours/random":
+            trainer.args.train_sampling_strategy = "random"
 
         def count_useful(inputs: dict[str, Any]) -> int:
             return int((inputs["labels"] != -100).sum())
 
-    stats = {"useful": 0, "all": 0, "real": 0, "started": 0.0, "ended": 0.0, "timing": False}
+    stats: dict[str, Any] = {"useful": 0, "all": 0, "real": 0, "timing": False}
     original_step = trainer.training_step
 
     def training_step(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
@@ -146,15 +147,18 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
     class Timer(TrainerCallback):
         def on_step_begin(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == args.warmup:
-                stats["timing"], stats["started"] = True, time.perf_counter()
+                stats.update(timing=True, started=time.perf_counter(), cpu_started=time.process_time())
+                stats["load_started"] = os.getloadavg()[0]
 
         def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == total_steps:
-                stats["timing"], stats["ended"] = False, time.perf_counter()
+                stats.update(timing=False, ended=time.perf_counter(), cpu_ended=time.process_time())
+                stats["load_ended"] = os.getloadavg()[0]
 
     trainer.add_callback(Timer())
     trainer.train()
     wall = stats["ended"] - stats["started"]
+    cpu = stats["cpu_ended"] - stats["cpu_started"]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     return {
         "config": name,
@@ -165,6 +169,9 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
         "real_tokens": stats["real"],
         "useful_tps": stats["useful"] / wall,
         "all_tps": stats["all"] / wall,
+        "cpu_s": cpu,
+        "useful_per_cpu_s": stats["useful"] / cpu,
+        "load": (stats["load_started"] + stats["load_ended"]) / 2,
         "peak_mb": peak_mb,
         "threads": torch.get_num_threads(),
     }
@@ -247,10 +254,10 @@ def describe_data(model_dir: Path, data: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/train.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps per configuration")
+    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--records", type=int, default=2000, help="synthetic records (unless --data)")
     parser.add_argument("--data", type=Path, help="a JSONL of Alpaca records instead of synthetic ones")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
@@ -308,15 +315,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
     base = next((r for r in results if r["config"] == "baseline"), None)
-    print("| config | steps | wall s | useful tokens/s | all tokens/s | padding % | peak MB | useful vs baseline |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| config | steps | wall s | useful tokens/s | all tokens/s | padding % | peak MB | useful vs baseline "
+        "| useful tokens/CPU-s | vs baseline (CPU) | load avg |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         padding = 100 * (1 - r["real_tokens"] / r["all_tokens"]) if r["all_tokens"] else 0.0
         ratio = f"{r['useful_tps'] / base['useful_tps']:.2f}x" if base else "-"
+        cpu_ratio = f"{r['useful_per_cpu_s'] / base['useful_per_cpu_s']:.2f}x" if base else "-"
         print(
             f"| {r['config']} | {r['steps']} | {r['wall_s']:.1f} | {r['useful_tps']:.0f} | {r['all_tps']:.0f} "
-            f"| {padding:.0f} | {r['peak_mb']:.0f} | {ratio} |"
+            f"| {padding:.0f} | {r['peak_mb']:.0f} | {ratio} | {r['useful_per_cpu_s']:.0f} | {cpu_ratio} "
+            f"| {r['load']:.1f} |"
         )
+    print(
+        "\nuseful = response + EOS tokens trained on; all = every position run, padding included; "
+        "CPU-s = this process's CPU time (all threads), steadier than wall time when other work shares the CPUs; "
+        "load avg = 1-minute load average during the timed steps."
+    )
     return 0
 
 

@@ -16,11 +16,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def gateway_command(host: str, port: int) -> list[str]:
-    """The command line of a gateway process."""
+def gateway_command(host: str, port: int, workers: int = 1) -> list[str]:
+    """The command line of a gateway process (workers > 1: that many processes on one port)."""
     return [
         sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
         "--host", host, "--port", str(port), "--log-level", "warning", "--no-access-log",
+        "--workers", str(workers),
     ]  # fmt: skip
 
 

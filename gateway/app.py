@@ -13,9 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway import errors
 from gateway.body_limit import BodyLimit
-from gateway.routes import completions, files, fine_tuning, generations, health, jobs, models
+from gateway.log_context import JobLogContext
+from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models
+from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
 from shared.db import get_sessionmaker
+from shared.logging import configure_logging
 from shared.notify import redis_url
 from shared.reaper import reap_once
 from shared.settings import Settings, get_settings
@@ -60,12 +63,13 @@ async def _reaper_loop(settings: Settings) -> None:
 
 def create_app() -> FastAPI:
     """The gateway application."""
-    logging.basicConfig(level=logging.INFO)
     settings = get_settings()
+    configure_logging(settings.log_format)
     app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan)
     errors.install(app)
     # One megabyte of multipart framing on top of the largest file accepted.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)
+    app.add_middleware(JobLogContext)
     app.include_router(health.router)
     app.include_router(generations.router)
     app.include_router(completions.router)
@@ -73,4 +77,6 @@ def create_app() -> FastAPI:
     app.include_router(files.router)
     app.include_router(fine_tuning.router)
     app.include_router(models.router)
+    app.include_router(metrics.router)
+    app.include_router(ui.router)
     return app

@@ -6,11 +6,18 @@ Bodies carry a short stable `detail` (what tests assert) and an OpenAI-style `er
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
+from starlette.exceptions import HTTPException
+
+from shared.schemas import ErrorResponse, ValidationErrorResponse
 
 
 class ApiError(Exception):
@@ -70,9 +77,63 @@ class Unavailable(ApiError):
     type = "server_error"
 
 
+# What each error status means, for the OpenAPI schema (`responses=` of routers and routes).
+_MEANINGS = {
+    400: "Malformed body (not UTF-8 JSON, or a broken multipart form); for a completion also a prompt that does "
+    "not fit the model.",
+    401: "Missing or invalid API key (when keys are required).",
+    404: "No such resource for this tenant.",
+    413: "Request body over the configured limit.",
+    422: "Invalid request: `detail` lists every problem, `error.param` names the first field at fault.",
+    429: "Over the per-key rate limit or the tenant's active-job quota; see Retry-After.",
+    500: "The job failed in the worker (completions answer with the job's error).",
+    503: "The database is unavailable; see Retry-After.",
+    504: "The job did not finish in time (it is cancelled if still queued).",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` of these error statuses, each with the body it carries."""
+    return {
+        status: {"model": ValidationErrorResponse if status == 422 else ErrorResponse, "description": _MEANINGS[status]}
+        for status in statuses
+    }
+
+
+# Every /v1 route: keys, the body limit, validation, rate limit and quota, the database.
+V1_ERRORS = documented(401, 413, 422, 429, 503)
+# Routes that read a body: one that cannot be parsed answers 400.
+BODY_ERRORS = documented(400)
+
+
 def error_body(status_code: int, code: str, message: str, type_: str) -> dict[str, object]:
     """The JSON body of an error answer."""
     return {"detail": message, "error": {"message": message, "type": type_, "code": code}}
+
+
+def _json_safe(value: Any) -> Any:
+    """value with every non-finite float as text: Python's JSON reads NaN, Infinity and 1e400, which then come
+    back as the `input` of a validation error, and a JSON answer cannot hold them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def _validation_answer(issues: Sequence[Any], echo_inputs: bool) -> JSONResponse:
+    """The 422 answer: every issue in `detail`, the first as the OpenAI-style `error` naming its field."""
+    if not echo_inputs:
+        issues = [{k: v for k, v in issue.items() if k != "input"} for issue in issues]
+    errors = _json_safe(jsonable_encoder(issues))
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(part) for part in first["loc"])
+    message = f"{where}: {first['msg']}" if where else str(first["msg"])
+    body = {"detail": errors, "error": {"message": message, "type": "invalid_request_error",
+                                        "code": "invalid_request", "param": where or None}}  # fmt: skip
+    return JSONResponse(body, status_code=422)
 
 
 def install(app: FastAPI) -> None:
@@ -85,13 +146,24 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = jsonable_encoder(exc.errors())
-        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-        where = ".".join(str(part) for part in first["loc"])
-        message = f"{where}: {first['msg']}" if where else str(first["msg"])
-        body = {"detail": errors, "error": {"message": message, "type": "invalid_request_error",
-                                            "code": "invalid_request", "param": where or None}}  # fmt: skip
-        return JSONResponse(body, status_code=422)
+        try:
+            return _validation_answer(exc.errors(), echo_inputs=True)
+        except RecursionError:  # an input nested hundreds deep: answer without echoing inputs
+            return _validation_answer(exc.errors(), echo_inputs=False)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        # Starlette's and FastAPI's own answers (unparsable body, unknown path, wrong method) in our shape.
+        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
+        return JSONResponse(error_body(exc.status_code, code, message, type_), exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_request: Request, _exc: DataError) -> JSONResponse:
+        # Postgres refuses some values outright (a NUL character in a text value): the request is at fault.
+        message = "request holds a value the database cannot store (such as a NUL character)"
+        return JSONResponse(error_body(422, "invalid_request", message, "invalid_request_error"), status_code=422)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:

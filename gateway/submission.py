@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from gateway.errors import RateLimited
 from shared import job_states
-from shared.celery_app import enqueue
+from shared.celery_app import enqueue_after_commit
 from shared.models import Job
 from shared.settings import Settings
 from shared.statuses import JobStatus
@@ -43,11 +43,14 @@ def check_quota(session: Session, settings: Settings, tenant: str) -> None:
     """429 when the tenant already has max_active_jobs_per_tenant jobs queued or running."""
     if settings.max_active_jobs_per_tenant == 0:
         return
-    active = session.scalar(
-        select(func.count())
-        .select_from(Job)
+    # Counts at most up to the quota: a tenant far over it costs no more than one at it.
+    active_jobs = (
+        select(Job.id)
         .where(Job.tenant == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .limit(settings.max_active_jobs_per_tenant)
+        .subquery()
     )
+    active = session.scalar(select(func.count()).select_from(active_jobs))
     if (active or 0) >= settings.max_active_jobs_per_tenant:
         raise RateLimited(
             f"{active} jobs queued or running; at most {settings.max_active_jobs_per_tenant} at once", retry_after=5
@@ -77,5 +80,5 @@ def submit(
         job_id=job_id,
     )
     session.commit()
-    enqueue("generate", job.id)
+    enqueue_after_commit("generate", job.id)
     return job

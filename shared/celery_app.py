@@ -5,12 +5,15 @@ The gateway publishes by task name (it never imports worker code); worker.app re
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 from celery import Celery
 
 from shared import file_broker
 from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
 
 QUEUES = {"generate": "generate", "train": "train"}
 TASKS = {"generate": "llmq.generate", "train": "llmq.train"}
@@ -20,7 +23,12 @@ def make_celery(settings: Settings) -> Celery:
     """A Celery app configured from settings."""
     file_broker.register()
     app = Celery("llmq", broker=settings.resolved_broker_url, set_as_current=False)
-    transport_options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout}
+    transport_options: dict[str, object] = {
+        "visibility_timeout": settings.broker_visibility_timeout,
+        # A broker that is down fails a publish in seconds, not minutes (the reaper re-sends later).
+        "socket_connect_timeout": 2,
+        "socket_timeout": 5,
+    }
     if settings.broker_url is None:
         folder = settings.broker_dir
         for sub in ("queue", "processed", "control"):
@@ -44,6 +52,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=QUEUES["generate"],
         broker_transport_options=transport_options,
         broker_connection_retry_on_startup=True,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.5},
         worker_hijack_root_logger=False,
         worker_enable_remote_control=settings.broker_url is not None,
         worker_send_task_events=False,
@@ -60,3 +69,17 @@ def get_celery() -> Celery:
 def enqueue(kind: str, job_id: str) -> None:
     """Publishes the message for a committed job: its id, nothing else."""
     get_celery().send_task(TASKS[kind], args=[job_id], queue=QUEUES[kind])
+
+
+def enqueue_after_commit(kind: str, job_id: str) -> bool:
+    """enqueue, for a job whose row is already committed: a broker failure is logged, not raised.
+
+    The job exists and stays queued; the reaper re-sends its message once the broker is back. Raising
+    here would tell the client the job failed, and a client that retries would get it twice.
+    """
+    try:
+        enqueue(kind, job_id)
+        return True
+    except Exception as exc:
+        log.warning("could not publish %s (queued; the reaper will re-send it): %s", job_id, exc)
+        return False

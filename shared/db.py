@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import get_settings
@@ -27,7 +29,39 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(
+        url,
+        # No fewer pooled connections than the gateway's worker threads (anyio runs blocking handlers on up to
+        # 40): with fewer, every request past the pool opens and closes a Postgres connection (a backend fork).
+        pool_size=40,
+        max_overflow=10,
+        pool_use_lifo=True,  # the same few connections stay hot; the rest idle, and are pinged before reuse
+    )
+    _ping_when_idle(engine)
+    return engine
+
+
+IDLE_PING_SECONDS = 2.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Pings a pooled connection before reuse when it has been idle, instead of on every checkout
+    (pool_pre_ping: one more round trip per request). A connection in steady use that the server dropped
+    fails its request (503) and SQLAlchemy then replaces every pooled connection."""
+
+    @event.listens_for(engine, "connect")
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        if time.monotonic() - record.info.get("checked_in", 0.0) < IDLE_PING_SECONDS:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise DisconnectionError from exc  # the pool discards it and checks out another (or connects)
 
 
 @lru_cache
@@ -43,6 +77,17 @@ def get_engine() -> Engine:
 def get_sessionmaker() -> sessionmaker[Session]:
     """The process-wide session factory."""
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
+
+
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    """Sessions for reads that need no transaction: autocommit, so one read is one round trip (no BEGIN and
+    ROLLBACK around it). Same engine and pool as get_sessionmaker."""
+    return _read_sessionmaker(get_engine())
+
+
+@lru_cache(maxsize=1)
+def _read_sessionmaker(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(bind=engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
 
 
 @contextmanager

@@ -241,7 +241,11 @@ def add_event(
     guarded = select(*[literal(v, type_=JobEvent.__table__.c[k].type) for k, v in values.items()]).where(
         exists().where(_holds(claim))
     )
-    done = session.execute(insert(JobEvent).from_select(columns, guarded))
+    # preserve_rowcount: SQLAlchemy keeps rowcount of UPDATE and DELETE only; without it an INSERT's result
+    # is closed first and psycopg reports -1, so on Postgres every event looked like a lost claim.
+    done = session.execute(
+        insert(JobEvent).from_select(columns, guarded), execution_options={"preserve_rowcount": True}
+    )
     session.commit()
     return done.rowcount == 1  # type: ignore[attr-defined]
 

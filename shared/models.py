@@ -73,6 +73,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_claim", "kind", "status", "base_model", "created_at"),
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),  # the per-tenant quota count
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),  # the reaper's scan
     )
 

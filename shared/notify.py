@@ -36,13 +36,13 @@ def stream_channel(job_id: str) -> str:
     return f"llmq:stream:{job_id}"
 
 
-def publish_deltas(job_id: str, deltas: dict[int, str]) -> None:
+def publish_deltas(job_id: str, attempt: int, deltas: dict[int, str]) -> None:
     """Sends new text of a streaming job's outputs (output index -> text to append), best effort."""
     url = redis_url()
     if url is None or not deltas:
         return
     try:
-        _client(url).publish(stream_channel(job_id), json.dumps(deltas))
+        _client(url).publish(stream_channel(job_id), json.dumps({"attempt": attempt, "deltas": deltas}))
     except redis.RedisError as exc:
         log.warning("could not publish stream delta: %s", exc)
 

@@ -18,6 +18,38 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+# --- Error answers (every status the API answers on purpose, documented in the OpenAPI schema) ---
+
+
+class ApiErrorObject(BaseModel):
+    """The OpenAI-style error object SDKs read."""
+
+    message: str
+    type: str
+    code: str
+    param: str | None = Field(None, description="The request field at fault (validation errors).")
+
+
+class ErrorResponse(BaseModel):
+    """An error answer: a short stable `detail` and the OpenAI-style `error`."""
+
+    detail: str
+    error: ApiErrorObject
+
+
+class ValidationIssue(BaseModel):
+    loc: list[str | int] = Field(description='Where the problem is, e.g. ["body", "prompts", 1].')
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """A 422: every problem found (an uploaded file's first bad record as text), the first as `error`."""
+
+    detail: list[ValidationIssue] | str
+    error: ApiErrorObject
+
+
 class GenerationRequest(BaseModel):
     """POST /v1/generations: one or more prompts run on one model with one set of sampling settings."""
 

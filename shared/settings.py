@@ -105,6 +105,25 @@ class Settings(BaseSettings):
         description="Base models jobs may name (JSON list); empty means only base_model.",
     )
 
+    log_format: Literal["json", "text"] = Field(
+        "json",
+        description="Log lines of gateway and workers: json (one object per line with time, level, logger, "
+        "message and the job id) or text.",
+    )
+    metrics_window_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="GET /metrics: the histograms, token and per-model figures cover jobs finished this recently.",
+    )
+    metrics_window_jobs: int = Field(
+        10_000, ge=1, description="GET /metrics: at most this many of the most recently finished jobs are read."
+    )
+    metrics_token: str | None = Field(
+        None,
+        description="When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (it names models and "
+        "jobs of every tenant); unset means open, for a scraper on a private network.",
+    )
+
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
 

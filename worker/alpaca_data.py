@@ -115,7 +115,8 @@ def load_hub(spec: HubDataset, seed: int) -> tuple[list[Record], dict[str, Any]]
     except (ConnectionError, TimeoutError) as exc:
         # datasets raises ConnectionError("Couldn't reach ... on the Hub (...)") offline and when the hub is down.
         raise DatasetUnavailable(
-            f"the Hugging Face Hub is unreachable: could not load dataset {spec.name!r} (split {spec.split!r})"
+            f"the Hugging Face hub is unreachable: could not load dataset {spec.name!r} (split {spec.split!r}); "
+            "upload a training file instead"
         ) from exc
     except Exception as exc:  # DatasetNotFoundError, a bad split name, ...
         message = " ".join(str(exc).split())[:300]

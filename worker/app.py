@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from contextvars import Token
 from functools import lru_cache
 
-from celery.signals import worker_ready
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_ready
 
-from shared.celery_app import get_celery
+from shared.celery_app import TASKS, get_celery
+from shared.logging import bind_job, configure_logging, unbind_job
 from shared.settings import get_settings
 from worker.serving import ModelHolder
 
@@ -19,6 +21,30 @@ log = logging.getLogger(__name__)
 def generate_models() -> ModelHolder:
     """This process's base model holder (the model itself loads on first use)."""
     return ModelHolder(get_settings())
+
+
+@setup_logging.connect
+def _logging(loglevel: int | str | None = None, **_kwargs: object) -> None:
+    # Connected, this replaces Celery's own logging setup: the worker logs like the gateway (LLMQ_LOG_FORMAT).
+    configure_logging(get_settings().log_format, loglevel or logging.INFO)
+
+
+_bound: dict[str, Token[tuple[str, ...]]] = {}  # task id -> what to reset when it ends
+
+
+@task_prerun.connect
+def _bind_job(task_id: str, task: object, args: tuple[object, ...] = (), **_kwargs: object) -> None:
+    # A fine-tune task is one job: every line it logs carries the job id. (A generate task serves a batch,
+    # whichever jobs are waiting; worker/serving.py names the batch's jobs on its lines instead.)
+    if getattr(task, "name", None) == TASKS["train"] and args:
+        _bound[task_id] = bind_job(str(args[0]))
+
+
+@task_postrun.connect
+def _unbind_job(task_id: str, **_kwargs: object) -> None:
+    token = _bound.pop(task_id, None)
+    if token is not None:
+        unbind_job(token)
 
 
 @worker_ready.connect

@@ -289,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out_dir", type=Path, help="directory to build into (reused if already built)")
     kind = parser.add_mutually_exclusive_group()
-    kind.add_argument(
-        "--tiny", action="store_const", const="tiny", dest="kind", help="2 layers x 128 wide (default)"
-    )
+    kind.add_argument("--tiny", action="store_const", const="tiny", dest="kind", help="2 layers x 128 wide (default)")
     kind.add_argument(
         "--full-size", action="store_const", const="full-size", dest="kind", help="GPT-2 124M architecture"
     )

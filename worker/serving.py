@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 from shared import artifacts, job_states
 from shared.db import get_sessionmaker
 from shared.job_states import Claim
+from shared.logging import job_context
 from shared.models import FineTunedModel, Job
 from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
@@ -29,6 +31,12 @@ from worker.streaming import DeltaPublisher, StreamRow
 log = logging.getLogger(__name__)
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+# Fault injection for the chaos tests (tests/chaos): a worker that claims a job with a prompt exactly equal
+# to this value SIGKILLs itself before generating, as a job that crashes its worker (a native-code fault,
+# the kernel's OOM killer) would. Read once at import, from the environment only (deliberately not a
+# setting); unset, as it always is in production, it costs one comparison per batch.
+FAULT_KILL_ON_PROMPT = os.environ.get("LLMQ_FAULT_KILL_ON_PROMPT") or None
 
 
 @lru_cache
@@ -132,25 +140,47 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
         )
         if not claims:
             return []
+        # One line per claim and one per write-back: the audit trail the chaos tests read to prove that a
+        # job, however often it ran, had its outcome written exactly once.
+        log.info("claimed %d jobs: %s", len(claims), " ".join(f"{c.job_id}@{c.attempt}" for c in claims))
+        _fault_injection(claims)
         started = time.perf_counter()
-        with _leases(settings.lease_seconds).holding(claims):
+        with _leases(settings.lease_seconds).holding(claims), job_context(*(c.job_id for c in claims)):
             outcomes = _run(session, claims, settings, models)
+        written: list[str] = []
         for claim, (result, error) in zip(claims, outcomes, strict=True):
             if error is None:
-                job_states.succeed(session, claim, result or {})
+                ok = job_states.succeed(session, claim, result or {})
             else:
-                job_states.fail(session, claim, *error)
+                ok = job_states.fail(session, claim, *error)
+            if ok:
+                written.append(f"{claim.job_id}@{claim.attempt}:{'succeeded' if error is None else 'failed'}")
+            else:
+                log.warning("outcome of %s@%d dropped: the claim is no longer current", claim.job_id, claim.attempt)
+        if written:
+            log.info("wrote %s", " ".join(written))
     ids = [c.job_id for c in claims]
     publish_finished(ids)
     for claim in claims:
         if claim.job.params.get("stream"):
             publish_stream_end(claim.job_id)
     prompts = sum(len(c.job.params["prompts"]) for c in claims)
-    log.info("batch of %d jobs, %d prompts in %.3f s", len(claims), prompts, time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    log.info("batch of %d jobs, %d prompts in %.3f s", len(claims), prompts, elapsed, extra={"job_ids": ids})
     return ids
 
 
 Outcome = tuple[dict[str, Any] | None, tuple[str, str] | None]
+
+
+def _fault_injection(claims: Sequence[Claim]) -> None:
+    """Kills this process at once (SIGKILL: no cleanup, no ack) if a claimed job carries the fault prompt."""
+    if FAULT_KILL_ON_PROMPT is None:
+        return
+    for claim in claims:
+        if FAULT_KILL_ON_PROMPT in claim.job.params["prompts"]:
+            log.warning("fault injection: %s@%d carries the kill prompt; SIGKILL", claim.job_id, claim.attempt)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, Path | None]:
@@ -199,7 +229,7 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
 
     flat = [request for _, requests in runnable for request in requests]
     stream_rows = [
-        StreamRow(claims[i].job_id, k, r.params.stop) if claims[i].job.params.get("stream") else None
+        StreamRow(claims[i].job_id, claims[i].attempt, k, r.params.stop) if claims[i].job.params.get("stream") else None
         for i, requests in runnable
         for k, r in enumerate(requests)
     ]
@@ -218,6 +248,7 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
 
     position = 0
     for i, requests in runnable:
-        outcomes[i] = (_result(generations[position : position + len(requests)]), None)
+        # batch_size: outputs decoded together (read by GET /metrics for its batch-size histogram)
+        outcomes[i] = (_result(generations[position : position + len(requests)]) | {"batch_size": len(flat)}, None)
         position += len(requests)
     return [o for o in outcomes if o is not None]

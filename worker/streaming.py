@@ -20,6 +20,7 @@ class StreamRow:
     """Where a batch row's text goes: which job, which of its outputs, and its stop strings."""
 
     job_id: str
+    attempt: int
     output_index: int
     stop: tuple[str, ...]
 
@@ -43,13 +44,13 @@ class DeltaPublisher:
         self.sent = [0] * len(rows)  # characters of each row already published
 
     def __call__(self, generated: Sequence[Sequence[int]]) -> None:
-        deltas: dict[str, dict[int, str]] = defaultdict(dict)
+        deltas: dict[tuple[str, int], dict[int, str]] = defaultdict(dict)
         for i, row in enumerate(self.rows):
             if row is None:
                 continue
             text = settled_text(str(self.loaded.tokenizer.decode(list(generated[i]))), row.stop)
             if len(text) > self.sent[i]:
-                deltas[row.job_id][row.output_index] = text[self.sent[i] :]
+                deltas[(row.job_id, row.attempt)][row.output_index] = text[self.sent[i] :]
                 self.sent[i] = len(text)
-        for job_id, job_deltas in deltas.items():
-            publish_deltas(job_id, job_deltas)
+        for (job_id, attempt), job_deltas in deltas.items():
+            publish_deltas(job_id, attempt, job_deltas)

@@ -14,3 +14,12 @@ def generate(job_id: str) -> None:
     A message whose job is no longer queued finds nothing to claim and does nothing.
     """
     serve_waiting_jobs(get_settings(), generate_models())
+
+
+@app.task(name="llmq.train", ignore_result=True)
+def train(job_id: str) -> None:
+    """Runs the fine-tuning job to a terminal state; a message for a job no longer queued does nothing."""
+    # The training stack (TRL, the Trainer) costs seconds to import; generate workers never pay for it.
+    from worker.training import run_fine_tune
+
+    run_fine_tune(job_id, get_settings())

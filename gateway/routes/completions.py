@@ -18,8 +18,8 @@ from gateway import owned
 from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
 from gateway.deps import SettingsDep
-from gateway.errors import ApiError, error_body
-from gateway.submission import check_caps, submit
+from gateway.errors import V1_ERRORS, ApiError, documented, error_body
+from gateway.submission import check_caps, check_quota, submit
 from shared import job_states, statuses
 from shared.db import get_sessionmaker
 from shared.models import Job, new_id
@@ -28,7 +28,7 @@ from shared.prompts import TEMPLATE, apply_template
 from shared.schemas import Completion, CompletionChoice, CompletionRequest, Usage
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["completions"])
+router = APIRouter(prefix="/v1", tags=["completions"], responses=V1_ERRORS)
 
 # A failed job's error code -> HTTP status of the completion answer.
 FAILURE_STATUS = {"context_length_exceeded": 400, "model_not_found": 404}
@@ -76,6 +76,11 @@ def _submit(settings: Settings, tenant: str, prepared: tuple[str, str, dict[str,
         )
 
 
+def _check_quota(settings: Settings, tenant: str) -> None:
+    with get_sessionmaker()() as session:
+        check_quota(session, settings, tenant)
+
+
 def _load(job_id: str) -> Job:
     with get_sessionmaker()() as session:
         job = session.get(Job, job_id)
@@ -113,12 +118,24 @@ def _usage(job: Job) -> Usage:
     return Usage(**(job.result or {})["usage"])
 
 
-@router.post("/completions", response_model=Completion)
+@router.post(
+    "/completions",
+    response_model=Completion,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": "The completion; with stream: true, server-sent events ending in `data: [DONE]`.",
+        },
+        **documented(400, 404, 500, 504),
+    },
+)
 async def create_completion(body: CompletionRequest, request: Request, settings: SettingsDep, tenant: TenantDep) -> Any:
     """Runs a completion as a generation job; answers when it is done, or streams it (stream: true)."""
     job_id = new_id("gen")
     prepared = await run_in_threadpool(_prepare, body, settings, tenant)
     if body.stream:
+        # A 429 must come before the stream's 200; a quota filled meanwhile ends the stream with an error event.
+        await run_in_threadpool(_check_quota, settings, tenant)
         events = _stream(body, prepared, request, settings, tenant, job_id)
         return StreamingResponse(events, media_type="text/event-stream")
     job = await run_in_threadpool(_submit, settings, tenant, prepared, job_id)
@@ -153,6 +170,41 @@ async def _wait(request: Request, job_id: str, timeout: float) -> bool:
     return finished
 
 
+class Relay:
+    """What a stream has sent of each output, across the attempts of a job.
+
+    A job re-run after its worker died streams again from the start; only text beyond what the client
+    already has is passed on, and only while the new attempt agrees with it (greedy or seeded
+    decoding repeats itself).
+    """
+
+    def __init__(self) -> None:
+        self.sent: dict[int, str] = {}  # output index -> text the client has
+        self.attempt = 0
+        self.written: dict[int, str] = {}  # output index -> text of the current attempt so far
+
+    def take(self, attempt: int, deltas: dict[str, str]) -> list[tuple[int, str]]:
+        """The (output index, new text) to send for one message of the worker."""
+        if attempt < self.attempt:
+            return []
+        if attempt > self.attempt:
+            self.attempt, self.written = attempt, {}
+        out = []
+        for index, text in deltas.items():
+            i = int(index)
+            written = self.written[i] = self.written.get(i, "") + text
+            sent = self.sent.get(i, "")
+            if len(written) > len(sent) and written.startswith(sent):
+                out.append((i, written[len(sent) :]))
+                self.sent[i] = written
+        return out
+
+    def rest(self, index: int, final: str) -> str | None:
+        """What the final text adds to what was sent; None when it does not continue it."""
+        sent = self.sent.get(index, "")
+        return final[len(sent) :] if final.startswith(sent) else None
+
+
 def _sse(payload: dict[str, Any] | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
@@ -169,7 +221,7 @@ async def _stream(
     a usage chunk, then [DONE]."""
     redis = request.app.state.redis
     pubsub = redis.pubsub() if redis is not None else None
-    sent: dict[int, int] = {}  # output index -> characters streamed so far
+    relay = Relay()
     created = int(time.time())
     prompts = body.prompt_list()
 
@@ -181,10 +233,13 @@ async def _stream(
     try:
         if pubsub is not None:
             await pubsub.subscribe(stream_channel(job_id))  # before the job exists: no delta is missed
-        await run_in_threadpool(_submit, settings, tenant, prepared, job_id)
+        try:
+            await run_in_threadpool(_submit, settings, tenant, prepared, job_id)
+        except ApiError as exc:
+            yield _sse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
+            return
         if body.echo:
             for i in range(len(prompts) * body.n):
-                sent[i] = 0
                 yield chunk(i, prompts[i // body.n], None)
         deadline = time.monotonic() + settings.completion_timeout_seconds
         while True:
@@ -194,9 +249,7 @@ async def _stream(
                     data = json.loads(message["data"])
                     if data.get("done"):
                         break
-                    for index, text in data.items():
-                        i = int(index)
-                        sent[i] = sent.get(i, 0) + len(text)
+                    for i, text in relay.take(data["attempt"], data["deltas"]):
                         yield chunk(i, text, None)
                     continue
             else:
@@ -214,8 +267,12 @@ async def _stream(
             yield _sse({"error": {"message": error["message"], "type": "server_error", "code": error["code"]}})
             return
         for output in (job.result or {})["outputs"]:
-            i = output["index"]
-            yield chunk(i, output["text"][sent.get(i, 0) :], output["finish_reason"])
+            rest = relay.rest(output["index"], output["text"])
+            if rest is None:
+                message = f"job {job_id} was re-run after a worker failure and wrote different text than was streamed"
+                yield _sse({"error": {"message": message, "type": "server_error", "code": "stream_diverged"}})
+                return
+            yield chunk(output["index"], rest, output["finish_reason"])
         usage = _usage(job).model_dump()
         yield _sse({"id": job_id, "object": "text_completion", "created": created, "model": body.model,
                     "choices": [], "usage": usage})  # fmt: skip

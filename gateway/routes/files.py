@@ -13,13 +13,13 @@ from sqlalchemy import select
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import ApiError, FileNotFound, PayloadTooLarge
+from gateway.errors import BODY_ERRORS, V1_ERRORS, ApiError, FileNotFound, PayloadTooLarge, documented
 from shared import artifacts
 from shared.alpaca import BadRecord, Limits, read_records
 from shared.models import File, new_id, utcnow
 from shared.schemas import FileDeleted, FileList, FileObject
 
-router = APIRouter(prefix="/v1/files", tags=["files"])
+router = APIRouter(prefix="/v1/files", tags=["files"], responses=V1_ERRORS)
 
 CHUNK = 1 << 20
 
@@ -29,7 +29,7 @@ class InvalidFile(ApiError):
     code = "invalid_file"
 
 
-@router.post("", response_model=FileObject)
+@router.post("", response_model=FileObject, responses=BODY_ERRORS)
 async def upload_file(
     file: UploadFile,
     session: SessionDep,
@@ -65,6 +65,8 @@ async def upload_file(
     except BadRecord as exc:
         final.with_suffix(".part").unlink(missing_ok=True)
         raise InvalidFile(f"{file.filename or 'file'}: {exc}") from None
+    except RecursionError:  # json.loads of arrays or objects nested thousands deep
+        raise InvalidFile(f"{file.filename or 'file'}: JSON nested too deeply") from None
     finally:
         upload.unlink(missing_ok=True)
         final.with_suffix(".part").unlink(missing_ok=True)
@@ -93,7 +95,7 @@ def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
     return FileList(data=[views.file_object(f) for f in rows])
 
 
-@router.get("/{file_id}", response_model=FileObject)
+@router.get("/{file_id}", response_model=FileObject, responses=documented(404))
 def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
     """One file's description."""
     row = owned.file(session, tenant, file_id)
@@ -102,7 +104,7 @@ def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject
     return views.file_object(row)
 
 
-@router.delete("/{file_id}", response_model=FileDeleted)
+@router.delete("/{file_id}", response_model=FileDeleted, responses=documented(404))
 def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> FileDeleted:
     """Deletes a file and its stored records (jobs that already used it keep their results)."""
     row = owned.file(session, tenant, file_id)

@@ -13,10 +13,10 @@ from sqlalchemy.orm import Session
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import JobNotFound
+from gateway.errors import BODY_ERRORS, V1_ERRORS, JobNotFound, documented
 from gateway.submission import check_quota
 from shared import job_states, statuses
-from shared.celery_app import enqueue
+from shared.celery_app import enqueue_after_commit
 from shared.fine_tuning import HubDataset
 from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
@@ -28,7 +28,7 @@ from shared.schemas import (
 )
 from shared.settings import Settings
 
-router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"])
+router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
 
 
 def _invalid(field: str, message: str) -> RequestValidationError:
@@ -53,7 +53,7 @@ def _job(session: Session, tenant: str, job_id: str) -> Job:
     return job
 
 
-@router.post("", response_model=FineTuningJob)
+@router.post("", response_model=FineTuningJob, responses=BODY_ERRORS)
 def create_fine_tuning_job(
     body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> FineTuningJob:
@@ -81,11 +81,11 @@ def create_fine_tuning_job(
     )
     job_states.note(session, job, "Created fine-tuning job")
     session.commit()
-    enqueue("train", job.id)
+    enqueue_after_commit("train", job.id)
     return views.fine_tuning_job(job)
 
 
-@router.get("", response_model=FineTuningJobList)
+@router.get("", response_model=FineTuningJobList, responses=documented(404))
 def list_fine_tuning_jobs(
     session: SessionDep,
     tenant: TenantDep,
@@ -106,13 +106,13 @@ def list_fine_tuning_jobs(
     return FineTuningJobList(data=[views.fine_tuning_job(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
 
 
-@router.get("/{job_id}", response_model=FineTuningJob)
+@router.get("/{job_id}", response_model=FineTuningJob, responses=documented(404))
 def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
     """One fine-tuning job, with progress while it runs."""
     return views.fine_tuning_job(_job(session, tenant, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=FineTuningJob)
+@router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=documented(404))
 def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
     """Cancels a job: a queued one at once, a running one after its current step (keeping its checkpoints)."""
     job = _job(session, tenant, job_id)
@@ -123,7 +123,7 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) 
     return views.fine_tuning_job(cancelled)
 
 
-@router.get("/{job_id}/events", response_model=FineTuningEventList)
+@router.get("/{job_id}/events", response_model=FineTuningEventList, responses=documented(404))
 def list_fine_tuning_events(
     job_id: str,
     session: SessionDep,
@@ -140,7 +140,7 @@ def list_fine_tuning_events(
     return FineTuningEventList(data=[views.event(e) for e in events[:limit]], has_more=len(events) > limit)
 
 
-@router.get("/{job_id}/checkpoints", response_model=FineTuningCheckpointList)
+@router.get("/{job_id}/checkpoints", response_model=FineTuningCheckpointList, responses=documented(404))
 def list_fine_tuning_checkpoints(
     job_id: str,
     session: SessionDep,

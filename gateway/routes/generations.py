@@ -12,18 +12,18 @@ from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import JobNotFound
+from gateway.errors import BODY_ERRORS, V1_ERRORS, JobNotFound, documented
 from gateway.submission import check_caps, submit
 from shared import job_states, statuses
-from shared.db import get_sessionmaker
+from shared.db import get_read_sessionmaker
 from shared.models import Job
 from shared.schemas import GenerationJob, GenerationRequest
 
-router = APIRouter(prefix="/v1/generations", tags=["generations"])
+router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=V1_ERRORS)
 log = logging.getLogger(__name__)
 
 
-@router.post("", status_code=202, response_model=GenerationJob)
+@router.post("", status_code=202, response_model=GenerationJob, responses=BODY_ERRORS | documented(404))
 def create_generation(
     body: GenerationRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> GenerationJob:
@@ -38,11 +38,12 @@ def create_generation(
 
 
 def _load(tenant: str, job_id: str) -> Job | None:
-    with get_sessionmaker()() as session:
+    # Autocommit: a poll is one SELECT, not BEGIN + SELECT + ROLLBACK (polls are most of the gateway's traffic).
+    with get_read_sessionmaker()() as session:
         return owned.job(session, tenant, job_id, kind="generate")
 
 
-@router.get("/{job_id}", response_model=GenerationJob)
+@router.get("/{job_id}", response_model=GenerationJob, responses=documented(404))
 async def get_generation(
     job_id: str,
     request: Request,
@@ -66,7 +67,7 @@ async def get_generation(
     return views.generation_job(job)
 
 
-@router.post("/{job_id}/cancel", response_model=GenerationJob)
+@router.post("/{job_id}/cancel", response_model=GenerationJob, responses=documented(404))
 def cancel_generation(job_id: str, session: SessionDep, tenant: TenantDep) -> GenerationJob:
     """Cancels a queued job; a running batch finishes, since one generate call cannot be split."""
     job = owned.job(session, tenant, job_id, kind="generate")

@@ -10,15 +10,15 @@ from sqlalchemy import and_, or_, select
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep
-from gateway.errors import JobNotFound
+from gateway.errors import V1_ERRORS, JobNotFound, documented
 from shared.models import Job
 from shared.schemas import JobKind, JobList, JobSummary
 from shared.statuses import JobStatus
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
 
 
-@router.get("", response_model=JobList)
+@router.get("", response_model=JobList, responses=documented(404))
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
@@ -47,7 +47,7 @@ def list_jobs(
     return JobList(data=[views.job_summary(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
 
 
-@router.get("/{job_id}", response_model=JobSummary)
+@router.get("/{job_id}", response_model=JobSummary, responses=documented(404))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobSummary:
     """One job of any kind."""
     job = owned.job(session, tenant, job_id)

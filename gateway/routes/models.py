@@ -7,10 +7,10 @@ from fastapi import APIRouter
 from gateway.auth import TenantDep
 from gateway.catalog import find_model, list_models
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import ModelNotFound
+from gateway.errors import V1_ERRORS, ModelNotFound, documented
 from shared.schemas import ModelList, ModelObject
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=V1_ERRORS)
 
 
 @router.get("", response_model=ModelList)
@@ -19,7 +19,7 @@ def get_models(session: SessionDep, settings: SettingsDep, tenant: TenantDep) ->
     return ModelList(data=list_models(session, settings, tenant))
 
 
-@router.get("/{model_id:path}", response_model=ModelObject)
+@router.get("/{model_id:path}", response_model=ModelObject, responses=documented(404))
 def get_model(model_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> ModelObject:
     """One model."""
     model = find_model(session, settings, tenant, model_id)

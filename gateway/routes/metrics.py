@@ -1,0 +1,27 @@
+"""GET /metrics: the service's figures in the Prometheus text format (OpenMetrics when the scraper asks)."""
+
+from __future__ import annotations
+
+import secrets
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client.exposition import choose_encoder
+
+from gateway.deps import SettingsDep
+from gateway.errors import Unauthorized
+from gateway.metrics import registry
+
+router = APIRouter(tags=["metrics"])
+
+
+@router.get("/metrics", response_class=Response, responses={401: {"description": "metrics_token is set and not sent."}})
+def metrics(request: Request, settings: SettingsDep) -> Response:
+    """Jobs, queues, recent latencies, tokens, batch sizes and training progress, read fresh from the database."""
+    if settings.metrics_token is not None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(
+            token.strip().encode(), settings.metrics_token.encode()
+        ):
+            raise Unauthorized("invalid or missing metrics token")
+    encode, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encode(registry()), media_type=content_type)

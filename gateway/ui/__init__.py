@@ -1,0 +1,1 @@
+"""The web dashboard at /ui: static HTML, vanilla JS and CSS that read the public API (no build step)."""

@@ -1,0 +1,454 @@
+"""Fine-tuning in process: QLoRA on the tiny GPT-2, a SQLite database and an artifact store in tmp.
+
+No network: the base model is built offline, the data is the shipped Alpaca sample, and the one hub test
+runs with the hub switched off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from sqlalchemy import select, update
+
+from shared import artifacts, job_states
+from shared.db import get_sessionmaker
+from shared.fine_tuning import Hyperparameters
+from shared.migrate import upgrade
+from shared.models import Checkpoint, File, FineTunedModel, Job, JobEvent, new_id
+from shared.prompts import TEMPLATE, alpaca_prompt
+from shared.settings import Settings, get_settings
+from tests.conftest import configure
+from worker import training
+from worker.alpaca_data import (
+    RESPONSE_PREFIX,
+    TrainingData,
+    completion,
+    read_jsonl,
+    split_validation,
+    to_examples,
+)
+from worker.model_loading import load_base_model
+
+pytestmark = [
+    # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5.24 deprecates.
+    pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"),
+]
+
+DATA = Path(__file__).resolve().parents[1] / "worker" / "data"
+SAMPLE = DATA / "alpaca_sample.jsonl"
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings for an empty, migrated SQLite database and artifact store in tmp_path."""
+    monkeypatch.delenv("LLMQ_BROKER_URL", raising=False)  # nothing to notify in process
+    configure(monkeypatch, data_dir=str(tmp_path / "data"), database_url=f"sqlite:///{tmp_path / 'llmq.db'}")
+    upgrade()
+    return get_settings()
+
+
+def add_file(settings: Settings, source: Path = SAMPLE) -> str:
+    """Stores source as an uploaded file (row + JSONL in the store); its id."""
+    content = source.read_bytes()
+    file_id = new_id("file")
+    path = artifacts.resolve(settings, artifacts.file_path(file_id))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    with get_sessionmaker()() as session:
+        session.add(
+            File(
+                id=file_id,
+                filename=source.name,
+                purpose="fine-tune",
+                bytes=len(content),
+                records=len(content.splitlines()),
+                sha256=hashlib.sha256(content).hexdigest(),
+                path=artifacts.file_path(file_id),
+            )
+        )
+        session.commit()
+    return file_id
+
+
+def add_job(model: str, *, training_file: str | None = None, dataset: Any = None, **hyper: Any) -> str:
+    """A queued train job as the gateway writes it; its id."""
+    params = {
+        "training_file": training_file,
+        "validation_file": None,
+        "dataset": dataset,
+        "suffix": "test",
+        "seed": 7,
+        "metadata": {"case": "test"},
+        "hyperparameters": Hyperparameters(**hyper).resolved().model_dump(),
+    }
+    with get_sessionmaker()() as session:
+        job = job_states.create_job(session, kind="train", model=model, base_model=model, params=params, max_attempts=3)
+        session.commit()
+        return job.id
+
+
+def job_row(job_id: str) -> Job:
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def events(job_id: str, type: str | None = None) -> list[JobEvent]:
+    with get_sessionmaker()() as session:
+        query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        if type:
+            query = query.where(JobEvent.type == type)
+        return list(session.scalars(query))
+
+
+def checkpoints(job_id: str) -> list[Checkpoint]:
+    with get_sessionmaker()() as session:
+        query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+        return list(session.scalars(query))
+
+
+FAST = {"batch_size": 8, "learning_rate": 2e-3, "max_seq_len": 256, "lora_dropout": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data and loss masking
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_examples_use_the_stanford_prompt_and_a_spaced_response() -> None:
+    records = [
+        {"instruction": "Name a colour.", "input": "", "output": "Blue."},
+        {"instruction": "Reverse.", "input": "a b", "output": "\nb a"},
+    ]
+    first, second = to_examples(records)
+    assert first == {"prompt": alpaca_prompt("Name a colour."), "completion": RESPONSE_PREFIX + "Blue."}
+    assert first["prompt"] == TEMPLATE["no_input"].format(instruction="Name a colour.")
+    assert second["prompt"].endswith("### Input:\na b\n\n### Response:")
+    assert second["completion"] == "\nb a" == completion("\nb a")  # already separated: left alone
+
+
+def test_validation_split_is_seeded_and_disjoint() -> None:
+    records = read_jsonl(SAMPLE, "sample")
+    train, val = split_validation(records, 0.1, seed=3)
+    assert len(val) == 40 and len(train) == 360
+    assert split_validation(records, 0.1, seed=3) == (train, val)
+    assert split_validation(records, 0.1, seed=4)[1] != val
+    assert not {json.dumps(r) for r in train} & {json.dumps(r) for r in val}
+    assert split_validation(records, 0.0, seed=3) == (records, [])
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_loss_is_on_the_response_and_its_eos_never_on_prompt_or_padding(tiny_model: Path, packing: bool) -> None:
+    loaded = load_base_model(str(tiny_model), "main", "nf4", "cpu")
+    assert training.keep_4bit_trainable(loaded.model) > 0
+    records = read_jsonl(SAMPLE, "sample")[:8]
+    hp = Hyperparameters(batch_size=4, max_seq_len=256, packing=packing).resolved()
+    trainer = training.build_trainer(
+        loaded, TrainingData(train=records, validation=[]), hp, seed=0, output_dir=Path("/nonexistent")
+    )
+    tokenizer = loaded.tokenizer
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos  # so padding can only be told apart by position
+    expected = sorted(completion(r["output"]) + tokenizer.eos_token for r in records)
+
+    learned: list[str] = []
+    for batch in trainer.get_train_dataloader():
+        ids, labels = batch["input_ids"], batch["labels"]
+        if packing:  # one flattened row; sequences restart their positions at 0
+            starts = [*(batch["position_ids"][0] == 0).nonzero().flatten().tolist(), ids.shape[1]]
+            rows = [(ids[0, a:b], labels[0, a:b]) for a, b in itertools.pairwise(starts)]
+        else:
+            assert (labels[batch["attention_mask"] == 0] == -100).all()  # padding is never learned
+            assert (ids[batch["attention_mask"] == 0] == eos).all()  # although it is the EOS token
+            rows = [
+                (ids[i][batch["attention_mask"][i] == 1], labels[i][batch["attention_mask"][i] == 1])
+                for i in range(len(ids))
+            ]
+        for row_ids, row_labels in rows:
+            trained = (row_labels != -100).nonzero().flatten()
+            # One contiguous span at the end of the sequence: the response, then EOS.
+            assert trained.tolist() == list(range(int(trained[0]), len(row_ids)))
+            assert int(row_labels[-1]) == eos
+            learned.append(tokenizer.decode(row_ids[trained]))
+            prompt = tokenizer.decode(row_ids[: int(trained[0])])
+            assert prompt.endswith("### Response:")
+    assert sorted(learned) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A whole fine-tune
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The trainer run_fine_tune builds, and every parameter's value before training."""
+    seen: dict[str, Any] = {}
+    real = training.build_trainer
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        trainer = real(*args, **kwargs)
+        seen["trainer"] = trainer
+        seen["before"] = {n: p.data.detach().float().clone() for n, p in trainer.model.named_parameters()}
+        return trainer
+
+    monkeypatch.setattr(training, "build_trainer", spy)
+    return seen
+
+
+def greedy(model: Any, tokenizer: Any, prompt: str) -> list[int]:
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return [int(t) for t in out[0, inputs["input_ids"].shape[1] :]]
+
+
+@pytest.mark.slow
+def test_fine_tune_learns_and_leaves_a_servable_adapter(
+    store: Settings, tiny_model: Path, captured: dict[str, Any]
+) -> None:
+    file_id = add_file(store)
+    job_id = add_job(str(tiny_model), training_file=file_id, n_epochs=2, save_every_steps=45, **FAST)
+
+    training.run_fine_tune(job_id, store)
+
+    job = job_row(job_id)
+    assert job.status == "succeeded", job.error
+    result = job.result or {}
+    model_id = f"ft:{tiny_model.name}:test:{job_id}"
+    assert result["fine_tuned_model"] == model_id
+    metrics = result["metrics"]
+    assert metrics["val_loss"] < metrics["base_val_loss"]
+    assert metrics["steps"] == 90  # 2 epochs of 360 examples (40 of the 400 held out) in batches of 8
+    assert result["trained_tokens"] == metrics["trained_tokens"] > 0
+
+    # Progress events: the loss falls; figures are complete; the last step is always written.
+    progress = [e.data for e in events(job_id, "metrics") if e.data and "train_loss" in e.data]
+    assert progress[-1]["step"] == 90 and progress[-1]["trained_tokens"] == result["trained_tokens"]
+    assert progress[-1]["train_loss"] < progress[0]["train_loss"]
+    for figures in progress:
+        assert {"step", "total_steps", "learning_rate", "tokens_per_second", "eta_seconds"} <= set(figures)
+    evaluations = [e.data for e in events(job_id, "metrics") if e.data and "train_loss" not in e.data]
+    assert [d.get("base_val_loss") for d in evaluations][:1] == [metrics["base_val_loss"]]
+    assert evaluations[-1]["val_loss"] == metrics["val_loss"]
+
+    # Trained tokens are the response tokens (+ EOS) of the examples trained on, never prompt or padding.
+    # Two whole epochs, so every training example was seen exactly twice.
+    trainer = captured["trainer"]
+    tokenizer = trainer.processing_class
+    train_records, _ = split_validation(read_jsonl(SAMPLE, "sample"), 0.1, seed=7)
+    response_tokens = sum(
+        len(tokenizer(e["completion"] + tokenizer.eos_token)["input_ids"]) for e in to_examples(train_records)
+    )
+    assert result["trained_tokens"] == trainer.trained_tokens == 2 * response_tokens
+
+    # LoRA weights changed, nothing else did.
+    after = dict(trainer.model.named_parameters())
+    lora = [n for n in after if "lora_" in n]
+    assert lora and all(after[n].requires_grad for n in lora)
+    assert not any(after[n].requires_grad for n in after if "lora_" not in n)
+    assert all(not torch.equal(after[n].data.float(), captured["before"][n]) for n in lora if "lora_B" in n)
+    for name, param in after.items():
+        if "lora_" not in name:
+            assert torch.equal(param.data.detach().float(), captured["before"][name]), name
+
+    # The adapter: safetensors with LoRA tensors only, a manifest, a model row, servable at once.
+    adapter = artifacts.resolve(store, result["adapter_path"])
+    weights = load_file(adapter / "adapter_model.safetensors")
+    assert weights and all("lora_" in key for key in weights)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+    manifest = json.loads((adapter / "manifest.json").read_text())
+    assert manifest["base_model"] == str(tiny_model)
+    assert manifest["dataset"]["train"]["sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+    assert manifest["prompt_template"] == TEMPLATE
+    assert manifest["hyperparameters"]["n_epochs"] == 2
+    assert manifest["metrics"] == metrics
+    assert {"peft", "transformers"} <= set(manifest["versions"])
+    for name in ("adapter_model.safetensors", "adapter_config.json", "manifest.json"):
+        assert f"{result['adapter_path']}/{name}" in result["result_files"]
+    with get_sessionmaker()() as session:
+        row = session.get(FineTunedModel, model_id)
+        assert row is not None and row.job_id == job_id and row.path == result["adapter_path"]
+        assert row.manifest == manifest
+
+    # Checkpoints: every save_every_steps, recorded after they were complete.
+    assert [c.step for c in checkpoints(job_id)] == [45, 90]
+    for checkpoint in checkpoints(job_id):
+        assert (artifacts.resolve(store, checkpoint.path) / "trainer_state.json").is_file()
+
+    # Greedy generation with the adapter differs from the base model's.
+    base = load_base_model(str(tiny_model), "main", "fp32", "cpu")
+    prompts = [
+        alpaca_prompt(r["instruction"], r["input"]) for r in read_jsonl(DATA / "alpaca_sample_val.jsonl", "v")[:3]
+    ]
+    before = [greedy(base.model, base.tokenizer, p) for p in prompts]
+    tuned = PeftModel.from_pretrained(base.model, adapter)
+    assert [greedy(tuned, base.tokenizer, p) for p in prompts] != before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cancel and resume
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cancel_after_first_progress(job_id: str, seen: dict[str, Any]) -> threading.Thread:
+    """A thread that cancels the job once it reports progress, noting the step it had reached."""
+
+    def last_step() -> int | None:
+        progress = [e.data for e in events(job_id, "metrics") if e.data and "train_loss" in e.data]
+        return progress[-1]["step"] if progress else None
+
+    def run() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            step = last_step()
+            if step is not None:
+                seen["before"] = step
+                with get_sessionmaker()() as session:
+                    job_states.cancel(session, job_id)
+                seen["after"] = last_step()  # the last step finished when the cancel was committed, or later
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def progress_every_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(training, "PROGRESS_EVERY_SECONDS", 0.0)
+    yield
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("progress_every_step")
+def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
+    store: Settings, tiny_model: Path
+) -> None:
+    file_id = add_file(store)
+    job_id = add_job(str(tiny_model), training_file=file_id, max_steps=400, save_every_steps=1000, **FAST)
+    seen: dict[str, Any] = {}
+    thread = cancel_after_first_progress(job_id, seen)
+    training.run_fine_tune(job_id, store)
+    thread.join(timeout=5)
+
+    job = job_row(job_id)
+    assert job.status == "cancelled"
+    result = job.result or {}
+    stopped = result["step"]
+    # It stops at the end of the step in flight when the cancel was committed (or of the next one, when
+    # that step's check ran just before the commit).
+    assert seen["before"] <= stopped <= seen["after"] + 2
+    assert result["checkpoint"]["step"] == stopped
+    (checkpoint,) = checkpoints(job_id)
+    assert checkpoint.step == stopped and checkpoint.metrics["trained_tokens"] == result["trained_tokens"]
+    assert (artifacts.resolve(store, checkpoint.path) / "adapter_model.safetensors").is_file()
+    assert (artifacts.resolve(store, checkpoint.path) / "trainer_state.json").is_file()
+    assert any("cancelled" in e.message for e in events(job_id))
+
+    # A later attempt (as after a lost worker: the reaper requeues the job) resumes from that checkpoint.
+    with get_sessionmaker()() as session:
+        params = dict(job.params)
+        params["hyperparameters"] = {**params["hyperparameters"], "max_steps": stopped + 3}
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(status="queued", cancel_requested=False, params=params, result=None, finished_at=None)
+        )
+        session.commit()
+    training.run_fine_tune(job_id, store)
+    job = job_row(job_id)
+    assert job.status == "succeeded", job.error
+    assert job.attempt == 2
+    assert any(e.message == f"Resuming from the checkpoint at step {stopped}." for e in events(job_id))
+    second = [e.data for e in events(job_id, "metrics") if e.attempt == 2 and e.data and "train_loss" in e.data]
+    assert [d["step"] for d in second] == [stopped + 1, stopped + 2, stopped + 3]
+    assert (job.result or {})["trained_tokens"] > result["trained_tokens"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Failures and no-ops
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_hub_dataset_without_a_reachable_hub_fails_with_dataset_unavailable(
+    store: Settings, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    dataset = {"name": "tatsu-lab/alpaca", "split": "train", "sample_size": 200}
+    job_id = add_job(str(tiny_model), dataset=dataset)
+    training.run_fine_tune(job_id, store)
+
+    job = job_row(job_id)
+    assert job.status == "failed"
+    assert job.error is not None and job.error["code"] == "dataset_unavailable"
+    message = job.error["message"]
+    assert "hub is unreachable" in message.lower() and "tatsu-lab/alpaca" in message
+    assert "\n" not in message and "Traceback" not in message
+    assert events(job_id)[-1].message == message
+
+
+def test_missing_training_file_fails_with_dataset_unavailable(store: Settings, tiny_model: Path) -> None:
+    job_id = add_job(str(tiny_model), training_file="file-doesnotexist")
+    training.run_fine_tune(job_id, store)
+    job = job_row(job_id)
+    assert job.status == "failed" and job.error == {
+        "code": "dataset_unavailable",
+        "message": "file file-doesnotexist does not exist",
+    }
+
+
+def test_unloadable_base_model_fails_with_model_load_failed(store: Settings, tmp_path: Path) -> None:
+    job_id = add_job(str(tmp_path / "no-such-model"), training_file=add_file(store))
+    training.run_fine_tune(job_id, store)
+    job = job_row(job_id)
+    assert job.status == "failed" and job.error is not None
+    assert job.error["code"] == "model_load_failed"
+    assert "no-such-model" in job.error["message"] and "\n" not in job.error["message"]
+
+
+def test_message_for_a_job_that_is_not_queued_does_nothing(store: Settings, tiny_model: Path) -> None:
+    job_id = add_job(str(tiny_model), training_file="file-x")
+    with get_sessionmaker()() as session:
+        job_states.cancel(session, job_id)
+    before = job_row(job_id)
+    training.run_fine_tune(job_id, store)
+    after = job_row(job_id)
+    assert (after.status, after.attempt, after.updated_at) == ("cancelled", 0, before.updated_at)
+    assert events(job_id) == []
+
+
+def test_fine_tuned_model_id_names_base_suffix_and_job() -> None:
+    assert training.fine_tuned_model_id("openai-community/gpt2", None, "ftjob-1") == "ft:gpt2:llmq:ftjob-1"
+    assert training.fine_tuned_model_id("/models/tiny/", "mine", "ftjob-2") == "ft:tiny:mine:ftjob-2"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantization", ["int8", "none"])
+def test_other_base_precisions_train_too(store: Settings, tiny_model: Path, quantization: str) -> None:
+    file_id = add_file(store)
+    job_id = add_job(str(tiny_model), training_file=file_id, max_steps=3, quantization=quantization, **FAST)
+    training.run_fine_tune(job_id, store)
+    job = job_row(job_id)
+    assert job.status == "succeeded", job.error
+    metrics = (job.result or {})["metrics"]
+    assert metrics["steps"] == 3 and metrics["trained_tokens"] > 0
+    assert metrics["val_loss"] < metrics["base_val_loss"]
