@@ -83,6 +83,61 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
+def machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (steal included: the hypervisor gave the core away)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+
+
+def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system) so far of each named group of processes; missing ones count 0."""
+    out: dict[str, float] = {}
+    for name, group in pids.items():
+        total = 0.0
+        for pid in group:
+            with contextlib.suppress(psutil.Error):
+                t = psutil.Process(pid).cpu_times()
+                total += t.user + t.system
+        out[name] = total
+    return out
+
+
+class Meter:
+    """Over a run: the load average, our processes' CPU seconds, and the CPU share everybody else took.
+
+    others = (machine busy time - our processes' CPU time) / (wall time x cores): how much of the machine
+    other processes took while we measured. Well above a few percent, the figures are not comparable.
+    """
+
+    def __init__(self, pids: Callable[[], dict[str, list[int]]]) -> None:
+        self._pids = pids
+        self.cpu: dict[str, float] = {}
+        self.others = math.nan
+        self.load = (math.nan, math.nan)
+
+    def __enter__(self) -> Meter:
+        self._groups = self._pids()
+        self._load0 = loadavg()
+        self._ours0 = cpu_seconds(self._groups)
+        self._busy0 = machine_busy_seconds()
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall = time.perf_counter() - self._t0
+        busy = machine_busy_seconds() - self._busy0
+        groups = {k: sorted(set(v) | set(self._groups.get(k, []))) for k, v in self._pids().items()}
+        ours1 = cpu_seconds(groups)  # a process born during the run counts from 0
+        self.cpu = {k: ours1[k] - self._ours0.get(k, 0.0) for k in ours1}
+        cores = len(os.sched_getaffinity(0))
+        self.others = max(0.0, busy - sum(self.cpu.values())) / (wall * cores)
+        self.load = (self._load0, loadavg())
+
+
+def this_process() -> dict[str, list[int]]:
+    return {"bench process": [os.getpid()]}
+
+
 @dataclass
 class Row:
     """One measured run."""
@@ -92,7 +147,7 @@ class Row:
     tokens: int
     seconds: float
     latencies: list[float]
-    load: tuple[float, float]
+    meter: Meter
     notes: str = ""
 
     @property
@@ -194,6 +249,7 @@ class InProcess:
     ceiling_one_adapter: Row
     ceiling_mixed: Row
     one_token_model: list[float]  # seconds of a 1-token generate, batch 1
+    one_token_meter: Meter
 
 
 def run_in_process(
@@ -221,44 +277,47 @@ def run_in_process(
 
     def batched(name: str, subset: list[str], adapter_of: Callable[[int], str | None], notes: str) -> Row:
         generate(loaded, [Request(p, greedy, adapter_of(i)) for i, p in enumerate(subset[: args.batch])])  # warm
-        load0, tokens, latencies = loadavg(), 0, []
+        tokens, latencies = 0, []
         started = time.perf_counter()
-        for start in range(0, len(subset), args.batch):
-            chunk = subset[start : start + args.batch]
-            t0 = time.perf_counter()
-            gens = generate(loaded, [Request(p, greedy, adapter_of(start + i)) for i, p in enumerate(chunk)])
-            latencies.append(time.perf_counter() - t0)
-            tokens += sum(g.completion_tokens for g in gens)
+        with Meter(this_process) as meter:
+            for start in range(0, len(subset), args.batch):
+                chunk = subset[start : start + args.batch]
+                t0 = time.perf_counter()
+                gens = generate(loaded, [Request(p, greedy, adapter_of(start + i)) for i, p in enumerate(chunk)])
+                latencies.append(time.perf_counter() - t0)
+                tokens += sum(g.completion_tokens for g in gens)
         seconds = time.perf_counter() - started
-        log(f"{name}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tokens/s")
-        return Row(name, len(subset), tokens, seconds, latencies, (load0, loadavg()), notes)
+        log(f"{name}: {tokens} tokens in {seconds:.1f} s = {tokens / seconds:.0f} tokens/s, others {meter.others:.0%}")
+        return Row(name, len(subset), tokens, seconds, latencies, meter, notes)
 
     log(f"in-process: naive, {args.naive_prompts} prompts one at a time")
     naive_one(prompts[0])  # warm: the first 4-bit forward repacks weights
-    load0, tokens, latencies = loadavg(), 0, []
+    tokens, latencies = 0, []
     started = time.perf_counter()
-    for prompt in prompts[: args.naive_prompts]:
-        n, seconds = naive_one(prompt)
-        tokens += n
-        latencies.append(seconds)
+    with Meter(this_process) as meter:
+        for prompt in prompts[: args.naive_prompts]:
+            n, seconds = naive_one(prompt)
+            tokens += n
+            latencies.append(seconds)
     naive = Row(
         "(a) naive: model.generate, 1 prompt at a time",
         args.naive_prompts,
         tokens,
         time.perf_counter() - started,
         latencies,
-        (load0, loadavg()),
+        meter,
         f"subset of {args.naive_prompts} prompts",
     )
-    log(f"naive: {naive.tokens_per_s:.0f} tokens/s")
+    log(f"naive: {naive.tokens_per_s:.0f} tokens/s, others {meter.others:.0%}")
 
     one_token = SamplingParams(max_new_tokens=1, temperature=0)
     generate(loaded, [Request(prompts[0], one_token)])
     one_token_model = []
-    for prompt in prompts[: args.plumbing_jobs]:
-        t0 = time.perf_counter()
-        generate(loaded, [Request(prompt, one_token)])
-        one_token_model.append(time.perf_counter() - t0)
+    with Meter(this_process) as one_token_meter:
+        for prompt in prompts[: args.plumbing_jobs]:
+            t0 = time.perf_counter()
+            generate(loaded, [Request(prompt, one_token)])
+            one_token_model.append(time.perf_counter() - t0)
 
     subset = prompts[: args.ceiling_prompts]
     ceiling = batched(f"(b) ceiling: generate(), batches of {args.batch}", subset, lambda i: None, "")
@@ -273,7 +332,7 @@ def run_in_process(
     mixed = batched(
         f"(b4) ceiling, {len(order)} adapters mixed", subset, lambda i: order[i % len(order)], "every batch mixed"
     )
-    return InProcess(naive, ceiling, one, mixed, one_token_model)
+    return InProcess(naive, ceiling, one, mixed, one_token_model, one_token_meter)
 
 
 # ---------------------------------------------------------------------------------------------- system
@@ -316,6 +375,15 @@ class System:
     def pid(self, name: str) -> int:
         return self.children.procs[name].pid
 
+    def pids(self) -> dict[str, list[int]]:
+        """Our processes of a system run, by role (the clients run in this process)."""
+        return {
+            "worker": [self.pid("worker-generate")],
+            "gateway": [self.pid("gateway")],
+            "clients (bench process)": [os.getpid()],
+            "postgres backends": self.postgres_backends(),
+        }
+
     def postgres_backends(self) -> list[int]:
         name = self.db_url.rpartition("/")[2]
         with psycopg.connect(admin_dsn(), autocommit=True) as conn:
@@ -323,19 +391,6 @@ class System:
                 "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
             ).fetchall()
         return [int(r[0]) for r in rows]
-
-
-def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
-    """CPU seconds (user + system) so far of each named group of processes; missing ones count 0."""
-    out: dict[str, float] = {}
-    for name, group in pids.items():
-        total = 0.0
-        for pid in group:
-            with contextlib.suppress(psutil.Error):
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-        out[name] = total
-    return out
 
 
 async def run_clients(
@@ -392,35 +447,34 @@ def system_phase(
     # Warm: one round of full batches, so that adapter loads and first-forward costs are not measured.
     asyncio.run(run_clients(system.base_url, 2 * args.batch, 2 * args.batch, models, prompts, args.max_tokens))
     time.sleep(0.5)
-    pids = {
-        "worker": [system.pid("worker-generate")],
-        "gateway": [system.pid("gateway")],
-        "clients (bench process)": [os.getpid()],
-        "postgres backends": system.postgres_backends(),
-    }
-    before = cpu_seconds(pids)
     offset = system.worker_log.stat().st_size
-    spy = start_py_spy(args.py_spy, name, pids) if args.py_spy else []
-    load0 = loadavg()
+    spy = start_py_spy(args.py_spy, name, system.pids()) if args.py_spy else []
     log(f"{name}: {jobs} jobs from {clients} clients")
-    samples, wall = asyncio.run(run_clients(system.base_url, jobs, clients, models, prompts, args.max_tokens))
-    load1 = loadavg()
+    with Meter(system.pids) as meter:
+        samples, wall = asyncio.run(run_clients(system.base_url, jobs, clients, models, prompts, args.max_tokens))
     stop_py_spy(spy)
-    pids["postgres backends"] = sorted(set(pids["postgres backends"]) | set(system.postgres_backends()))
-    after = cpu_seconds(pids)
     time.sleep(0.2)  # the worker logs a batch just after publishing its results
     batches, messages = read_batches(system.worker_log, offset)
     tokens = sum(s.tokens for s in samples)
-    row = Row(name, jobs, tokens, wall, [s.latency for s in samples], (load0, load1), notes)
-    log(f"{name}: {tokens / wall:.0f} tokens/s, p50 {pct(row.latencies, 50) * 1000:.0f} ms")
-    cpu = {k: after[k] - before.get(k, 0.0) for k in after}
-    return SystemPhase(row, samples, batches, messages, cpu)
+    row = Row(name, jobs, tokens, wall, [s.latency for s in samples], meter, notes)
+    log(f"{name}: {tokens / wall:.0f} tokens/s, p50 {pct(row.latencies, 50) * 1000:.0f} ms, others {meter.others:.0%}")
+    return SystemPhase(row, samples, batches, messages, meter.cpu)
 
 
-def plumbing_phase(system: System, prompts: list[str], jobs: int) -> tuple[list[float], list[float], list[float]]:
-    """(end-to-end, run_seconds, queue_seconds) of 1-token jobs sent one after another."""
-    total, run, queue = [], [], []
-    with httpx.Client(base_url=system.base_url, timeout=60) as http:
+@dataclass
+class Plumbing:
+    total: list[float]  # end-to-end seconds of each 1-token job
+    run: list[float]  # its run_seconds (claim -> finish)
+    queue: list[float]  # its queue_seconds (created -> claimed)
+    meter: Meter
+
+
+def plumbing_phase(system: System, prompts: list[str], jobs: int) -> Plumbing:
+    """End-to-end, run and queue seconds of 1-token jobs sent one after another by one client."""
+    total: list[float] = []
+    run: list[float] = []
+    queue: list[float] = []
+    with httpx.Client(base_url=system.base_url, timeout=60) as http, Meter(system.pids) as meter:
         for i in range(jobs + 5):
             body = {"prompt": prompts[i % len(prompts)], "max_tokens": 1, "temperature": 0}
             started = time.perf_counter()
@@ -433,7 +487,7 @@ def plumbing_phase(system: System, prompts: list[str], jobs: int) -> tuple[list[
                 total.append(elapsed)
                 run.append(job["run_seconds"])
                 queue.append(job["queue_seconds"])
-    return total, run, queue
+    return Plumbing(total, run, queue, meter)
 
 
 def start_py_spy(out_dir: Path, phase: str, pids: dict[str, list[int]]) -> list[subprocess.Popen[bytes]]:
@@ -535,7 +589,7 @@ def table_row(row: Row) -> str:
     return (
         f"| {row.name} | {row.requests} | {row.tokens} | {row.seconds:.1f} | {row.tokens_per_s:.0f} | "
         f"{row.requests_per_s:.2f} | {ms(pct(row.latencies, 50))} | {ms(pct(row.latencies, 99))} | "
-        f"{row.load[0]:.2f} -> {row.load[1]:.2f} | {row.notes} |"
+        f"{row.meter.load[0]:.1f} -> {row.meter.load[1]:.1f} | {row.meter.others:.0%} | {row.notes} |"
     )
 
 
@@ -543,7 +597,7 @@ def report(
     args: argparse.Namespace,
     inproc: InProcess,
     phases: dict[str, SystemPhase],
-    plumbing: tuple[list[float], list[float], list[float]],
+    plumbing: Plumbing,
     started_load: float,
 ) -> str:
     lines = [
@@ -553,8 +607,9 @@ def report(
         f"model: full-size GPT-2 (124M, random weights), {args.quantization}, greedy, {args.max_tokens} new tokens, "
         f"prompts 36-44 tokens; load average (1 min) at start {started_load:.2f}",
         "",
-        "| run | requests | new tokens | wall s | tokens/s | requests/s | p50 ms | p99 ms | load avg | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | requests | new tokens | wall s | tokens/s | requests/s | p50 ms | p99 ms | load avg | others' CPU "
+        "| notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = [inproc.naive, inproc.ceiling, inproc.ceiling_one_adapter, inproc.ceiling_mixed]
     rows += [p.row for p in phases.values()]
@@ -573,10 +628,17 @@ def report(
         ("1 adapter system / 1 adapter ceiling", one.tokens_per_s / inproc.ceiling_one_adapter.tokens_per_s, ""),
         ("4 mixed system / 4 mixed ceiling", mixed.tokens_per_s / inproc.ceiling_mixed.tokens_per_s, ""),
     ]
-    lines += ["", "| ratio | measured | goal |", "|---|---|---|"]
+    lines += [
+        "",
+        "others' CPU: the share of the machine that processes other than this bench's took during the run "
+        "(machine busy time minus ours); above a few percent the run was disturbed and is not comparable.",
+        "",
+        "| ratio | measured | goal |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {value:.2f} | {goal} |" for name, value, goal in ratios]
 
-    total, run, queue = plumbing
+    total, run, queue = plumbing.total, plumbing.run, plumbing.queue
     model = inproc.one_token_model
     model_p50 = pct(model, 50)
     over_model = [t - model_p50 for t in total]
@@ -584,7 +646,9 @@ def report(
     inside_worker = [r - model_p50 for r in run]
     lines += [
         "",
-        f"plumbing: {len(total)} sequential 1-token jobs, one client (goal: p50 end-to-end minus model <= 20 ms)",
+        f"plumbing: {len(total)} sequential 1-token jobs, one client (goal: p50 end-to-end minus model <= 20 ms); "
+        f"others' CPU {plumbing.meter.others:.0%} during the jobs, {inproc.one_token_meter.others:.0%} during the "
+        "in-process model timing",
         "",
         "| quantity | p50 ms | p99 ms |",
         "|---|---|---|",

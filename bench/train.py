@@ -35,6 +35,7 @@ import math
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -156,7 +157,10 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
                 stats["load_ended"] = os.getloadavg()[0]
 
     trainer.add_callback(Timer())
-    trainer.train()
+    try:
+        trainer.train()
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)  # the final-step checkpoint the Trainer always writes
     wall = stats["ended"] - stats["started"]
     cpu = stats["cpu_ended"] - stats["cpu_started"]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB

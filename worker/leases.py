@@ -10,12 +10,19 @@ import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 
 from shared import job_states
 from shared.db import get_sessionmaker
 from shared.job_states import Claim
 
 log = logging.getLogger(__name__)
+
+
+@lru_cache
+def lease_keeper(lease_seconds: float) -> LeaseKeeper:
+    """This process's lease keeper (one heartbeat thread for every job the process runs)."""
+    return LeaseKeeper(lease_seconds)
 
 
 class LeaseKeeper:

@@ -8,7 +8,6 @@ import signal
 import socket
 import time
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
 from worker.adapters import AdapterCache
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
-from worker.leases import LeaseKeeper
+from worker.leases import lease_keeper
 from worker.model_loading import LoadedModel, load_base_model
 from worker.streaming import DeltaPublisher, StreamRow
 
@@ -37,12 +36,6 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 # the kernel's OOM killer) would. Read once at import, from the environment only (deliberately not a
 # setting); unset, as it always is in production, it costs one comparison per batch.
 FAULT_KILL_ON_PROMPT = os.environ.get("LLMQ_FAULT_KILL_ON_PROMPT") or None
-
-
-@lru_cache
-def _leases(lease_seconds: float) -> LeaseKeeper:
-    """This process's lease keeper."""
-    return LeaseKeeper(lease_seconds)
 
 
 class ModelHolder:
@@ -145,7 +138,7 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
         log.info("claimed %d jobs: %s", len(claims), " ".join(f"{c.job_id}@{c.attempt}" for c in claims))
         _fault_injection(claims)
         started = time.perf_counter()
-        with _leases(settings.lease_seconds).holding(claims), job_context(*(c.job_id for c in claims)):
+        with lease_keeper(settings.lease_seconds).holding(claims), job_context(*(c.job_id for c in claims)):
             outcomes = _run(session, claims, settings, models)
         written: list[str] = []
         for claim, (result, error) in zip(claims, outcomes, strict=True):

@@ -39,6 +39,7 @@ from shared.notify import publish_finished
 from shared.prompts import TEMPLATE
 from shared.settings import Quantization, Settings
 from worker.alpaca_data import RESPONSE_PREFIX, DatasetUnavailable, TrainingData, load_training_data, to_examples
+from worker.leases import lease_keeper
 from worker.model_loading import LoadedModel, compute_dtype, load_base_model, pick_device
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,10 @@ def run_fine_tune(job_id: str, settings: Settings) -> None:
             return
         log.info("fine-tune %s claimed (attempt %d)", job_id, claim.attempt)
         try:
-            _fine_tune(session, claim, settings)
+            # A heartbeat thread keeps the lease through model loading, tokenizing and steps longer
+            # than a lease; the callback's renewals between steps are what notice a lost claim.
+            with lease_keeper(settings.lease_seconds).holding([claim]):
+                _fine_tune(session, claim, settings)
         except ClaimLost:
             log.warning("fine-tune %s: attempt %d lost its claim; stopped", job_id, claim.attempt)
             return
