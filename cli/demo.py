@@ -42,7 +42,7 @@ def choose_model(settings: Settings, console: Console) -> str:
     from worker.model_factory import build_tiny_gpt2
 
     path = build_tiny_gpt2(settings.data_dir.resolve() / "models" / "tiny-gpt2")
-    console.print(f"[yellow]model hub unreachable: using the small local GPT-2 at {path}[/yellow]")
+    console.print(f"[yellow]model hub unreachable: using the small local GPT-2 at {path}[/yellow]", soft_wrap=True)
     return str(path)
 
 
@@ -56,7 +56,9 @@ def run_demo(settings: Settings, console: Console) -> int:
     base_url = f"http://{settings.api_host}:{settings.api_port}"
     children = Children(env=env, log_dir=settings.data_dir / "logs")
     try:
-        console.print(f"starting gateway on {base_url} and a generate worker (logs in {children.log_dir})")
+        console.print(
+            f"starting gateway on {base_url} and a generate worker (logs in {children.log_dir})", soft_wrap=True
+        )
         children.start("gateway", gateway_command(settings.api_host, settings.api_port))
         children.start("worker-generate", worker_command("generate"))
         wait_ready(base_url, children)
@@ -73,7 +75,8 @@ def run_demo(settings: Settings, console: Console) -> int:
             return 1
         table = Table("prompt", "output", "finish", "tokens", title=f"{job.id} on {model}")
         for prompt, output in zip(DEMO_PROMPTS, job.outputs, strict=True):
-            table.add_row(prompt[-60:], output.text, output.finish_reason, str(output.completion_tokens))
+            shown = prompt.split("### Instruction:\n")[-1].split("\n\n### Response:")[0]  # the instruction alone
+            table.add_row(shown, output.text, output.finish_reason, str(output.completion_tokens))
         console.print(table)
         console.print(
             f"end to end {elapsed:.2f} s (queued {job.queue_seconds or 0:.3f} s, ran {job.run_seconds or 0:.3f} s)"
