@@ -43,6 +43,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,11 @@ class JobSample:
     queue_seconds: float
     run_seconds: float
     tokens: int
+    submitted: float  # epoch seconds: the client starts its POST
+    created: float  # the job row's created_at
+    started: float  # started_at: the claim (one value for every job of a batch)
+    finished: float  # finished_at: this job's write-back
+    seen: float  # the client has the terminal job
 
 
 @dataclass
@@ -408,17 +414,31 @@ async def run_clients(
                 body: dict[str, Any] = {"prompt": prompts[i % len(prompts)], "max_tokens": max_tokens, "temperature": 0}
                 if model is not None:
                     body["model"] = model
-                started = time.perf_counter()
+                submitted, started = time.time(), time.perf_counter()
                 response = await http.post("/v1/generations", json=body)
                 response.raise_for_status()
                 job = response.json()
                 while job["status"] not in TERMINAL:
                     job = (await http.get(f"/v1/generations/{job['id']}", params={"wait": 60})).json()
-                latency = time.perf_counter() - started
+                latency, seen = time.perf_counter() - started, time.time()
                 if job["status"] != "succeeded":
                     raise RuntimeError(f"job {job['id']} ended {job['status']}: {job.get('error')}")
                 tokens = sum(o["completion_tokens"] for o in job["outputs"])
-                samples.append(JobSample(latency, job["queue_seconds"], job["run_seconds"], tokens))
+                created, claimed, finished = (
+                    datetime.fromisoformat(job[k]).timestamp() for k in ("created_at", "started_at", "finished_at")
+                )
+                sample = JobSample(
+                    latency,
+                    job["queue_seconds"],
+                    job["run_seconds"],
+                    tokens,
+                    submitted,
+                    created,
+                    claimed,
+                    finished,
+                    seen,
+                )
+                samples.append(sample)
 
         started = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
@@ -665,31 +685,49 @@ def report(
 
     lines += [
         "",
-        "where the system's time went (per run; batch figures from the worker's log: busy = sum of batch "
-        "times / wall, x in-process = mean batch time / the matching ceiling's mean batch time; "
-        "rest = end-to-end - queue - run; CPU seconds during the run)",
+        "where the system's time went: batches (from the worker's log; busy = sum of batch times / wall; "
+        "x in-process = mean batch time / the matching ceiling's; write-back = first to last finished_at of a "
+        "batch, its jobs grouped by started_at) and CPU seconds during the run",
         "",
         "| run | batches | jobs/batch mean (min-max) | worker busy | batch s mean (x in-process) | "
-        "queue p50 ms | run p50 ms | rest p50 ms | messages | CPU s: "
-        + ", ".join(next(iter(phases.values())).cpu)
-        + " |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "write-back ms/batch | messages | CPU s: " + ", ".join(next(iter(phases.values())).cpu) + " |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ceilings = {"base": inproc.ceiling, "one": inproc.ceiling_one_adapter, "mixed": inproc.ceiling_mixed}
+    breakdown = []
     for key, phase in phases.items():
         sizes = [b[0] for b in phase.batches] or [0]
         busy = sum(b[1] for b in phase.batches) / phase.row.seconds
         batch_s = statistics.mean([b[1] for b in phase.batches]) if phase.batches else math.nan
         slowdown = batch_s / statistics.mean(ceilings[key].latencies)
-        queue_p50 = pct([s.queue_seconds for s in phase.samples], 50)
-        run_p50 = pct([s.run_seconds for s in phase.samples], 50)
-        rest_p50 = pct([s.latency - s.queue_seconds - s.run_seconds for s in phase.samples], 50)
+        by_batch: dict[float, list[JobSample]] = {}
+        for sample in phase.samples:
+            by_batch.setdefault(sample.started, []).append(sample)
+        last = {started: max(x.finished for x in group) for started, group in by_batch.items()}
+        write_back = statistics.mean(last[k] - min(x.finished for x in g) for k, g in by_batch.items())
         cpu = ", ".join(f"{v:.1f}" for v in phase.cpu.values())
         lines.append(
             f"| {phase.row.name} | {len(phase.batches)} | {statistics.mean(sizes):.1f} ({min(sizes)}-{max(sizes)}) | "
-            f"{busy:.0%} | {batch_s:.2f} ({slowdown:.2f}x) | {ms(queue_p50)} | {ms(run_p50)} | {ms(rest_p50)} | "
-            f"{phase.messages} | {cpu} |"
+            f"{busy:.0%} | {batch_s:.2f} ({slowdown:.2f}x) | {ms(write_back)} | {phase.messages} | {cpu} |"
         )
+        parts = [
+            [s.created - s.submitted for s in phase.samples],
+            [s.queue_seconds for s in phase.samples],
+            [s.run_seconds for s in phase.samples],
+            [last[s.started] - s.finished for s in phase.samples],
+            [s.seen - last[s.started] for s in phase.samples],
+        ]
+        breakdown.append(f"| {phase.row.name} | " + " | ".join(ms(pct(values, 50)) for values in parts) + " |")
+    lines += [
+        "",
+        "latency of a system job, p50 of each part (ms): submit = POST start to the row's created_at; queue = "
+        "created_at to the claim; run = claim to its own finished_at; write-back wait = its finished_at to its "
+        "batch's last; notify = the batch's last finished_at to the client holding the result",
+        "",
+        "| run | submit | queue | run | write-back wait | notify |",
+        "|---|---|---|---|---|---|",
+        *breakdown,
+    ]
     return "\n".join(lines)
 
 
