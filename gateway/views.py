@@ -147,5 +147,6 @@ def checkpoint(job: Job, row: Checkpoint) -> FineTuningCheckpoint:
         fine_tuned_model_checkpoint=f"{job.id}:ckpt-step-{row.step}",
         fine_tuning_job_id=job.id,
         step_number=row.step,
-        metrics=row.metrics,
+        # OpenAI's SDK reads valid_loss; the worker records val_loss.
+        metrics=row.metrics | ({"valid_loss": row.metrics["val_loss"]} if "val_loss" in row.metrics else {}),
     )

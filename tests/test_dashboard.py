@@ -267,8 +267,9 @@ def test_jobs_page_lists_jobs_with_their_live_status(production_system: System, 
     row = re.search(rf'<tr data-job="{failed["id"]}">(.*?)</tr>', html, re.S)
     assert row is not None and 'class="badge failed"' in row.group(1)
     assert "context_length_exceeded: " in row.group(1)
-    assert f'href="/ui/fine-tunes/{fine_tune}"' in html
     assert "live · updated" in html
+    trains = dom(f"{production_system.base_url}/ui/jobs?kind=train", profile)  # the filter, as a link sets it
+    assert f'href="/ui/fine-tunes/{fine_tune}"' in trains and job["id"] not in trains
     screenshot(f"{production_system.base_url}/ui/jobs", profile, "dashboard-jobs.png")
 
 
@@ -288,8 +289,10 @@ def test_fine_tune_page_draws_train_and_validation_loss_with_events_and_checkpoi
     assert "Validation loss of the base model: 3.3100" in html
     assert 'class="badge succeeded"' in html
     assert "train 1.7100 · validation 1.5200 (base 3.3100)" in html
-    path = screenshot(url, profile, "dashboard-fine-tune.png", height=1300)
-    assert path.exists()
+    screenshot(url, profile, "dashboard-fine-tune.png", height=1300)
+    listing = dom(f"{production_system.base_url}/ui/fine-tunes", profile)
+    assert f'<a href="/ui/fine-tunes/{fine_tune}" class="mono">{fine_tune}</a>' in listing
+    assert f"ft:tiny-gpt2:demo:{fine_tune}" in listing
 
 
 @needs_chromium

@@ -93,7 +93,9 @@ def add_job(model: str, *, training_file: str | None = None, dataset: Any = None
         "hyperparameters": Hyperparameters(**hyper).resolved().model_dump(),
     }
     with get_sessionmaker()() as session:
-        job = job_states.create_job(session, kind="train", model=model, base_model=model, params=params, max_attempts=3)
+        job = job_states.create_job(
+            session, kind="train", model=model, base_model=model, params=params, max_attempts=3, tenant="acme"
+        )
         session.commit()
         return job.id
 
@@ -281,6 +283,7 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
     with get_sessionmaker()() as session:
         row = session.get(FineTunedModel, model_id)
         assert row is not None and row.job_id == job_id and row.path == result["adapter_path"]
+        assert row.tenant == "acme"  # the model belongs to the tenant that trained it
         assert row.manifest == manifest
 
     # Checkpoints: every save_every_steps, recorded after they were complete.

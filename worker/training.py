@@ -641,7 +641,13 @@ def _succeed(
         "adapter_path": relative_dir,
     }
     row = FineTunedModel(
-        id=model_id, job_id=job.id, base_model=job.base_model, path=relative_dir, manifest=manifest, created_at=utcnow()
+        id=model_id,
+        tenant=job.tenant,  # the model belongs to whoever trained it
+        job_id=job.id,
+        base_model=job.base_model,
+        path=relative_dir,
+        manifest=manifest,
+        created_at=utcnow(),
     )
     if not job_states.succeed(session, claim, result, add=[row]):
         raise ClaimLost(claim.job_id)

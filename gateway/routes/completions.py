@@ -273,9 +273,10 @@ async def _stream(
                 yield _sse({"error": {"message": message, "type": "server_error", "code": "stream_diverged"}})
                 return
             yield chunk(output["index"], rest, output["finish_reason"])
-        usage = _usage(job).model_dump()
-        yield _sse({"id": job_id, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [], "usage": usage})  # fmt: skip
+        if body.stream_options is None or body.stream_options.include_usage:  # off only when asked
+            usage = _usage(job).model_dump()
+            yield _sse({"id": job_id, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [], "usage": usage})  # fmt: skip
         yield _sse("[DONE]")
     finally:
         if pubsub is not None:
