@@ -513,10 +513,12 @@ def plumbing_phase(system: System, prompts: list[str], jobs: int) -> Plumbing:
 def start_py_spy(out_dir: Path, phase: str, pids: dict[str, list[int]]) -> list[subprocess.Popen[bytes]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^a-z0-9]+", "-", phase.lower()).strip("-")
+    # py-spy installs next to this interpreter (a virtual environment need not be on PATH).
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     spies = []
     for who in ("worker", "gateway"):
         out = out_dir / f"{slug}-{who}.txt"
-        command = ["py-spy", "record", "--pid", str(pids[who][0]), "--format", "raw", "--rate", "200"]
+        command = [py_spy, "record", "--pid", str(pids[who][0]), "--format", "raw", "--rate", "100", "--nonblocking"]
         spies.append(subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL))
     return spies
 
@@ -736,7 +738,7 @@ def report(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer prompts and jobs (about 4 minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer prompts and jobs (about 3 minutes)")
     parser.add_argument("--quantization", default="nf4", choices=["nf4", "int8", "bf16", "fp32"])
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "llmq-bench-cache")
     parser.add_argument("--jobs", type=int, help="jobs per system run (default 256, quick 128)")
