@@ -41,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -51,6 +51,7 @@ import httpx
 import psutil
 import psycopg
 import redis
+from measure import loadavg, pct  # bench/measure.py
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,21 +68,6 @@ RECEIVED_LINE = re.compile(r"Task llmq\.generate\[[^\]]+\] received")  # Celery'
 
 
 # ---------------------------------------------------------------------------------------------- results
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation; nan for no values."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def loadavg() -> float:
-    return os.getloadavg()[0]
 
 
 def machine_busy_seconds() -> float:

@@ -44,6 +44,7 @@ import httpx
 import psutil
 import psycopg
 import redis
+from measure import loadavg, pct  # bench/measure.py
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,21 +55,6 @@ from shared.migrate import upgrade  # noqa: E402
 PG = os.environ.get("LLMQ_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("LLMQ_LOAD_REDIS_URL", "redis://127.0.0.1:6379/11")
 QUOTA = 10**9  # the quota query runs on every submit, but never refuses one
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) with linear interpolation; nan for no values."""
-    if not values:
-        return math.nan
-    s = sorted(values)
-    k = (len(s) - 1) * q / 100
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def loadavg() -> float:
-    return os.getloadavg()[0]
 
 
 def log(message: str) -> None:

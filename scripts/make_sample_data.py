@@ -23,7 +23,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "worker" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.prompts import PROMPT_NO_INPUT, PROMPT_WITH_INPUT  # noqa: E402  (the Stanford Alpaca templates)
+
+DATA_DIR = ROOT / "worker" / "data"
 
 TRAIN_SEED = 1234
 VAL_SEED = 98765
@@ -31,18 +36,6 @@ N_TRAIN = 400
 N_VAL = 60
 PROSE_SEED = 4242
 N_PROSE_PARAGRAPHS = 260
-
-# The Stanford Alpaca templates, verbatim (shared/ owns the runtime copy; this one only renders the corpus).
-PROMPT_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
 
 Record = dict[str, str]
 

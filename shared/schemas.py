@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.fine_tuning import HubDataset, Hyperparameters
 from shared.statuses import JobStatus
 
 JobKind = Literal["generate", "train"]
+
+
+def _stop_as_list(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _stop_not_empty(value: list[str] | None) -> list[str] | None:
+    if value is not None and any(s == "" for s in value):
+        raise ValueError("stop sequences must not be empty")
+    return value
+
+
+# `stop` of generations and completions: one string or a list of them, none empty.
+StopStrings = Annotated[list[str] | None, BeforeValidator(_stop_as_list), AfterValidator(_stop_not_empty)]
 
 
 class ErrorInfo(BaseModel):
@@ -61,21 +75,9 @@ class GenerationRequest(BaseModel):
     max_tokens: int = Field(16, ge=1, description="Most new tokens per prompt.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    stop: list[str] | None = Field(None, max_length=4, description="Up to 4 strings that end the text.")
+    stop: StopStrings = Field(None, max_length=4, description="Up to 4 strings that end the text.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible per prompt.")
     n: int = Field(1, ge=1, description="Outputs per prompt (output i*n+j is choice j of prompt i).")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(s == "" for s in value):
-            raise ValueError("stop sequences must not be empty")
-        return value
 
     @model_validator(mode="after")
     def _one_of_prompt_or_prompts(self) -> GenerationRequest:
@@ -326,7 +328,7 @@ class CompletionRequest(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
-    stop: list[str] | None = Field(None, max_length=4)
+    stop: StopStrings = Field(None, max_length=4)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     echo: bool = False
     stream: bool = False
@@ -343,18 +345,6 @@ class CompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
     suffix: str | None = Field(None, max_length=0, description="Not supported: must be null.")
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_not_empty(cls, value: list[str] | None) -> list[str] | None:
-        if value is not None and any(s == "" for s in value):
-            raise ValueError("stop sequences must not be empty")
-        return value
 
     def prompt_list(self) -> list[str]:
         """The prompts as a list."""
