@@ -133,19 +133,42 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
 
-def _finish(session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: Any) -> bool:
+def _guarded_finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> bool:
+    """The terminal UPDATE, only while the claim is current (no commit); whether it changed the row."""
     now = utcnow()
     done = session.execute(
         update(Job)
         .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
         .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values)
     )
-    if done.rowcount != 1:  # type: ignore[attr-defined]
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def _finish(session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: Any) -> bool:
+    if not _guarded_finish(session, claim, status, **values):
         session.rollback()
         return False
     session.add_all(add)
     session.commit()
     return True
+
+
+# What a worker ends a claimed job with: (result, None) to succeed it, (None, (code, message)) to fail it.
+Outcome = tuple[dict[str, Any] | None, tuple[str, str] | None]
+
+
+def finish_batch(session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) -> list[bool]:
+    """Writes the outcome of every claim of a batch in one transaction and commits once; for each claim,
+    whether it was written (False where the claim is no longer current: that outcome is dropped)."""
+    written = []
+    for claim, (result, error) in outcomes:
+        if error is None:
+            written.append(_guarded_finish(session, claim, JobStatus.SUCCEEDED, result=result or {}))
+        else:
+            code, message = error
+            written.append(_guarded_finish(session, claim, JobStatus.FAILED, error={"code": code, "message": message}))
+    session.commit()
+    return written
 
 
 def succeed(session: Session, claim: Claim, result: dict[str, Any], *, add: Sequence[object] = ()) -> bool:

@@ -122,6 +122,33 @@ def test_stale_attempt_cannot_finish_a_job_claimed_again(sessions: sessionmaker[
         assert session.query(JobEvent).filter_by(job_id=job_id).count() == 0
 
 
+def test_a_batch_writes_its_outcomes_together_and_drops_only_the_stale_ones(
+    sessions: sessionmaker[Session],
+) -> None:
+    ids = add_jobs(sessions, 3)
+    with sessions() as session:
+        claims = job_states.claim_batch(session, kind="generate", base_model="m", worker="a", lease_seconds=60, limit=3)
+        assert len(claims) == 3
+        stale = next(c for c in claims if c.job_id == ids[2])
+        session.execute(Job.__table__.update().where(Job.id == stale.job_id).values(attempt=stale.attempt + 1))
+        session.commit()
+        by_id = {c.job_id: c for c in claims}
+        outcomes = [
+            (by_id[ids[0]], ({"text": "ok"}, None)),
+            (by_id[ids[1]], (None, ("generation_failed", "boom"))),
+            (stale, ({"text": "late"}, None)),
+        ]
+        assert job_states.finish_batch(session, outcomes) == [True, True, False]
+    with sessions() as session:
+        rows = {j.id: j for j in session.query(Job).filter(Job.id.in_(ids))}
+    assert rows[ids[0]].status == JobStatus.SUCCEEDED and rows[ids[0]].result == {"text": "ok"}
+    assert rows[ids[1]].status == JobStatus.FAILED and rows[ids[1]].error == {
+        "code": "generation_failed",
+        "message": "boom",
+    }
+    assert rows[ids[2]].status == JobStatus.RUNNING and rows[ids[2]].result is None
+
+
 def test_terminal_jobs_do_not_change_again(sessions: sessionmaker[Session]) -> None:
     (job_id,) = add_jobs(sessions, 1)
     with sessions() as session:

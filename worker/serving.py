@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from shared import artifacts, job_states
 from shared.db import get_sessionmaker
-from shared.job_states import Claim
+from shared.job_states import Claim, Outcome
 from shared.logging import job_context
 from shared.models import FineTunedModel, Job
 from shared.notify import publish_finished, publish_stream_end
@@ -140,18 +140,7 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
         started = time.perf_counter()
         with lease_keeper(settings.lease_seconds).holding(claims), job_context(*(c.job_id for c in claims)):
             outcomes = _run(session, claims, settings, models)
-        written: list[str] = []
-        for claim, (result, error) in zip(claims, outcomes, strict=True):
-            if error is None:
-                ok = job_states.succeed(session, claim, result or {})
-            else:
-                ok = job_states.fail(session, claim, *error)
-            if ok:
-                written.append(f"{claim.job_id}@{claim.attempt}:{'succeeded' if error is None else 'failed'}")
-            else:
-                log.warning("outcome of %s@%d dropped: the claim is no longer current", claim.job_id, claim.attempt)
-        if written:
-            log.info("wrote %s", " ".join(written))
+        _write_back(session, claims, outcomes)
     ids = [c.job_id for c in claims]
     publish_finished(ids)
     for claim in claims:
@@ -163,7 +152,25 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
     return ids
 
 
-Outcome = tuple[dict[str, Any] | None, tuple[str, str] | None]
+def _write_back(session: Session, claims: Sequence[Claim], outcomes: Sequence[Outcome]) -> None:
+    """Writes the batch's outcomes in one transaction and logs what was written, for the audit trail.
+
+    If the commit fails (the database went away), whether it landed is unknown: the line says which
+    outcomes were in flight, and the exception goes on (the jobs' leases lapse and the reaper requeues
+    whatever did not land).
+    """
+    pairs = list(zip(claims, outcomes, strict=True))
+    tokens = [f"{c.job_id}@{c.attempt}:{'failed' if error else 'succeeded'}" for c, (_, error) in pairs]
+    try:
+        written = job_states.finish_batch(session, pairs)
+    except Exception:
+        log.exception("write-back failed, outcome unknown: %s", " ".join(tokens))
+        raise
+    for claim, ok in zip(claims, written, strict=True):
+        if not ok:
+            log.warning("outcome of %s@%d dropped: the claim is no longer current", claim.job_id, claim.attempt)
+    if any(written):
+        log.info("wrote %s", " ".join(t for t, ok in zip(tokens, written, strict=True) if ok))
 
 
 def _fault_injection(claims: Sequence[Claim]) -> None:
@@ -197,6 +204,7 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
 
     outcomes: list[Outcome | None] = [None] * len(claims)
     folders = _adapter_folders(session, settings, claims)
+    session.commit()  # no transaction stays open while the batch generates (it would hold back vacuum)
     usable = {m: f for m, f in folders.items() if f is not None}
     broken: str | None = None
     try:

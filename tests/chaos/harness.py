@@ -270,6 +270,7 @@ class Jobs:
 
 CLAIMED = re.compile(r"claimed \d+ jobs: (.+)$")
 WROTE = re.compile(r"wrote (.+)$")
+UNKNOWN = re.compile(r"write-back failed, outcome unknown: (.+)$")
 
 
 def log_messages(text: str) -> Iterator[str]:
@@ -290,6 +291,8 @@ class Audit:
 
     claims: dict[str, list[int]] = field(default_factory=dict)
     writes: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    # outcomes whose commit raised (the database died under it): they may or may not have landed
+    unknown: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
 
     @classmethod
     def read(cls, texts: Iterable[str]) -> Audit:
@@ -300,11 +303,13 @@ class Audit:
                     for token in claimed.group(1).split():
                         job_id, _, attempt = token.partition("@")
                         audit.claims.setdefault(job_id, []).append(int(attempt))
-                elif wrote := WROTE.search(message):
-                    for token in wrote.group(1).split():
-                        job_id, _, rest = token.partition("@")
-                        attempt, _, status = rest.partition(":")
-                        audit.writes.setdefault(job_id, []).append((int(attempt), status))
+                    continue
+                for pattern, target in ((WROTE, audit.writes), (UNKNOWN, audit.unknown)):
+                    if found := pattern.search(message):
+                        for token in found.group(1).split():
+                            job_id, _, rest = token.partition("@")
+                            attempt, _, status = rest.partition(":")
+                            target.setdefault(job_id, []).append((int(attempt), status))
         return audit
 
 
@@ -452,6 +457,8 @@ def assert_exactly_once(system: ChaosSystem, ids: list[str], *, max_claims: int 
     audit = system.audit()
     for job_id, row in rows.items():
         writes = audit.writes.get(job_id, [])
+        if not writes and (row["attempt"], row["status"]) in audit.unknown.get(job_id, []):
+            writes = [(row["attempt"], row["status"])]  # its commit landed though the worker saw it fail
         claims = audit.claims.get(job_id, [])
         # Each claim is a distinct attempt (a conditional UPDATE can hand out an attempt only once).
         assert len(claims) == len(set(claims)), f"{job_id}: an attempt was claimed twice: {claims}"

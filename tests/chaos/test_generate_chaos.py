@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import pickle
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -32,22 +34,23 @@ def test_worker_killed_mid_batch_every_job_completes_exactly_once(chaos_env: Mak
     first = system.start_worker(wait=False)
     system.start_gateway()
     system.wait_worker_ready(first)
-    ids = system.submit_many(40, max_tokens=32)  # a batch of 8 takes one to a few seconds here
+    ids = system.submit_many(40, max_tokens=64)
 
-    # Wait until a batch has been running for a moment, then kill -9 the worker in the middle of it.
-    worker = system.worker_id(first)
+    # Freeze the worker (SIGSTOP) and look: if it holds a batch, it is frozen in the middle of it, so
+    # kill -9 it there; otherwise let it go on and look again. A batch may take 0.1 s or 5 s on this
+    # machine depending on its load; freezing first makes "mid-batch" certain either way.
+    worker, pid = system.worker_id(first), system.pid(first)
 
-    def mid_batch() -> list[str]:
+    def frozen_mid_batch() -> list[str]:
+        os.kill(pid, signal.SIGSTOP)
         batch = running_on(system, ids, worker)
-        if batch:
-            time.sleep(0.3)
-            return batch if set(running_on(system, ids, worker)) == set(batch) else []
-        return []
+        if not batch:
+            os.kill(pid, signal.SIGCONT)
+        return batch
 
-    wait_for(mid_batch, 60, "a batch to be running", interval=0.02)
+    victims = wait_for(frozen_mid_batch, 60, "a batch to be running", interval=0.01)
     killed_at = system.kill(first)
-    victims = running_on(system, ids, worker)
-    assert victims, "the batch finished before the kill"
+    assert set(running_on(system, ids, worker)) == set(victims)
     system.start_worker()
     victims_done_at = system.jobs.wait_terminal(victims, timeout=240)
     record_recovery("1. generate worker kill -9 mid-batch", f"kill -> the killed batch ({len(victims)} jobs) terminal",
