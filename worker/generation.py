@@ -104,6 +104,16 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> str | None:
 StepListener = Callable[[Sequence[Sequence[int]]], None]
 
 
+def _decode_attention(loaded: LoadedModel, prefill: str) -> str:
+    """The attention kernel for decode steps (a single query position per row).
+
+    On the CPU, PyTorch's SDPA costs more than plain matmul-softmax-matmul for one query position: eager
+    attention there gave +16% tokens/s on full-size GPT-2 (bench/inference.py). The prompt pass (many
+    positions) keeps SDPA, and so does every step on a GPU.
+    """
+    return "eager" if loaded.device.type == "cpu" and prefill == "sdpa" else prefill
+
+
 @torch.inference_mode()
 def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepListener | None = None) -> list[Generation]:
     """Completes every request in one left-padded batch; outputs are in request order.
@@ -139,42 +149,55 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
     # With adapters loaded the model is a PeftModel, which routes each row to its own adapter.
     per_row = {"adapter_names": [r.adapter or "__base__" for r in requests]} if _has_adapters(loaded) else {}
 
-    for _ in range(steps):
-        out = loaded.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **per_row,
-        )
-        cache = out.cache
-        last = out.logits[:, -1, :]  # [B, vocab]
-        next_ids = torch.full((batch,), pad, dtype=torch.long)
-        for row, request in enumerate(requests):
-            if done[row]:
-                continue
-            token = _next_token(last[row], request.params, generators[row])
-            next_ids[row] = token
-            if token == eos:
-                done[row], reasons[row] = True, "stop"
-                continue
-            generated[row].append(token)
-            if request.params.stop:
-                cut = _cut_at_stop(_decode(loaded, generated[row]), request.params.stop)
-                if cut is not None:
-                    done[row], reasons[row], texts[row] = True, "stop", cut
+    greedy_rows = any(r.params.temperature == 0 for r in requests)
+    config = loaded.model.config
+    prefill_attention = config._attn_implementation
+    try:
+        for step in range(steps):
+            if step == 1:  # one query position per row from here on
+                config._attn_implementation = _decode_attention(loaded, prefill_attention)
+            out = loaded.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **per_row,
+            )
+            cache = out.cache
+            last = out.logits[:, -1, :]  # [B, vocab]
+            # One argmax over the batch serves every greedy row (a call per row costs more than the work).
+            argmax = last.argmax(dim=-1).tolist() if greedy_rows else []
+            next_ids = [pad] * batch
+            for row, request in enumerate(requests):
+                if done[row]:
                     continue
-            if len(generated[row]) >= request.params.max_new_tokens:
-                done[row] = True
-        if on_step is not None:
-            on_step(generated)
-        if all(done):
-            break
-        input_ids = next_ids.unsqueeze(-1).to(device)  # [B, 1]
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
-        position_ids = position_ids[:, -1:] + 1
+                if request.params.temperature == 0:
+                    token = argmax[row]
+                else:
+                    token = _next_token(last[row], request.params, generators[row])
+                next_ids[row] = token
+                if token == eos:
+                    done[row], reasons[row] = True, "stop"
+                    continue
+                generated[row].append(token)
+                if request.params.stop:
+                    cut = _cut_at_stop(_decode(loaded, generated[row]), request.params.stop)
+                    if cut is not None:
+                        done[row], reasons[row], texts[row] = True, "stop", cut
+                        continue
+                if len(generated[row]) >= request.params.max_new_tokens:
+                    done[row] = True
+            if on_step is not None:
+                on_step(generated)
+            if all(done):
+                break
+            input_ids = torch.tensor(next_ids, dtype=torch.long).unsqueeze(-1).to(device)  # [B, 1]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((batch, 1))], dim=-1)
+            position_ids = position_ids[:, -1:] + 1
+    finally:
+        config._attn_implementation = prefill_attention
 
     return [
         Generation(
