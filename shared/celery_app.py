@@ -83,3 +83,15 @@ def enqueue_after_commit(kind: str, job_id: str) -> bool:
     except Exception as exc:
         log.warning("could not publish %s (queued; the reaper will re-send it): %s", job_id, exc)
         return False
+
+
+def waiting_messages(kind: str) -> int:
+    """Messages waiting in the broker in a kind's queue, not yet taken by a worker.
+
+    kombu counts them: on Redis the LLEN of the queue's list and of its priority sub-lists
+    (`generate`, `generate\\x06\\x163`, ...); on the file broker the queue's message files (a taken
+    message is moved out first). A message a worker holds unacknowledged is not counted.
+    """
+    with get_celery().pool.acquire(block=True) as connection:
+        declared = connection.default_channel.queue_declare(QUEUES[kind], passive=False)
+        return int(declared.message_count)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists, insert, literal, select, update
+from sqlalchemy import exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import DEFAULT_TENANT, Checkpoint, Job, JobEvent, new_id, utcnow
@@ -343,18 +343,29 @@ def fail_exhausted(session: Session) -> list[str]:
     return list(ids)
 
 
-def unpublished(session: Session, older_than_seconds: float, limit: int = 1000) -> list[Job]:
-    """Queued jobs whose last message is older than this (it may be lost); marks them published, commits."""
+def queued_counts(session: Session) -> dict[str, int]:
+    """How many jobs of each kind are queued (kinds with none are left out)."""
+    rows = session.execute(
+        select(Job.kind, func.count()).where(Job.status == JobStatus.QUEUED).group_by(Job.kind)
+    ).all()
+    session.rollback()
+    return {kind: int(count) for kind, count in rows}
+
+
+def unpublished(
+    session: Session, older_than_seconds: float, limit: int = 1000, *, kind: str | None = None
+) -> list[Job]:
+    """The oldest queued jobs (of a kind, or all) whose last message is older than this (it may be lost),
+    at most limit; marks them published and commits."""
     now = utcnow()
+    stale = (Job.status == JobStatus.QUEUED) & (Job.published_at < now - timedelta(seconds=older_than_seconds))
+    if kind is not None:
+        stale = stale & (Job.kind == kind)
+    oldest = select(Job.id).where(stale).order_by(Job.created_at, Job.id).limit(limit)
     ids = session.scalars(
-        update(Job)
-        .where(
-            Job.status == JobStatus.QUEUED,
-            Job.published_at < now - timedelta(seconds=older_than_seconds),
-            Job.id.in_(select(Job.id).where(Job.status == JobStatus.QUEUED).limit(limit).scalar_subquery()),
-        )
-        .values(published_at=now)
-        .returning(Job.id)
+        update(Job).where(stale, Job.id.in_(oldest.scalar_subquery())).values(published_at=now).returning(Job.id)
     ).all()
     session.commit()
-    return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
+    if not ids:
+        return []
+    return list(session.scalars(select(Job).where(Job.id.in_(ids)).order_by(Job.created_at, Job.id)))

@@ -4,6 +4,14 @@ Delivery through the broker is at least once and a message can vanish (Redis res
 crash between commit and publish, a worker killed with its message unacknowledged). The database
 stays the source of truth: every step here is a conditional UPDATE, so any number of reapers can
 run at once, and a repeated message only finds its job no longer queued.
+
+Lost-message repair re-sends only what may really be lost. A generate message names no job a worker
+must run: any one makes a worker claim the oldest queued jobs of its base model. So while the
+broker holds at least as many generate messages as there are queued generate jobs, none is lost,
+however long the backlog waits; when it holds fewer, the missing number is re-sent, for the oldest
+jobs whose last message is older than republish_after_seconds. A train message runs the one job it
+names, so counting cannot tell whose message is missing: every train job queued that long gets
+another (fine-tunes are few, and a duplicate finds its job no longer queued).
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session
 
 from shared import job_states
-from shared.celery_app import enqueue
+from shared.celery_app import enqueue, waiting_messages
 from shared.notify import publish_finished
 from shared.settings import Settings
 
@@ -41,9 +49,28 @@ def reap_once(session: Session, settings: Settings) -> Reaped:
     if reaped.failed:
         log.warning("failed after max attempts: %s", ", ".join(reaped.failed))
         publish_finished(reaped.failed)
-    for job in job_states.unpublished(session, settings.republish_after_seconds):
-        enqueue(job.kind, job.id)
-        reaped.republished.append(job.id)
+    reaped.republished = _repair_lost_messages(session, settings.republish_after_seconds)
     if reaped.republished:
         log.info("re-sent messages of %d queued jobs", len(reaped.republished))
     return reaped
+
+
+# Kinds whose messages are interchangeable: any message serves the oldest queued jobs, not one named job.
+COUNTED_KINDS = ("generate",)
+
+
+def _repair_lost_messages(session: Session, older_than_seconds: float) -> list[str]:
+    """Re-sends the messages that may be lost; the ids of the jobs they were sent for."""
+    # The broker is counted before the database: a message taken meanwhile then looks present, and its
+    # job (claimed meanwhile) is not counted, instead of the reverse, which would look like a loss.
+    waiting = {kind: waiting_messages(kind) for kind in COUNTED_KINDS}
+    queued = job_states.queued_counts(session)
+    sent = []
+    for kind in sorted(queued):
+        missing = queued[kind] - waiting[kind] if kind in waiting else queued[kind]
+        if missing <= 0:
+            continue
+        for job in job_states.unpublished(session, older_than_seconds, min(missing, 1000), kind=kind):
+            enqueue(job.kind, job.id)
+            sent.append(job.id)
+    return sent

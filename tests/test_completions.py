@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
 
-from tests.conftest import System
+from shared.statuses import JobStatus
+from tests.conftest import System, configure
 
 pytestmark = pytest.mark.e2e
 
@@ -103,3 +107,31 @@ def test_unsupported_or_excessive_options_answer_422(production_system: System, 
 def test_unknown_model_answers_404_through_the_sdk(production_system: System) -> None:
     with pytest.raises(openai.NotFoundError):
         sdk(production_system).completions.create(model="ft:nope", prompt="Hi")
+
+
+def test_a_streamed_completion_that_times_out_cancels_its_queued_job(
+    postgres_url: str, quiet_redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from fastapi.testclient import TestClient
+
+    configure(  # no worker consumes quiet_redis_url: the job stays queued until the stream gives up
+        monkeypatch,
+        database_url=postgres_url,
+        broker_url=quiet_redis_url,
+        base_model="test-base-model",
+        data_dir=str(tmp_path),
+        completion_timeout_seconds="0.5",
+    )
+    from gateway.app import create_app
+    from shared.db import get_sessionmaker
+    from shared.models import Job
+
+    body = {"model": "test-base-model", "prompt": "Hi", "stream": True}
+    with TestClient(create_app()) as client:
+        response = client.post("/v1/completions", json=body)
+    events = [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+    assert response.status_code == 200 and events[-1]["error"]["code"] == "timeout", response.text
+    job_id = events[-1]["error"]["message"].split()[1]
+    with get_sessionmaker()() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == JobStatus.CANCELLED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 from shared import job_states
 from shared.models import Job, utcnow
 from shared.statuses import JobStatus
-from tests.conftest import configure
+from tests.conftest import configure, reset_caches
 
 
 @pytest.fixture
@@ -129,3 +130,78 @@ def test_lease_keeper_renews_while_a_job_runs(session: Session) -> None:
         assert reap(session).requeued == []  # type: ignore[attr-defined]
     time.sleep(0.8)
     assert reap(session).requeued == [job_id]  # type: ignore[attr-defined]
+
+
+def make_old(session: Session, *job_ids: str) -> None:
+    """As if each job's last message went out five minutes ago (longer than republish_after_seconds)."""
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(published_at=utcnow() - timedelta(minutes=5)))
+    session.commit()
+
+
+def test_a_long_backlog_whose_messages_are_all_waiting_gets_no_duplicates(
+    session: Session, quiet_redis_url: str
+) -> None:
+    from shared.celery_app import enqueue
+
+    backlog = [new_job(session) for _ in range(5)]
+    for job_id in backlog:
+        enqueue("generate", job_id)
+    make_old(session, *backlog)  # queued long, but only because no worker has come yet
+    assert reap(session).republished == []  # type: ignore[attr-defined]
+    assert sorted(queued_ids(quiet_redis_url, "generate")) == sorted(backlog)
+
+
+def test_only_as_many_messages_as_are_missing_are_resent_for_the_oldest_jobs(
+    session: Session, quiet_redis_url: str
+) -> None:
+    from shared.celery_app import enqueue
+
+    backlog = [new_job(session) for _ in range(5)]
+    enqueue("generate", backlog[3])
+    enqueue("generate", backlog[4])  # three of the five messages were lost
+    make_old(session, *backlog)
+    assert reap(session).republished == backlog[:3]  # type: ignore[attr-defined]
+    assert len(queued_ids(quiet_redis_url, "generate")) == 5
+    make_old(session, *backlog)
+    assert reap(session).republished == []  # type: ignore[attr-defined]
+
+
+def test_messages_on_a_priority_sub_queue_count_too(session: Session, quiet_redis_url: str) -> None:
+    from shared.celery_app import get_celery
+
+    job_id = new_job(session)
+    get_celery().send_task("llmq.generate", args=[job_id], queue="generate", priority=5)
+    make_old(session, job_id)
+    assert redis.Redis.from_url(quiet_redis_url).llen("generate") == 0  # it sits in generate\x06\x163
+    assert reap(session).republished == []  # type: ignore[attr-defined]
+
+
+def test_a_train_job_queued_long_gets_another_message_even_when_others_wait(session: Session) -> None:
+    from shared.celery_app import enqueue
+
+    waiting, lost = new_job(session, kind="train"), new_job(session, kind="train")
+    enqueue("train", waiting)
+    enqueue("train", waiting)  # as many train messages as train jobs, but none names `lost`
+    make_old(session, waiting, lost)
+    assert reap(session).republished == [waiting, lost]  # type: ignore[attr-defined]
+
+
+def test_the_file_broker_counts_its_message_files(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    configure(monkeypatch, database_url=postgres_url, data_dir=str(tmp_path), republish_after_seconds="30")
+    monkeypatch.delenv("LLMQ_BROKER_URL", raising=False)
+    reset_caches()
+    from shared.celery_app import enqueue
+    from shared.db import get_sessionmaker
+
+    with get_sessionmaker()() as s:
+        s.execute(delete(Job))
+        s.commit()
+        waiting, lost = new_job(s), new_job(s)
+        enqueue("generate", waiting)
+        make_old(s, waiting, lost)
+        assert reap(s).republished == [waiting]  # type: ignore[attr-defined]  # the oldest, for the one lost
+        assert len(list((tmp_path / "broker" / "queue").glob("*.generate.msg"))) == 2
+        make_old(s, waiting, lost)
+        assert reap(s).republished == []  # type: ignore[attr-defined]

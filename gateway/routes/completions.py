@@ -230,6 +230,7 @@ async def _stream(
         return _sse({"id": job_id, "object": "text_completion", "created": created, "model": body.model,
                      "choices": [choice]})  # fmt: skip
 
+    submitted = finished = False
     try:
         if pubsub is not None:
             await pubsub.subscribe(stream_channel(job_id))  # before the job exists: no delta is missed
@@ -238,6 +239,7 @@ async def _stream(
         except ApiError as exc:
             yield _sse({"error": {"message": exc.message, "type": exc.type, "code": exc.code}})
             return
+        submitted = True
         if body.echo:
             for i in range(len(prompts) * body.n):
                 yield chunk(i, prompts[i // body.n], None)
@@ -258,9 +260,15 @@ async def _stream(
             if statuses.is_terminal(job.status):
                 break
             if time.monotonic() > deadline:
-                yield _sse({"error": {"message": f"job {job_id} not finished in time", "type": "server_error",
-                                      "code": "timeout"}})  # fmt: skip
+                # As without stream: a job still queued is cancelled, so it neither runs later for nobody
+                # nor keeps counting against the tenant's quota; a running one finishes (a batch cannot
+                # be split) and its result stays readable at GET /v1/generations/{id}.
+                await run_in_threadpool(_cancel_if_queued, job_id)
+                finished = True
+                message = f"job {job_id} not finished after {settings.completion_timeout_seconds} s"
+                yield _sse({"error": {"message": message, "type": "server_error", "code": "timeout"}})
                 return
+        finished = True
         job = await run_in_threadpool(_load, job_id)
         if job.status != statuses.JobStatus.SUCCEEDED:
             error = job.error or {"code": job.status, "message": f"job {job.status}"}
@@ -279,9 +287,16 @@ async def _stream(
                         "choices": [], "usage": usage})  # fmt: skip
         yield _sse("[DONE]")
     finally:
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pubsub.aclose())
+
+        async def clean_up() -> None:
+            if submitted and not finished:  # the client went away mid-stream: as on a timeout
+                with contextlib.suppress(Exception):
+                    await run_in_threadpool(_cancel_if_queued, job_id)
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+
+        await asyncio.shield(clean_up())  # runs to its end even when the stream's task is cancelled
 
 
 def _terminal_check(job_id: str) -> Any:
