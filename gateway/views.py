@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.schemas import (
@@ -12,6 +13,7 @@ from shared.schemas import (
     FineTuningEvent,
     FineTuningJob,
     FineTuningJobHyperparameters,
+    FineTuningJobProgress,
     GenerationJob,
     GenerationOutput,
     JobSummary,
@@ -115,6 +117,16 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         metadata=params["metadata"],
         dataset=params["dataset"],
         metrics=result.get("metrics"),
+        progress=_progress(result) if job.status == "running" else None,
+    )
+
+
+def _progress(result: dict[str, Any]) -> FineTuningJobProgress | None:
+    """The progress figures the worker writes on a running job's row (job_states.record_progress), if any."""
+    if "step" not in result or "total_steps" not in result:
+        return None
+    return FineTuningJobProgress(
+        step=result["step"], total_steps=result["total_steps"], train_loss=result.get("train_loss")
     )
 
 

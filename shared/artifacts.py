@@ -34,10 +34,19 @@ def file_path(file_id: str) -> str:
 
 
 def job_dir(job_id: str) -> str:
-    """Store-relative folder of a fine-tune's checkpoints and logs."""
+    """Store-relative folder of a fine-tune's checkpoints: one checkpoints_dir per attempt under it."""
     return f"jobs/{job_id}"
 
 
-def adapter_dir(job_id: str) -> str:
-    """Store-relative folder of a finished fine-tune's adapter and manifest."""
-    return f"adapters/{job_id}"
+def checkpoints_dir(job_id: str, attempt: int) -> str:
+    """Store-relative folder of the checkpoints one attempt of a fine-tune writes (and only that attempt)."""
+    return f"{job_dir(job_id)}/attempt-{attempt}/checkpoints"
+
+
+def adapter_dir(job_id: str, attempt: int) -> str:
+    """Store-relative folder of the adapter and manifest one attempt of a fine-tune writes.
+
+    Each attempt has its own, so an attempt that lost its claim never touches the files of the attempt
+    whose success was recorded; the fine-tuned model row names the folder of that attempt.
+    """
+    return f"adapters/{job_id}/attempt-{attempt}"

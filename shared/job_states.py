@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import exists, func, insert, literal, select, update
+from sqlalchemy import delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.models import DEFAULT_TENANT, Checkpoint, Job, JobEvent, new_id, utcnow
@@ -288,11 +288,30 @@ def note(session: Session, job: Job, message: str, *, level: str = "info") -> No
     session.flush()
 
 
-def add_checkpoint(session: Session, claim: Claim, step: int, path: str, metrics: dict[str, Any]) -> bool:
-    """Records a complete checkpoint of the claimed job (only while the claim is current) and commits."""
-    if not session.execute(select(exists().where(_holds(claim)))).scalar():
+def add_checkpoint(
+    session: Session,
+    claim: Claim,
+    step: int,
+    path: str,
+    metrics: dict[str, Any],
+    *,
+    on_disk: Callable[[str], bool] | None = None,
+) -> bool:
+    """Records a complete checkpoint of the claimed job (only while the claim is current) and commits.
+
+    on_disk says whether a recorded checkpoint's folder still exists; in the same transaction the rows of
+    those that are gone (rotated out by the Trainer's save_total_limit) are deleted, so the job lists
+    only checkpoints that are on disk.
+    """
+    # FOR UPDATE (Postgres): the claim cannot be taken over between this check and the commit.
+    if session.execute(select(Job.id).where(_holds(claim)).with_for_update()).first() is None:
         session.rollback()
         return False
+    if on_disk is not None:
+        recorded = session.execute(select(Checkpoint.id, Checkpoint.path).where(Checkpoint.job_id == claim.job_id))
+        gone = [row.id for row in recorded if not on_disk(row.path)]
+        if gone:
+            session.execute(delete(Checkpoint).where(Checkpoint.id.in_(gone)))
     session.add(
         Checkpoint(
             id=new_id("ftckpt"),

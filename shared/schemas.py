@@ -231,6 +231,14 @@ class FineTuningJobHyperparameters(BaseModel):
     learning_rate_multiplier: float
 
 
+class FineTuningJobProgress(BaseModel):
+    """llmq extension: where a running fine-tune stands, from its latest progress write (at most every 2 s)."""
+
+    step: int = Field(description="Optimizer steps done.")
+    total_steps: int = Field(description="Optimizer steps the job trains for.")
+    train_loss: float | None = Field(description="Mean training loss of the steps since the previous write.")
+
+
 class FineTuningJob(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
@@ -254,6 +262,9 @@ class FineTuningJob(BaseModel):
     integrations: list[Any] = Field(default_factory=list)
     dataset: dict[str, Any] | None = Field(description="llmq extension: the hub dataset, if any.")
     metrics: dict[str, Any] | None = Field(description="llmq extension: losses and throughput so far.")
+    progress: FineTuningJobProgress | None = Field(
+        default=None, description="llmq extension: the current step and training loss while the job runs; else null."
+    )
 
 
 class FineTuningJobList(BaseModel):

@@ -7,14 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import job_states
 from shared.db import make_engine
 from shared.job_states import Claim
 from shared.migrate import upgrade
-from shared.models import Job, JobEvent
+from shared.models import Checkpoint, Job, JobEvent
 from shared.statuses import JobStatus
 
 
@@ -120,6 +120,33 @@ def test_stale_attempt_cannot_finish_a_job_claimed_again(sessions: sessionmaker[
         job = session.get(Job, job_id, populate_existing=True)
         assert job is not None and job.status == JobStatus.SUCCEEDED and job.result == {"who": "fresh"}
         assert session.query(JobEvent).filter_by(job_id=job_id).count() == 0
+
+
+def test_a_new_checkpoint_drops_the_rows_of_rotated_out_ones_only_while_the_claim_holds(
+    sessions: sessionmaker[Session],
+) -> None:
+    (job_id,) = add_jobs(sessions, 1)
+    on_disk = {"c/1", "c/2"}
+
+    def recorded(session: Session) -> list[str]:
+        query = select(Checkpoint.path).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)
+        return list(session.scalars(query))
+
+    with sessions() as session:
+        stale = job_states.claim(session, job_id, worker="a", lease_seconds=60)
+        assert stale is not None
+        for step in (1, 2):
+            assert job_states.add_checkpoint(session, stale, step, f"c/{step}", {}, on_disk=on_disk.__contains__)
+        on_disk.discard("c/1")  # rotated out by the Trainer's save_total_limit
+        session.execute(Job.__table__.update().values(status=JobStatus.QUEUED))
+        session.commit()
+        fresh = job_states.claim(session, job_id, worker="b", lease_seconds=60)
+        assert fresh is not None
+        on_disk.add("c/3")
+        assert not job_states.add_checkpoint(session, stale, 3, "c/3", {}, on_disk=on_disk.__contains__)
+        assert recorded(session) == ["c/1", "c/2"]  # a stale attempt neither adds nor deletes
+        assert job_states.add_checkpoint(session, fresh, 3, "c/3", {}, on_disk=on_disk.__contains__)
+        assert recorded(session) == ["c/2", "c/3"]
 
 
 def test_a_batch_writes_its_outcomes_together_and_drops_only_the_stale_ones(

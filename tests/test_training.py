@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -23,7 +24,7 @@ from sqlalchemy import select, update
 
 from shared import artifacts, job_states
 from shared.db import get_sessionmaker
-from shared.fine_tuning import Hyperparameters
+from shared.fine_tuning import Hyperparameters, ResolvedHyperparameters
 from shared.migrate import upgrade
 from shared.models import Checkpoint, File, FineTunedModel, Job, JobEvent, new_id
 from shared.prompts import TEMPLATE, alpaca_prompt
@@ -358,6 +359,7 @@ def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
     assert result["checkpoint"]["step"] == stopped
     (checkpoint,) = checkpoints(job_id)
     assert checkpoint.step == stopped and checkpoint.metrics["trained_tokens"] == result["trained_tokens"]
+    assert checkpoint.path == f"jobs/{job_id}/attempt-1/checkpoints/checkpoint-{stopped}"
     assert (artifacts.resolve(store, checkpoint.path) / "adapter_model.safetensors").is_file()
     assert (artifacts.resolve(store, checkpoint.path) / "trainer_state.json").is_file()
     assert any("cancelled" in e.message for e in events(job_id))
@@ -380,6 +382,87 @@ def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
     second = [e.data for e in events(job_id, "metrics") if e.attempt == 2 and e.data and "train_loss" in e.data]
     assert [d["step"] for d in second] == [stopped + 1, stopped + 2, stopped + 3]
     assert (job.result or {})["trained_tokens"] > result["trained_tokens"]
+    # Attempt 2 read attempt 1's checkpoint but wrote only into its own folders.
+    assert (job.result or {})["adapter_path"] == f"adapters/{job_id}/attempt-2"
+    assert not artifacts.resolve(store, f"adapters/{job_id}/attempt-1").exists()
+    assert (artifacts.resolve(store, checkpoint.path) / "trainer_state.json").is_file()
+
+
+def test_resume_takes_the_newest_complete_checkpoint_of_any_attempt(tmp_path: Path) -> None:
+    def checkpoint(attempt: int, step: int, *, complete: bool = True) -> Path:
+        folder = tmp_path / f"attempt-{attempt}" / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / training.TRAINER_STATE).write_text("{}")
+        return folder
+
+    assert training.last_complete_checkpoint(tmp_path) is None
+    checkpoint(1, 4)
+    newest = checkpoint(1, 8)
+    checkpoint(2, 12, complete=False)  # the attempt died while writing it
+    checkpoint(3, 6)
+    assert training.last_complete_checkpoint(tmp_path) == newest
+
+
+@pytest.mark.slow
+def test_listed_checkpoints_are_the_ones_left_on_disk(store: Settings, tiny_model: Path) -> None:
+    file_id = add_file(store)
+    job_id = add_job(str(tiny_model), training_file=file_id, max_steps=6, save_every_steps=2, **FAST)
+
+    training.run_fine_tune(job_id, store)
+
+    assert job_row(job_id).status == "succeeded", job_row(job_id).error
+    recorded = checkpoints(job_id)
+    assert [c.step for c in recorded] == [4, 6]  # save_total_limit 2 deleted checkpoint-2; so was its row
+    for row in recorded:
+        assert (artifacts.resolve(store, row.path) / "trainer_state.json").is_file()
+    folder = artifacts.resolve(store, f"jobs/{job_id}/attempt-1/checkpoints")
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+class FakeAdapter:
+    """Stands in for the trained PeftModel: saving writes one weights file that names its attempt."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+
+    def save_pretrained(self, folder: Path, safe_serialization: bool) -> None:
+        folder.mkdir(parents=True)
+        (folder / "adapter_model.safetensors").write_text(self.who)
+
+
+def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_that_succeeded(store: Settings) -> None:
+    job_id = add_job("base", training_file="file-x")
+    hp = ResolvedHyperparameters.model_validate(job_row(job_id).params["hyperparameters"])
+    loaded: Any = SimpleNamespace(
+        model=SimpleNamespace(config=SimpleNamespace(_commit_hash=None)), tokenizer=SimpleNamespace(eos_token="<e>")
+    )
+    data: Any = SimpleNamespace(source={"train": {"sha256": "x"}})
+
+    def succeed(session: Any, claim: job_states.Claim, who: str) -> None:
+        trainer = SimpleNamespace(model=FakeAdapter(who))
+        training._succeed(session, claim, store, trainer, loaded, data, hp, 7, {"trained_tokens": 1})
+
+    with get_sessionmaker()() as session:
+        stale = job_states.claim(session, job_id, worker="a", lease_seconds=60)
+        assert stale is not None
+        session.execute(update(Job).where(Job.id == job_id).values(status="queued"))  # the reaper requeued it
+        session.commit()
+        current = job_states.claim(session, job_id, worker="b", lease_seconds=60)
+        assert current is not None and current.attempt == 2
+        succeed(session, current, "attempt 2")
+        with pytest.raises(training.ClaimLost):
+            succeed(session, stale, "attempt 1")  # reaches save_adapter after attempt 2 succeeded
+
+    result = job_row(job_id).result or {}
+    assert result["adapter_path"] == f"adapters/{job_id}/attempt-2"
+    with get_sessionmaker()() as session:
+        row = session.get(FineTunedModel, result["fine_tuned_model"])
+        assert row is not None and row.path == result["adapter_path"]
+        folder = artifacts.resolve(store, row.path)
+        assert (folder / "adapter_model.safetensors").read_text() == "attempt 2"
+        assert json.loads((folder / "manifest.json").read_text()) == row.manifest
+    assert not artifacts.resolve(store, f"adapters/{job_id}/attempt-1").exists()  # the stale one cleaned up
 
 
 # ----------------------------------------------------------------------------------------------------------

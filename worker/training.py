@@ -131,8 +131,9 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
     _renew(session, claim, settings)
     _event(session, claim, f"Loaded base model {job.base_model} ({hp.quantization}) on {loaded.device.type}.")
 
-    job_dir = artifacts.resolve(settings, artifacts.job_dir(job.id))
-    trainer = build_trainer(loaded, data, hp, seed, output_dir=job_dir / "checkpoints")
+    # Each attempt writes its own checkpoints; it resumes from the newest complete one of any attempt.
+    output_dir = artifacts.resolve(settings, artifacts.checkpoints_dir(job.id, claim.attempt))
+    trainer = build_trainer(loaded, data, hp, seed, output_dir=output_dir)
     callback = JobCallback(session, claim, settings, trainer)
     trainer.add_callback(callback)
 
@@ -140,7 +141,7 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
     if data.validation:
         metrics["base_val_loss"] = callback.evaluate("base_val_loss", "Validation loss of the base model")
 
-    resume = last_complete_checkpoint(job_dir / "checkpoints")
+    resume = last_complete_checkpoint(artifacts.resolve(settings, artifacts.job_dir(job.id)))
     if resume is not None:
         trainer.trained_tokens = _trained_tokens_at(resume)
         _event(session, claim, f"Resuming from the checkpoint at step {_step_of(resume)}.")
@@ -326,11 +327,11 @@ class CountingSFTTrainer(SFTTrainer):
         super().log(logs, start_time)
 
 
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint-N folder that holds trainer_state.json (written last), or None."""
-    if not folder.is_dir():
-        return None
-    complete = [p for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and (p / TRAINER_STATE).is_file()]
+def last_complete_checkpoint(job_folder: Path) -> Path | None:
+    """The newest checkpoint of any attempt (attempt-<n>/checkpoints/checkpoint-<step> under the job's folder)
+    that holds trainer_state.json (written last), or None."""
+    found = job_folder.glob("attempt-*/checkpoints/checkpoint-*")
+    complete = [p for p in found if p.name[11:].isdigit() and (p / TRAINER_STATE).is_file()]
     return max(complete, key=_step_of, default=None)
 
 
@@ -422,6 +423,10 @@ class JobCallback(TrainerCallback):
     def _write(self, ok: bool, control: Any) -> None:
         if not ok:
             self._lost(control)
+
+    def _on_disk(self, path: str) -> bool:
+        """Whether a recorded checkpoint's folder is still there (save_total_limit deletes older ones)."""
+        return artifacts.resolve(self.settings, path).is_dir()
 
     # -- rates --------------------------------------------------------------------------------------------
 
@@ -548,7 +553,10 @@ class JobCallback(TrainerCallback):
             metrics["val_loss"] = self.val_loss
         path = artifacts.relative(self.settings, folder)
         self.last_checkpoint = {"step": state.global_step, "path": path, "metrics": metrics}
-        self._write(job_states.add_checkpoint(self.session, self.claim, state.global_step, path, metrics), control)
+        recorded = job_states.add_checkpoint(
+            self.session, self.claim, state.global_step, path, metrics, on_disk=self._on_disk
+        )
+        self._write(recorded, control)
         if self.stop_reason is None:
             self._write(
                 job_states.add_event(
@@ -611,7 +619,7 @@ def _succeed(
 ) -> None:
     job: Job = claim.job
     model_id = fine_tuned_model_id(job.base_model, job.params.get("suffix"), job.id)
-    relative_dir = artifacts.adapter_dir(job.id)
+    relative_dir = artifacts.adapter_dir(job.id, claim.attempt)
     manifest = {
         "fine_tuned_model": model_id,
         "job_id": job.id,
@@ -630,9 +638,9 @@ def _succeed(
         "metadata": job.params.get("metadata"),
         "created_at": utcnow().isoformat(),
     }
-    files = save_adapter(trainer.model, artifacts.resolve(settings, relative_dir), manifest)
+    folder = artifacts.resolve(settings, relative_dir)
+    files = save_adapter(trainer.model, folder, manifest)
     result_files = [f"{relative_dir}/{name}" for name in files]
-    _event(session, claim, f"New fine-tuned model created: {model_id}", data={"metrics": metrics})
     result = {
         "fine_tuned_model": model_id,
         "trained_tokens": metrics["trained_tokens"],
@@ -649,8 +657,13 @@ def _succeed(
         manifest=manifest,
         created_at=utcnow(),
     )
-    if not job_states.succeed(session, claim, result, add=[row]):
-        raise ClaimLost(claim.job_id)
+    try:
+        _event(session, claim, f"New fine-tuned model created: {model_id}", data={"metrics": metrics})
+        if not job_states.succeed(session, claim, result, add=[row]):
+            raise ClaimLost(claim.job_id)
+    except ClaimLost:
+        shutil.rmtree(folder, ignore_errors=True)  # this attempt's own folder: nothing else reads or writes it
+        raise
     log.info("fine-tune %s succeeded: %s", job.id, model_id)
 
 
@@ -658,12 +671,11 @@ def save_adapter(model: Any, folder: Path, manifest: dict[str, Any]) -> list[str
     """Writes the LoRA weights (safetensors), their config and manifest.json into folder; the file names.
 
     Written into a sibling temporary folder first and moved into place, so a folder that exists is complete.
+    The folder is the attempt's own (artifacts.adapter_dir), so it does not exist yet.
     """
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    if folder.exists():  # left by an earlier attempt that died before it could succeed
-        shutil.rmtree(folder)
     os.replace(tmp, folder)
     return sorted(p.name for p in folder.iterdir() if p.is_file())

@@ -70,7 +70,8 @@ def test_train_worker_killed_mid_training_resumes_from_its_last_checkpoint(
     )
     assert created.status_code == 200, created.text
     job_id = created.json()["id"]
-    checkpoint_dir = Path(system.env["LLMQ_DATA_DIR"]) / "artifacts" / "jobs" / job_id / "checkpoints"
+    job_dir = Path(system.env["LLMQ_DATA_DIR"]) / "artifacts" / "jobs" / job_id
+    checkpoint_dir = job_dir / "attempt-1" / "checkpoints"  # each attempt writes its own checkpoints
 
     def recorded() -> list[int]:
         answer = httpx.get(f"{api}/v1/fine_tuning/jobs/{job_id}/checkpoints", timeout=10).json()
@@ -106,6 +107,13 @@ def test_train_worker_killed_mid_training_resumes_from_its_last_checkpoint(
     reached = max([*first_attempt, max(on_disk_at_kill)])
     assert reached - resumed <= SAVE_EVERY
     assert job["result_files"] or job["fine_tuned_model"], job
+    # Attempt 2 read attempt 1's checkpoint but wrote its own; the adapter is in attempt 2's folder.
+    assert complete_checkpoints(job_dir / "attempt-2" / "checkpoints")[-1] == MAX_STEPS
+    assert all(f.startswith(f"adapters/{job_id}/attempt-2/") for f in job["result_files"]), job["result_files"]
+    # Every listed checkpoint is on disk (rotated-out ones are no longer listed), and attempt 2's are listed.
+    listed = {c["step_number"] for c in httpx.get(f"{api}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]}
+    second_on_disk = set(complete_checkpoints(job_dir / "attempt-2" / "checkpoints"))
+    assert second_on_disk <= listed <= second_on_disk | set(complete_checkpoints(checkpoint_dir)), listed
     print(f"attempt 1 reached step >= {reached}; attempt 2 resumed at {resumed} and trained to {MAX_STEPS}")
 
     # A late duplicate of the job's message (a redelivery) finds it finished and changes nothing.
