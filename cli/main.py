@@ -16,7 +16,7 @@ from rich.console import Console
 from cli import api_commands, keys
 from cli.api_commands import Connection
 from cli.exit_codes import FAILED, USAGE, CliError, OneLineErrors
-from cli.processes import Children, gateway_command, wait_ready, worker_command
+from cli.processes import Children, gateway_command, threads_per_worker, wait_ready, worker_command
 from client import DEFAULT_URL
 from shared.settings import get_settings
 
@@ -124,8 +124,9 @@ def up() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         children.start("gateway", gateway_command(settings.api_host, settings.api_port))
-        children.start("worker-generate", worker_command("generate"))
-        children.start("worker-train", worker_command("train"))
+        threads = {"LLMQ_TORCH_THREADS": str(threads_per_worker(settings.torch_threads, workers=2))}
+        children.start("worker-generate", worker_command("generate"), env=threads)
+        children.start("worker-train", worker_command("train"), env=threads)
         wait_ready(base_url, children)
         console.print(f"llmq is up at {base_url} (logs in {children.log_dir}); Ctrl-C stops it")
         while True:

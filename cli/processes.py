@@ -35,6 +35,14 @@ def worker_command(queue: str, name: str | None = None) -> list[str]:
     ]  # fmt: skip
 
 
+def threads_per_worker(torch_threads: int, workers: int, cores: int | None = None) -> int:
+    """torch threads for each of several workers sharing this machine: the setting when it is set, else an
+    equal share of the cores (at least one), so that busy workers do not fight over the same cores."""
+    if torch_threads:
+        return torch_threads
+    return max(1, (cores or os.cpu_count() or 1) // workers)
+
+
 @dataclass
 class Children:
     """Processes started by this one, stopped together (gracefully, then by force)."""
@@ -43,14 +51,18 @@ class Children:
     log_dir: Path | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
-        """Starts a named child with this group's environment; output goes to log_dir/name.log."""
+    def start(self, name: str, command: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Starts a named child with this group's environment (plus env); output goes to log_dir/name.log."""
         output = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (the child owns it)
         proc = subprocess.Popen(
-            command, env=dict(self.env), cwd=ROOT, stdout=output, stderr=subprocess.STDOUT if output else None
+            command,
+            env={**self.env, **(env or {})},
+            cwd=ROOT,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
         )
         self.procs[name] = proc
         return proc

@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         "auto", description="Where the worker runs the model; auto picks CUDA when present."
     )
 
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads torch uses in a worker process; 0 keeps torch's default (one per core). "
+        "Set it when workers share a machine's cores (llmq up gives each of its two workers half).",
+    )
+
     max_batch_size: int = Field(32, ge=1, description="Most prompts one generate call runs together.")
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")

@@ -17,6 +17,17 @@ app = get_celery()
 log = logging.getLogger(__name__)
 
 
+def limit_torch_threads(threads: int) -> None:
+    """Caps torch's intra-op CPU threads in this process (0 leaves torch's default, one per core)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+limit_torch_threads(get_settings().torch_threads)
+
+
 @lru_cache
 def generate_models() -> ModelHolder:
     """This process's base model holder (the model itself loads on first use)."""
