@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gateway import errors
 from gateway.body_limit import BodyLimit
+from gateway.closing import close_within
 from gateway.log_context import JobLogContext
 from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models
 from gateway.ui import routes as ui
@@ -43,7 +44,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             reaper.cancel()
         await finished_jobs.stop()
         if app.state.redis is not None:
-            await app.state.redis.aclose()
+            await close_within(app.state.redis.aclose(), "the streaming Redis client")
 
 
 def _reap() -> None:

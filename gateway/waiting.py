@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from gateway.closing import CLOSE_TIMEOUT_SECONDS, close_within
 from shared.notify import CHANNEL
 
 log = logging.getLogger(__name__)
@@ -39,30 +40,30 @@ class FinishedJobs:
             self._task = asyncio.create_task(self._listen(self._redis_url), name="finished-jobs")
 
     async def stop(self) -> None:
-        """Stops listening."""
+        """Stops listening (within a few seconds, even if Redis's close stalls)."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await close_within(self._task, "the job-finished subscription", timeout=2 * CLOSE_TIMEOUT_SECONDS)
 
     async def _listen(self, url: str) -> None:
         while True:
             client = aioredis.Redis.from_url(url)
+            pubsub = client.pubsub()
             try:
-                async with client.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    self._subscribed.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._wake(message["data"].decode())
+                await pubsub.subscribe(CHANNEL)
+                self._subscribed.set()
+                async for message in pubsub.listen():
+                    if message.get("type") == "message":
+                        self._wake(message["data"].decode())
             except (RedisError, OSError) as exc:
                 log.warning("job-finished subscription lost (%s); reconnecting", exc)
             finally:
                 self._subscribed.clear()
-                await client.aclose()
                 # Whoever waits may have missed a message: let them re-read their row.
                 for job_id in list(self._waiters):
                     self._wake(job_id)
+                await close_within(pubsub.aclose(), "the job-finished subscription")
+                await close_within(client.aclose(), "the job-finished Redis client")
             await asyncio.sleep(1.0)
 
     def _wake(self, job_id: str) -> None:

@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway import owned
 from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
+from gateway.closing import close_within
 from gateway.deps import SettingsDep
 from gateway.errors import V1_ERRORS, ApiError, documented, error_body
 from gateway.submission import check_caps, check_quota, submit
@@ -293,8 +294,7 @@ async def _stream(
                 with contextlib.suppress(Exception):
                     await run_in_threadpool(_cancel_if_queued, job_id)
             if pubsub is not None:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                await close_within(pubsub.aclose(), f"the stream subscription of {job_id}")
 
         await asyncio.shield(clean_up())  # runs to its end even when the stream's task is cancelled
 
