@@ -92,6 +92,6 @@ def waiting_messages(kind: str) -> int:
     (`generate`, `generate\\x06\\x163`, ...); on the file broker the queue's message files (a taken
     message is moved out first). A message a worker holds unacknowledged is not counted.
     """
-    with get_celery().pool.acquire(block=True) as connection:
+    with get_celery().pool.acquire(block=True, timeout=5) as connection:
         declared = connection.default_channel.queue_declare(QUEUES[kind], passive=False)
         return int(declared.message_count)
