@@ -8,8 +8,8 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DisconnectionError
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared.settings import get_settings
@@ -102,3 +102,23 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def answers(engine: Engine) -> bool:
+    """Whether the database answers `SELECT 1` now."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        return True
+    except OperationalError:
+        return False
+
+
+def wait_until_reachable(engine: Engine, max_interval: float = 5.0) -> float:
+    """Blocks until the database answers, retrying with a growing interval (at most max_interval
+    seconds); the seconds it waited."""
+    started, interval = time.monotonic(), 0.25
+    while not answers(engine):
+        time.sleep(interval)
+        interval = min(interval * 2, max_interval)
+    return time.monotonic() - started

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import logging
+
+from sqlalchemy.exc import OperationalError
+
+from shared.db import answers, get_engine, wait_until_reachable
 from shared.settings import get_settings
 from worker.app import app, generate_models
 from worker.serving import serve_waiting_jobs
+
+log = logging.getLogger(__name__)
 
 
 @app.task(name="llmq.generate", ignore_result=True)
 def generate(job_id: str) -> None:
     """Serves waiting generation jobs, this one among them unless another worker already took it.
 
-    A message whose job is no longer queued finds nothing to claim and does nothing.
+    A message whose job is no longer queued finds nothing to claim and does nothing. While the database
+    is unreachable the task waits for it, holding its message (acknowledged only after the task), so an
+    outage does not spend the queue's messages one failed task after another.
     """
-    serve_waiting_jobs(get_settings(), generate_models())
+    while True:
+        try:
+            serve_waiting_jobs(get_settings(), generate_models())
+            return
+        except OperationalError as exc:
+            if answers(get_engine()):
+                raise  # not an outage: the task fails as any other error would
+            log.warning("database unreachable (%s); waiting for it before serving", str(exc).splitlines()[0])
+            waited = wait_until_reachable(get_engine())
+            log.info("database reachable again after %.1f s", waited)
 
 
 @app.task(name="llmq.train", ignore_result=True)

@@ -140,6 +140,28 @@ def test_postgres_crash_mid_run_answers_503_then_no_job_stays_running(
     assert system.jobs.status_of([after]) == {after: "succeeded"}
 
 
+def test_a_generate_worker_holds_its_message_while_the_database_is_down_instead_of_spending_the_queue(
+    chaos_env: Make, pg_cluster: PostgresCluster
+) -> None:
+    system = chaos_env()
+    worker = system.start_worker(wait=False)
+    system.start_gateway()
+    system.wait_worker_ready(worker)
+    pg_cluster.crash()
+    system.publish("generate", "gen-sent-during-the-outage", times=5)
+    wait_for(lambda: "database unreachable" in system.log(worker), 30, "the worker to notice the outage")
+    time.sleep(2)  # several retries of the worker's wait
+    assert system.redis.queue_length("generate") == 4  # one message held by the waiting task, none spent
+
+    pg_cluster.start()
+    wait_for(lambda: "database reachable again" in system.log(worker), 60, "the worker to see the database")
+    wait_for(lambda: system.redis.queue_length("generate") == 0, 30, "the held-back messages to be served")
+    assert system.children.procs[worker].poll() is None
+    (after,) = system.submit_many(1, max_tokens=2, prefix="after")
+    system.jobs.wait_terminal([after], timeout=60)
+    assert system.jobs.status_of([after]) == {after: "succeeded"}
+
+
 def test_same_job_delivered_three_times_to_two_workers_runs_once(chaos_env: Make) -> None:
     system = chaos_env(max_batch_size="4")
     workers = [system.start_worker(wait=False), system.start_worker(wait=False)]
