@@ -104,11 +104,16 @@ def session_scope() -> Iterator[Session]:
         session.close()
 
 
+def ping(engine: Engine) -> None:
+    """Runs `SELECT 1`; raises when the database does not answer."""
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
 def answers(engine: Engine) -> bool:
-    """Whether the database answers `SELECT 1` now."""
+    """Whether the database answers now."""
     try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(engine)
         return True
     except OperationalError:
         return False

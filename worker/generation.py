@@ -78,10 +78,9 @@ def _generator(seed: int | None, device: torch.device) -> torch.Generator:
     return gen
 
 
-def _next_token(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """One token for one row from its last-position logits [vocab]."""
-    if params.temperature == 0:
-        return int(torch.argmax(logits))
+def _sample(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
+    """One sampled token (temperature > 0) for one row from its last-position logits [vocab].
+    Greedy rows take the batch's argmax instead (generate)."""
     scores = logits.float() / params.temperature
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(torch.softmax(scores, dim=-1), descending=True)
@@ -107,9 +106,9 @@ StepListener = Callable[[Sequence[Sequence[int]]], None]
 def _decode_attention(loaded: LoadedModel, prefill: str) -> str:
     """The attention kernel for decode steps (a single query position per row).
 
-    On the CPU, PyTorch's SDPA costs more than plain matmul-softmax-matmul for one query position: eager
-    attention there gave +16% tokens/s on full-size GPT-2 (bench/inference.py). The prompt pass (many
-    positions) keeps SDPA, and so does every step on a GPU.
+    On the CPU, PyTorch's SDPA costs more than plain matmul-softmax-matmul for one query position
+    (`python bench/decode_attention.py` measures the two side by side). The prompt pass (many positions)
+    keeps SDPA, and so does every step on a GPU.
     """
     return "eager" if loaded.device.type == "cpu" and prefill == "sdpa" else prefill
 
@@ -176,7 +175,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
                 if request.params.temperature == 0:
                     token = argmax[row]
                 else:
-                    token = _next_token(last[row], request.params, generators[row])
+                    token = _sample(last[row], request.params, generators[row])
                 next_ids[row] = token
                 if token == eos:
                     done[row], reasons[row] = True, "stop"

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 from starlette.concurrency import run_in_threadpool
 
 from shared.celery_app import get_celery
-from shared.db import get_engine
+from shared.db import get_engine, ping
 from shared.schemas import Readiness
 
 router = APIRouter(tags=["health"])
@@ -22,8 +21,7 @@ def healthz() -> dict[str, str]:
 
 def _check_database() -> str:
     try:
-        with get_engine().connect() as connection:
-            connection.execute(text("SELECT 1"))
+        ping(get_engine())
         return "ok"
     except Exception as exc:
         return f"unreachable: {type(exc).__name__}"

@@ -345,6 +345,21 @@ class ChaosSystem:
             self.wait_worker_ready(name)
         return name
 
+    def start_with_workers(self, count: int = 1, queue: str = "generate") -> list[str]:
+        """Starts count workers and the gateway, their start-ups overlapping; the workers' names once all
+        are ready."""
+        names = [self.start_worker(queue, wait=False) for _ in range(count)]
+        self.start_gateway()
+        for name in names:
+            self.wait_worker_ready(name)
+        return names
+
+    def assert_serves_new_work(self) -> None:
+        """A job submitted now succeeds (the system is back to normal)."""
+        (job_id,) = self.submit_many(1, max_tokens=2, prefix="after")
+        self.jobs.wait_terminal([job_id], timeout=60)
+        assert self.jobs.status_of([job_id]) == {job_id: "succeeded"}
+
     def wait_worker_ready(self, name: str, timeout: float = 120) -> None:
         def ready() -> bool:
             proc = self.children.procs.get(name)

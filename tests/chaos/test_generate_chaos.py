@@ -31,9 +31,7 @@ def running_on(system: ChaosSystem, ids: list[str], worker: str) -> list[str]:
 
 def test_worker_killed_mid_batch_every_job_completes_exactly_once(chaos_env: Make) -> None:
     system = chaos_env(max_batch_size="8")
-    first = system.start_worker(wait=False)
-    system.start_gateway()
-    system.wait_worker_ready(first)
+    (first,) = system.start_with_workers()
     ids = system.submit_many(40, max_tokens=64)
 
     # Freeze the worker (SIGSTOP) and look: if it holds a batch, it is frozen in the middle of it, so
@@ -102,9 +100,7 @@ def test_postgres_crash_mid_run_answers_503_then_no_job_stays_running(
     chaos_env: Make, pg_cluster: PostgresCluster
 ) -> None:
     system = chaos_env(max_batch_size="8")
-    worker = system.start_worker(wait=False)
-    system.start_gateway()
-    system.wait_worker_ready(worker)
+    (worker,) = system.start_with_workers()
     ids = system.submit_many(30, max_tokens=32)
     wid = system.worker_id(worker)
     wait_for(lambda: running_on(system, ids, wid), 60, "a batch to be running")
@@ -135,18 +131,14 @@ def test_postgres_crash_mid_run_answers_503_then_no_job_stays_running(
     assert {r["status"] for r in rows.values()} == {"succeeded"}, {i: r["error"] for i, r in rows.items()}
     assert system.children.procs[worker].poll() is None  # the worker rode it out
     # The system takes new work again.
-    (after,) = system.submit_many(1, max_tokens=2, prefix="after")
-    system.jobs.wait_terminal([after], timeout=60)
-    assert system.jobs.status_of([after]) == {after: "succeeded"}
+    system.assert_serves_new_work()
 
 
 def test_a_generate_worker_holds_its_message_while_the_database_is_down_instead_of_spending_the_queue(
     chaos_env: Make, pg_cluster: PostgresCluster
 ) -> None:
     system = chaos_env()
-    worker = system.start_worker(wait=False)
-    system.start_gateway()
-    system.wait_worker_ready(worker)
+    (worker,) = system.start_with_workers()
     pg_cluster.crash()
     system.publish("generate", "gen-sent-during-the-outage", times=5)
     wait_for(lambda: "database unreachable" in system.log(worker), 30, "the worker to notice the outage")
@@ -157,17 +149,12 @@ def test_a_generate_worker_holds_its_message_while_the_database_is_down_instead_
     wait_for(lambda: "database reachable again" in system.log(worker), 60, "the worker to see the database")
     wait_for(lambda: system.redis.queue_length("generate") == 0, 30, "the held-back messages to be served")
     assert system.children.procs[worker].poll() is None
-    (after,) = system.submit_many(1, max_tokens=2, prefix="after")
-    system.jobs.wait_terminal([after], timeout=60)
-    assert system.jobs.status_of([after]) == {after: "succeeded"}
+    system.assert_serves_new_work()
 
 
 def test_same_job_delivered_three_times_to_two_workers_runs_once(chaos_env: Make) -> None:
     system = chaos_env(max_batch_size="4")
-    workers = [system.start_worker(wait=False), system.start_worker(wait=False)]
-    system.start_gateway()
-    for name in workers:
-        system.wait_worker_ready(name)
+    workers = system.start_with_workers(2)
     ids = system.submit_many(20, max_tokens=8)  # one message each from the gateway
     for job_id in ids:
         system.publish("generate", job_id, times=2)  # and two duplicates: three deliveries of every id
@@ -196,10 +183,7 @@ POISON = "__chaos: this prompt kills its worker__"
 
 def test_poison_job_ends_failed_after_max_attempts_while_other_jobs_keep_flowing(chaos_env: Make) -> None:
     system = chaos_env(max_batch_size="4", max_attempts="3", fault_kill_on_prompt=POISON)
-    first = [system.start_worker(wait=False), system.start_worker(wait=False)]
-    system.start_gateway()
-    for name in first:
-        system.wait_worker_ready(name)
+    first = system.start_with_workers(2)
     for name in first:
         system.supervise("generate", name)  # restarts a worker whenever it dies, like restart: always
 
@@ -278,9 +262,7 @@ def test_pickle_message_pushed_into_redis_is_refused_and_the_worker_keeps_servin
     chaos_env: Make, tmp_path: Path
 ) -> None:
     system = chaos_env()
-    worker = system.start_worker(wait=False)
-    system.start_gateway()
-    system.wait_worker_ready(worker)
+    (worker,) = system.start_with_workers()
     tripwire = tmp_path / "unpickled"
     with system.redis.client() as client:
         client.lpush("generate", pickle_envelope("llmq.generate", "generate", [_Tripwire(str(tripwire))]))
@@ -299,9 +281,7 @@ def test_stream_of_a_job_whose_worker_is_killed_mid_generation_matches_the_final
     chaos_env: Make, tiny_model: Path
 ) -> None:
     system = chaos_env()
-    worker = system.start_worker(wait=False)
-    system.start_gateway()
-    system.wait_worker_ready(worker)
+    (worker,) = system.start_with_workers()
     body = {"model": str(tiny_model), "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0, "stream": True}
     streamed, job_id, chunks = "", "", 0
     with httpx.stream("POST", f"{system.base_url}/v1/completions", json=body, timeout=180) as response:
