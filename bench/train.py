@@ -10,7 +10,7 @@ peak memory figure is its own), one after another on this machine:
   baseline       seed-style: TRL SFTTrainer on the formatted full text (prompt + response + EOS), padded to a
                  fixed max length, loss on the whole sequence, no packing; TRL's defaults otherwise
                  (activation checkpointing on; bf16=False, the one change CPU needs).
-  ours           worker.training.build_trainer as a fine-tuning job runs it (default hyperparameters):
+  ours           worker.trainer_setup.build_trainer as a fine-tuning job runs it (default hyperparameters):
                  prompt/completion examples with loss on the response + EOS only, dynamic padding (each batch
                  padded to its longest example) with batches drawn from length-sorted megabatches, no
                  activation checkpointing, bf16 autocast where the CPU has it, fp32 LoRA weights.
@@ -94,7 +94,7 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
     from shared.fine_tuning import Hyperparameters
     from worker.alpaca_data import TrainingData, read_jsonl
     from worker.model_loading import load_base_model
-    from worker.training import build_trainer, keep_4bit_trainable
+    from worker.trainer_setup import build_trainer, keep_4bit_trainable
 
     records = read_jsonl(data, data.name)
     loaded = load_base_model(str(model_dir), "main", "nf4", "cpu")

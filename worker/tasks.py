@@ -38,6 +38,6 @@ def generate(job_id: str) -> None:
 def train(job_id: str) -> None:
     """Runs the fine-tuning job to a terminal state; a message for a job no longer queued does nothing."""
     # The training stack (TRL, the Trainer) costs seconds to import; generate workers never pay for it.
-    from worker.training import run_fine_tune
+    from worker.fine_tune import run_fine_tune
 
     run_fine_tune(job_id, get_settings())
