@@ -6,11 +6,13 @@ import logging
 
 from sqlalchemy.exc import OperationalError
 
+from shared.celery_app import get_celery
 from shared.db import answers, get_engine, wait_until_reachable
 from shared.settings import get_settings
-from worker.app import app, generate_models
+from worker.process_model import generate_models
 from worker.serving import serve_waiting_jobs
 
+app = get_celery()  # the app worker.app configures (one per process); it imports this module by `include`
 log = logging.getLogger(__name__)
 
 
