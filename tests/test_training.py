@@ -29,7 +29,7 @@ from shared.migrate import upgrade
 from shared.models import Checkpoint, File, FineTunedModel, Job, JobEvent, new_id
 from shared.prompts import TEMPLATE, alpaca_prompt
 from shared.settings import Settings, get_settings
-from tests.conftest import configure
+from tests.process_settings import configure
 from worker import adapter_publishing, fine_tune, progress_callback, trainer_setup
 from worker.alpaca_data import (
     RESPONSE_PREFIX,
