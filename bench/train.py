@@ -45,6 +45,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from measure import loadavg  # bench/measure.py
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -149,12 +151,12 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
         def on_step_begin(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == args.warmup:
                 stats.update(timing=True, started=time.perf_counter(), cpu_started=time.process_time())
-                stats["load_started"] = os.getloadavg()[0]
+                stats["load_started"] = loadavg()
 
         def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == total_steps:
                 stats.update(timing=False, ended=time.perf_counter(), cpu_ended=time.process_time())
-                stats["load_ended"] = os.getloadavg()[0]
+                stats["load_ended"] = loadavg()
 
     trainer.add_callback(Timer())
     try:
