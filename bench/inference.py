@@ -25,17 +25,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import itertools
 import math
 import os
-import platform
 import re
-import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,19 +44,22 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
-import psycopg
 import redis
-from measure import loadavg, pct  # bench/measure.py
+from measure import (  # bench/measure.py
+    cpu_times,
+    loadavg,
+    log,
+    machine_busy_seconds,
+    ms,
+    pct,
+    start_py_spy,
+    stop_py_spy,
+)
+from measure import machine as machine_cpu
+from systems import System, fresh_database, postgres_backends, start_system  # bench/systems.py
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from shared.prompts import alpaca_prompt  # the repo root is on sys.path once bench/systems.py is imported
 
-from cli.processes import Children, gateway_command, wait_ready, worker_command  # noqa: E402
-from shared.migrate import upgrade  # noqa: E402
-from shared.prompts import alpaca_prompt  # noqa: E402
-
-PG = os.environ.get("LLMQ_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("LLMQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 TERMINAL = {"succeeded", "failed", "cancelled"}
 BATCH_LINE = re.compile(r"batch of (\d+) jobs, (\d+) prompts in ([\d.]+) s")  # worker.serving's INFO line
@@ -70,23 +69,9 @@ RECEIVED_LINE = re.compile(r"Task llmq\.generate\[[^\]]+\] received")  # Celery'
 # ---------------------------------------------------------------------------------------------- results
 
 
-def machine_busy_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (steal included: the hypervisor gave the core away)."""
-    t = psutil.cpu_times()
-    return sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
-
-
 def cpu_seconds(pids: dict[str, list[int]]) -> dict[str, float]:
     """CPU seconds (user + system) so far of each named group of processes; missing ones count 0."""
-    out: dict[str, float] = {}
-    for name, group in pids.items():
-        total = 0.0
-        for pid in group:
-            with contextlib.suppress(psutil.Error):
-                t = psutil.Process(pid).cpu_times()
-                total += t.user + t.system
-        out[name] = total
-    return out
+    return {name: sum(cpu_times(group).values()) for name, group in pids.items()}
 
 
 class Meter:
@@ -168,10 +153,6 @@ class SystemPhase:
     batches: list[tuple[int, float]]  # (jobs, seconds) per worker batch, from the worker's log
     messages: int
     cpu: dict[str, float] = field(default_factory=dict)  # process -> CPU seconds during the run
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {loadavg():.2f}] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -330,59 +311,14 @@ def run_in_process(
 # ---------------------------------------------------------------------------------------------- system
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class System:
-    """Gateway + one generate worker as real processes on a fresh Postgres database and Redis db."""
-
-    def __init__(self, db_url: str, data: Path, model_dir: Path, quantization: str, batch: int) -> None:
-        self.db_url = db_url
-        self.data = data
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
-        env = inherited | {
-            "LLMQ_DATABASE_URL": db_url,
-            "LLMQ_BROKER_URL": REDIS,
-            "LLMQ_DATA_DIR": str(data),
-            "LLMQ_BASE_MODEL": str(model_dir),
-            "LLMQ_QUANTIZATION": quantization,
-            "LLMQ_DEVICE": "cpu",
-            "LLMQ_MAX_BATCH_SIZE": str(batch),
-            "LLMQ_API_PORT": str(self.port),
-            "HF_HUB_OFFLINE": "1",
-        }
-        self.children = Children(env=env, log_dir=data / "logs")
-        self.worker_log = data / "logs" / "worker-generate.log"
-
-    def start(self) -> None:
-        self.children.start("gateway", gateway_command("127.0.0.1", self.port))
-        self.children.start("worker-generate", worker_command("generate"))
-        wait_ready(self.base_url, self.children)
-
-    def pid(self, name: str) -> int:
-        return self.children.procs[name].pid
-
-    def pids(self) -> dict[str, list[int]]:
-        """Our processes of a system run, by role (the clients run in this process)."""
-        return {
-            "worker": [self.pid("worker-generate")],
-            "gateway": [self.pid("gateway")],
-            "clients (bench process)": [os.getpid()],
-            "postgres backends": self.postgres_backends(),
-        }
-
-    def postgres_backends(self) -> list[int]:
-        name = self.db_url.rpartition("/")[2]
-        with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
-            ).fetchall()
-        return [int(r[0]) for r in rows]
+def system_pids(system: System) -> dict[str, list[int]]:
+    """Our processes of a system run, by role (the clients run in this process)."""
+    return {
+        "worker": [system.pid("worker-generate")],
+        "gateway": [system.pid("gateway")],
+        "clients (bench process)": [os.getpid()],
+        "postgres backends": postgres_backends(system.db_url),
+    }
 
 
 async def run_clients(
@@ -453,14 +389,15 @@ def system_phase(
     # Warm: one round of full batches, so that adapter loads and first-forward costs are not measured.
     asyncio.run(run_clients(system.base_url, 2 * args.batch, 2 * args.batch, models, prompts, args.max_tokens))
     time.sleep(0.5)
-    offset = system.worker_log.stat().st_size
-    spy = start_py_spy(args.py_spy, name, system.pids()) if args.py_spy else []
+    worker_log = system.log_dir / "worker-generate.log"
+    offset = worker_log.stat().st_size
+    spy = py_spy_recordings(args.py_spy, name, system_pids(system)) if args.py_spy else []
     log(f"{name}: {jobs} jobs from {clients} clients")
-    with Meter(system.pids) as meter:
+    with Meter(lambda: system_pids(system)) as meter:
         samples, wall = asyncio.run(run_clients(system.base_url, jobs, clients, models, prompts, args.max_tokens))
     stop_py_spy(spy)
     time.sleep(0.2)  # the worker logs a batch just after publishing its results
-    batches, messages = read_batches(system.worker_log, offset)
+    batches, messages = read_batches(worker_log, offset)
     tokens = sum(s.tokens for s in samples)
     row = Row(name, jobs, tokens, wall, [s.latency for s in samples], meter, notes)
     log(f"{name}: {tokens / wall:.0f} tokens/s, p50 {pct(row.latencies, 50) * 1000:.0f} ms, others {meter.others:.0%}")
@@ -480,7 +417,7 @@ def plumbing_phase(system: System, prompts: list[str], jobs: int) -> Plumbing:
     total: list[float] = []
     run: list[float] = []
     queue: list[float] = []
-    with httpx.Client(base_url=system.base_url, timeout=60) as http, Meter(system.pids) as meter:
+    with httpx.Client(base_url=system.base_url, timeout=60) as http, Meter(lambda: system_pids(system)) as meter:
         for i in range(jobs + 5):
             body = {"prompt": prompts[i % len(prompts)], "max_tokens": 1, "temperature": 0}
             started = time.perf_counter()
@@ -496,31 +433,10 @@ def plumbing_phase(system: System, prompts: list[str], jobs: int) -> Plumbing:
     return Plumbing(total, run, queue, meter)
 
 
-def start_py_spy(out_dir: Path, phase: str, pids: dict[str, list[int]]) -> list[subprocess.Popen[bytes]]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def py_spy_recordings(out_dir: Path, phase: str, pids: dict[str, list[int]]) -> list[subprocess.Popen[bytes]]:
+    """py-spy raw stacks of worker and gateway during a phase, into out_dir/<phase>-<who>.txt."""
     slug = re.sub(r"[^a-z0-9]+", "-", phase.lower()).strip("-")
-    # py-spy installs next to this interpreter (a virtual environment need not be on PATH).
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    spies = []
-    for who in ("worker", "gateway"):
-        out = out_dir / f"{slug}-{who}.txt"
-        command = [py_spy, "record", "--pid", str(pids[who][0]), "--format", "raw", "--rate", "100", "--nonblocking"]
-        spies.append(subprocess.Popen([*command, "--output", str(out)], stdout=subprocess.DEVNULL))
-    return spies
-
-
-def stop_py_spy(spies: list[subprocess.Popen[bytes]]) -> None:
-    for spy in spies:
-        spy.send_signal(signal.SIGINT)
-    for spy in spies:
-        try:
-            spy.wait(30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-
-
-def admin_dsn() -> str:
-    return PG.replace("postgresql+psycopg://", "postgresql://")
+    return [start_py_spy(pids[who][0], out_dir / f"{slug}-{who}.txt", rate=100) for who in ("worker", "gateway")]
 
 
 def register_adapters(db_url: str, base_model: str, data: Path, folders: list[Path]) -> list[str]:
@@ -568,29 +484,16 @@ def register_adapters(db_url: str, base_model: str, data: Path, folders: list[Pa
 
 
 def machine() -> str:
-    model = "unknown"
-    flags = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model == "unknown":
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
+    """The machine (measure.machine) with torch's threads and the model stack's versions."""
     import bitsandbytes
     import peft
     import torch
     import transformers
 
     return (
-        f"nproc {len(os.sched_getaffinity(0))}, CPU {model}"
-        f"{' (avx512_bf16)' if 'avx512_bf16' in flags else ''}, torch threads {torch.get_num_threads()}, "
-        f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}"
+        f"{machine_cpu()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, peft {peft.__version__}, bitsandbytes {bitsandbytes.__version__}"
     )
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.0f}"
 
 
 def table_row(row: Row) -> str:
@@ -764,45 +667,45 @@ def main() -> None:
     gc.collect()  # the in-process model is gone before the system starts
 
     data = Path(tempfile.mkdtemp(prefix="llmq-bench-inference-"))
-    db = f"llmq_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db}"')
-    db_url = f"{PG.rpartition('/')[0]}/{db}"
     redis.Redis.from_url(REDIS).flushdb()
-    log(f"database {db}, data and logs in {data}")
-    system = System(db_url, data, model_dir, args.quantization, args.batch)
     phases: dict[str, SystemPhase] = {}
     try:
-        upgrade(db_url)
-        model_ids = register_adapters(db_url, str(model_dir), data, adapters)
-        system.start()
-        log("system up; waiting for the worker's model")
-        with httpx.Client(base_url=system.base_url, timeout=300) as http:
-            job = http.post("/v1/generations", json={"prompt": prompts[0], "max_tokens": 1}).json()
-            http.get(f"/v1/generations/{job['id']}", params={"wait": 120}).raise_for_status()
-        clients, jobs = args.clients, args.jobs
-        phases["base"] = system_phase(
-            system, f"(c) system, {clients} clients", jobs, clients, [None], prompts, args, "base model"
-        )
-        log("plumbing: sequential 1-token jobs")
-        plumbing = plumbing_phase(system, prompts, args.plumbing_jobs)
-        phases["one"] = system_phase(
-            system, "(d1) system, 1 LoRA adapter", jobs, clients, [model_ids[0]], prompts, args, "1 adapter loaded"
-        )
-        phases["mixed"] = system_phase(
-            system,
-            f"(d4) system, {len(model_ids)} adapters mixed",
-            jobs,
-            clients,
-            list(model_ids),
-            prompts,
-            args,
-            "client k uses adapter k % 4",
-        )
+        with fresh_database("llmq_bench") as db_url:
+            log(f"database {db_url.rpartition('/')[2]}, data and logs in {data}")
+            model_ids = register_adapters(db_url, str(model_dir), data, adapters)
+            env = {
+                "LLMQ_DATABASE_URL": db_url,
+                "LLMQ_BROKER_URL": REDIS,
+                "LLMQ_DATA_DIR": str(data),
+                "LLMQ_BASE_MODEL": str(model_dir),
+                "LLMQ_QUANTIZATION": args.quantization,
+                "LLMQ_DEVICE": "cpu",
+                "LLMQ_MAX_BATCH_SIZE": str(args.batch),
+                "HF_HUB_OFFLINE": "1",
+            }
+            system = start_system(env, data / "logs")
+            try:
+                log("system up; waiting for the worker's model")
+                with httpx.Client(base_url=system.base_url, timeout=300) as http:
+                    job = http.post("/v1/generations", json={"prompt": prompts[0], "max_tokens": 1}).json()
+                    http.get(f"/v1/generations/{job['id']}", params={"wait": 120}).raise_for_status()
+                clients, jobs = args.clients, args.jobs
+                phases["base"] = system_phase(
+                    system, f"(c) system, {clients} clients", jobs, clients, [None], prompts, args, "base model"
+                )
+                log("plumbing: sequential 1-token jobs")
+                plumbing = plumbing_phase(system, prompts, args.plumbing_jobs)
+                one_adapter = [model_ids[0]]
+                phases["one"] = system_phase(
+                    system, "(d1) system, 1 LoRA adapter", jobs, clients, one_adapter, prompts, args, "1 adapter loaded"
+                )
+                mixed = f"(d4) system, {len(model_ids)} adapters mixed"
+                phases["mixed"] = system_phase(
+                    system, mixed, jobs, clients, list(model_ids), prompts, args, "client k uses adapter k % 4"
+                )
+            finally:
+                system.children.stop_all()
     finally:
-        system.children.stop_all()
-        with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         redis.Redis.from_url(REDIS).flushdb()
         print(f"system logs: {data / 'logs'}", file=sys.stderr)
 

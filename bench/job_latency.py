@@ -13,22 +13,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
-import psycopg
+from systems import fresh_database, start_system  # bench/systems.py
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from shared.migrate import upgrade  # the repo root is on sys.path once bench/systems.py is imported
 
-from cli.processes import Children, gateway_command, wait_ready, worker_command
-from shared.migrate import upgrade
-
-PG = os.environ.get("LLMQ_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("LLMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
@@ -51,21 +45,18 @@ def run_jobs(base_url: str, jobs: int, max_tokens: int) -> tuple[list[float], li
 
 
 def measure(name: str, env: dict[str, str], data: Path, jobs: int, tokens: list[int]) -> list[str]:
-    port = 18000 + secrets.randbelow(1000)
-    children = Children(env={**os.environ, **env, "LLMQ_DATA_DIR": str(data)}, log_dir=data / "logs")
+    """A table row per max_tokens for a gateway and a generate worker started on env."""
+    system = start_system({**env, "LLMQ_DATA_DIR": str(data)}, data / "logs")
     rows = []
     try:
-        children.start("gateway", gateway_command("127.0.0.1", port))
-        children.start("worker", worker_command("generate"))
-        wait_ready(f"http://127.0.0.1:{port}", children)
         for n in tokens:
-            total, run = run_jobs(f"http://127.0.0.1:{port}", jobs, n)
+            total, run = run_jobs(system.base_url, jobs, n)
             p50 = statistics.median(total) * 1000
             p50_run = statistics.median(run) * 1000
             worst = max(total) * 1000
             rows.append(f"| {name} | {n} | {jobs} | {p50:.1f} | {worst:.1f} | {p50_run:.1f} |")
     finally:
-        children.stop_all()
+        system.children.stop_all()
     return rows
 
 
@@ -80,26 +71,17 @@ def main() -> None:
         from worker.model_factory import build_tiny_gpt2
 
         args.model = build_tiny_gpt2(tmp / "tiny-gpt2")
+    # The systems get none of this process's LLMQ_* variables: unset URLs mean the embedded default.
     common = {"LLMQ_BASE_MODEL": str(args.model), "HF_HUB_OFFLINE": "1"}
-    for key in ("LLMQ_DATABASE_URL", "LLMQ_BROKER_URL"):
-        os.environ.pop(key, None)
 
     embedded = tmp / "embedded"
-    upgrade(f"sqlite:///{embedded / 'llmq.db'}") if embedded.mkdir() is None else None
+    embedded.mkdir()
+    upgrade(f"sqlite:///{embedded / 'llmq.db'}")
     rows = measure("embedded (SQLite + file broker)", common, embedded, args.jobs, args.max_tokens)
 
-    db = f"llmq_bench_{secrets.token_hex(4)}"
-    admin = PG.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{db}"')
-    url = f"{PG.rpartition('/')[0]}/{db}"
-    try:
-        upgrade(url)
+    with fresh_database("llmq_bench") as url:
         env = common | {"LLMQ_DATABASE_URL": url, "LLMQ_BROKER_URL": REDIS}
         rows += measure("Postgres + Redis", env, tmp / "prod", args.jobs, args.max_tokens)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
     print(f"\nmodel: {args.model}\n")
     print("| deployment | max_tokens | jobs | p50 end-to-end ms | max ms | p50 worker run ms |")

@@ -27,10 +27,7 @@ import importlib.util
 import math
 import multiprocessing
 import os
-import platform
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,21 +41,11 @@ import httpx
 import psutil
 import psycopg
 import redis
-from measure import loadavg, pct  # bench/measure.py
+from measure import cpu_times, cpu_used, loadavg, log, machine, ms, pct, start_py_spy, stop_py_spy  # bench/measure.py
+from systems import System, admin_dsn, fresh_database, postgres_backends, start_system  # bench/systems.py
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from cli.processes import Children, wait_ready  # noqa: E402
-from shared.migrate import upgrade  # noqa: E402
-
-PG = os.environ.get("LLMQ_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("LLMQ_LOAD_REDIS_URL", "redis://127.0.0.1:6379/11")
 QUOTA = 10**9  # the quota query runs on every submit, but never refuses one
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} load {loadavg():.2f}] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- clients
@@ -174,40 +161,12 @@ def run_clients(
 # ---------------------------------------------------------------------------------------------- system
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def admin_dsn() -> str:
-    return PG.replace("postgresql+psycopg://", "postgresql://")
-
-
-def gateway_command(port: int, workers: int) -> list[str]:
-    """The gateway's production command line (cli.processes.gateway_command), with --workers."""
-    command = [
-        sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log",
-    ]  # fmt: skip
-    return [*command, "--workers", str(workers)] if workers > 1 else command
-
-
 def gateway_pids(root: int) -> list[int]:
     """The gateway process and (with --workers) its worker processes."""
     with contextlib.suppress(psutil.Error):
         proc = psutil.Process(root)
         return [root, *(child.pid for child in proc.children(recursive=True))]
     return [root]
-
-
-def postgres_backends(db_url: str) -> list[int]:
-    name = db_url.rpartition("/")[2]
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        rows = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (name,)
-        ).fetchall()
-    return [int(r[0]) for r in rows]
 
 
 def postgres_sessions(db_url: str) -> int:
@@ -237,47 +196,6 @@ def redis_pids() -> list[int]:
     return []
 
 
-def cpu_times(pids: Sequence[int]) -> dict[int, float]:
-    """CPU seconds (user + system) so far of each process that still runs."""
-    out = {}
-    for pid in pids:
-        with contextlib.suppress(psutil.Error):
-            t = psutil.Process(pid).cpu_times()
-            out[pid] = t.user + t.system
-    return out
-
-
-def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
-    """CPU seconds between two snapshots; a process that started in between counts from zero."""
-    return sum(seconds - before.get(pid, 0.0) for pid, seconds in after.items())
-
-
-def start_py_spy(out_dir: Path, pids: Sequence[int], seconds: float) -> list[subprocess.Popen[bytes]]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [
-        subprocess.Popen(
-            [
-                "py-spy",
-                "record",
-                "--pid",
-                str(pid),
-                "--duration",
-                str(int(seconds)),
-                "--rate",
-                "50",
-                "--format",
-                "raw",
-                "--nonblocking",
-                "--output",
-                str(out_dir / f"gateway-{pid}.txt"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for pid in pids
-    ]
-
-
 def verify(db_url: str, job_ids: list[str]) -> tuple[int, int, int]:
     """(jobs a 202 answered, of those found in the database, messages in the broker's generate queue)."""
     with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
@@ -296,20 +214,6 @@ def server_stack() -> str:
     return f"uvicorn {http} + {loop}"
 
 
-def machine() -> str:
-    model = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"nproc {len(os.sched_getaffinity(0))}, CPU {model}, python {platform.python_version()}, {server_stack()}"
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1000:.1f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=50)
@@ -322,114 +226,109 @@ def main() -> None:
     parser.add_argument("--url", default=None, help="load an already running gateway (no CPU figures, no check)")
     args = parser.parse_args()
 
-    command = "python bench/load.py " + " ".join(sys.argv[1:])
     load_start = loadavg()
-    db_name = f"llmq_load_{secrets.token_hex(4)}"
-    db_url = f"{PG.rpartition('/')[0]}/{db_name}"
-    children: Children | None = None
-    spies: list[subprocess.Popen[bytes]] = []
-    try:
-        if args.url:
-            base_url = args.url
-        else:
-            with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-                conn.execute(f'CREATE DATABASE "{db_name}"')
-            upgrade(db_url)
+    if args.url:
+        sys.exit(measure_load(args, args.url, None, load_start))
+    with fresh_database("llmq_load") as db_url:
+        redis.Redis.from_url(REDIS).flushdb()
+        data = Path(tempfile.mkdtemp(prefix="llmq-load-"))
+        env = {
+            "LLMQ_DATABASE_URL": db_url,
+            "LLMQ_BROKER_URL": REDIS,
+            "LLMQ_DATA_DIR": str(data),
+            "LLMQ_BASE_MODEL": "load-test-model",
+            "LLMQ_MAX_ACTIVE_JOBS_PER_TENANT": str(QUOTA),
+            "LLMQ_REPUBLISH_AFTER_SECONDS": "3600",
+        }
+        system = start_system(env, data / "logs", queues=(), gateway_workers=args.gateway_workers)
+        log(f"gateway up at {system.base_url} ({args.gateway_workers} worker process(es)), logs in {data / 'logs'}")
+        try:
+            code = measure_load(args, system.base_url, system, load_start)
+        finally:
+            system.children.stop("gateway", signal.SIGINT)
             redis.Redis.from_url(REDIS).flushdb()
-            port = free_port()
-            base_url = f"http://127.0.0.1:{port}"
-            data = Path(tempfile.mkdtemp(prefix="llmq-load-"))
-            inherited = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
-            env = inherited | {
-                "LLMQ_DATABASE_URL": db_url,
-                "LLMQ_BROKER_URL": REDIS,
-                "LLMQ_DATA_DIR": str(data),
-                "LLMQ_BASE_MODEL": "load-test-model",
-                "LLMQ_MAX_ACTIVE_JOBS_PER_TENANT": str(QUOTA),
-                "LLMQ_REPUBLISH_AFTER_SECONDS": "3600",
-            }
-            children = Children(env=env, log_dir=data / "logs")
-            children.start("gateway", gateway_command(port, args.gateway_workers))
-            wait_ready(base_url, children)
-            log(f"gateway up at {base_url} ({args.gateway_workers} worker process(es)), logs in {data / 'logs'}")
+    sys.exit(code)
 
-        pids: dict[str, list[int]] = {}
-        if children is not None:
-            time.sleep(1.0)  # let uvicorn's worker processes start
-            pids = {"gateway": gateway_pids(children.procs["gateway"].pid), "redis": redis_pids()}
-        before: dict[str, dict[int, float]] = {}
 
-        sessions, exited = [0, 0], [0.0, 0.0]
+def measure_load(args: argparse.Namespace, base_url: str, ours: System | None, load_start: float) -> int:
+    """Runs the users against base_url and prints the report; the exit code (1 on errors or a missing job).
 
-        def at_window() -> None:
-            if children is not None:
-                pids["postgres"] = postgres_backends(db_url)  # the pool has grown during the warm-up
-                sessions[0], exited[0] = postgres_sessions(db_url), postgres_exited_cpu(pids["postgres"])
-            before.update({name: cpu_times(group) for name, group in pids.items()})
+    ours: the system this run started, for CPU figures and the database check; None for --url.
+    """
+    command = "python bench/load.py " + " ".join(sys.argv[1:])
+    pids: dict[str, list[int]] = {}
+    if ours is not None:
+        time.sleep(1.0)  # let uvicorn's worker processes start
+        pids = {"gateway": gateway_pids(ours.pid("gateway")), "redis": redis_pids()}
+    before: dict[str, dict[int, float]] = {}
 
-        if args.py_spy is not None and children is not None:
-            workers = pids["gateway"][1:] or pids["gateway"]
-            spies = start_py_spy(args.py_spy, workers, args.warmup + args.seconds + 1)
-        log(f"{args.users} users over {args.client_procs} process(es), {args.warmup:.0f} s warm-up, "
-            f"{args.seconds:.0f} s measured")  # fmt: skip
-        load_before = loadavg()
+    sessions, exited = [0, 0], [0.0, 0.0]
+
+    def at_window() -> None:
+        if ours is not None:
+            pids["postgres"] = postgres_backends(ours.db_url)  # the pool has grown during the warm-up
+            sessions[0], exited[0] = postgres_sessions(ours.db_url), postgres_exited_cpu(pids["postgres"])
+        before.update({name: cpu_times(group) for name, group in pids.items()})
+
+    spies: list[subprocess.Popen[bytes]] = []
+    if args.py_spy is not None and ours is not None:
+        seconds = args.warmup + args.seconds + 1
+        spies = [
+            start_py_spy(pid, args.py_spy / f"gateway-{pid}.txt", rate=50, seconds=seconds)
+            for pid in pids["gateway"][1:] or pids["gateway"]
+        ]
+    log(f"{args.users} users over {args.client_procs} process(es), {args.warmup:.0f} s warm-up, "
+        f"{args.seconds:.0f} s measured")  # fmt: skip
+    load_before = loadavg()
+    try:
         tally = run_clients(
             base_url, args.users, args.client_procs, args.polls_per_submit, args.warmup, args.seconds, at_window
         )
-        load_after = loadavg()
-        wall = max(tally.last_end - tally.first_start, 1e-9)
-        if children is not None:
-            pids["postgres"] = postgres_backends(db_url)
-            sessions[1], exited[1] = postgres_sessions(db_url), postgres_exited_cpu(pids["postgres"])
-        cpu = {name: cpu_used(before[name], cpu_times(group)) for name, group in pids.items()}
-        if children is not None:  # backends that closed during the run (any database's: other load shows here)
-            cpu["postgres"] += exited[1] - exited[0]
-        cpu["clients"] = tally.cpu_seconds
-
-        submits, polls = len(tally.submit_latencies), len(tally.poll_latencies)
-        errors = sum(tally.errors.values())
-        print(f"\n`{command}`  \nmachine: {machine()}; load average {load_start:.2f} at start, "
-              f"{load_before:.2f} -> {load_after:.2f} over the run\n")  # fmt: skip
-        print("| users | polls/submit | gateway workers | seconds | submits/s | submit p50 / p99 ms | polls/s | "
-              "poll p50 / p99 ms | errors | load avg |")  # fmt: skip
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        print(
-            f"| {args.users} | {args.polls_per_submit} | {args.gateway_workers} | {wall:.1f} | "
-            f"{submits / wall:.0f} | {ms(pct(tally.submit_latencies, 50))} / {ms(pct(tally.submit_latencies, 99))} | "
-            f"{polls / wall:.0f} | {ms(pct(tally.poll_latencies, 50))} / {ms(pct(tally.poll_latencies, 99))} | "
-            f"{errors} | {load_before:.2f} -> {load_after:.2f} |"
-        )
-        if tally.errors:
-            print("\nerrors: " + ", ".join(f"{kind} x{count}" for kind, count in sorted(tally.errors.items())))
-        requests = max(submits + polls, 1)
-        used = ", ".join(
-            f"{name} {seconds:.1f} s ({seconds / wall:.2f} cores, {seconds / requests * 1000:.2f} ms/request)"
-            for name, seconds in cpu.items()
-        )
-        print(f"\nCPU during the run: {used}")
-        if children is not None:
-            print(f"\nPostgres sessions opened during the run: {sessions[1] - sessions[0]} (pool churn when > 0)")
-        if children is not None:
-            answered, found, messages = verify(db_url, tally.job_ids)
-            ok = answered == found
-            print(
-                f"\ncheck: {answered} jobs answered 202 (warm-up included), {found} of them in the database: "
-                f"{'OK' if ok else 'FAILED'}; {messages} messages in the broker's generate queue"
-                + ("" if messages == answered else " (not one per job: did something else use this Redis db?)")
-            )
-            if not ok:
-                sys.exit(1)
-        if errors:
-            sys.exit(1)
     finally:
-        for spy in spies:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                spy.wait(30)
-        if children is not None:
-            children.stop("gateway", signal.SIGINT)
-            with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
-            redis.Redis.from_url(REDIS).flushdb()
+        stop_py_spy(spies)
+    load_after = loadavg()
+    wall = max(tally.last_end - tally.first_start, 1e-9)
+    if ours is not None:
+        pids["postgres"] = postgres_backends(ours.db_url)
+        sessions[1], exited[1] = postgres_sessions(ours.db_url), postgres_exited_cpu(pids["postgres"])
+    cpu = {name: cpu_used(before[name], cpu_times(group)) for name, group in pids.items()}
+    if ours is not None:  # backends that closed during the run (any database's: other load shows here)
+        cpu["postgres"] += exited[1] - exited[0]
+    cpu["clients"] = tally.cpu_seconds
+
+    submits, polls = len(tally.submit_latencies), len(tally.poll_latencies)
+    errors = sum(tally.errors.values())
+    print(f"\n`{command}`  \nmachine: {machine()}, {server_stack()}; load average {load_start:.2f} at start, "
+          f"{load_before:.2f} -> {load_after:.2f} over the run\n")  # fmt: skip
+    print("| users | polls/submit | gateway workers | seconds | submits/s | submit p50 / p99 ms | polls/s | "
+          "poll p50 / p99 ms | errors | load avg |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    submit_ms = f"{ms(pct(tally.submit_latencies, 50), 1)} / {ms(pct(tally.submit_latencies, 99), 1)}"
+    poll_ms = f"{ms(pct(tally.poll_latencies, 50), 1)} / {ms(pct(tally.poll_latencies, 99), 1)}"
+    print(
+        f"| {args.users} | {args.polls_per_submit} | {args.gateway_workers} | {wall:.1f} | "
+        f"{submits / wall:.0f} | {submit_ms} | {polls / wall:.0f} | {poll_ms} | "
+        f"{errors} | {load_before:.2f} -> {load_after:.2f} |"
+    )
+    if tally.errors:
+        print("\nerrors: " + ", ".join(f"{kind} x{count}" for kind, count in sorted(tally.errors.items())))
+    requests = max(submits + polls, 1)
+    used = ", ".join(
+        f"{name} {seconds:.1f} s ({seconds / wall:.2f} cores, {seconds / requests * 1000:.2f} ms/request)"
+        for name, seconds in cpu.items()
+    )
+    print(f"\nCPU during the run: {used}")
+    if ours is None:
+        return 1 if errors else 0
+    print(f"\nPostgres sessions opened during the run: {sessions[1] - sessions[0]} (pool churn when > 0)")
+    answered, found, messages = verify(ours.db_url, tally.job_ids)
+    ok = answered == found
+    print(
+        f"\ncheck: {answered} jobs answered 202 (warm-up included), {found} of them in the database: "
+        f"{'OK' if ok else 'FAILED'}; {messages} messages in the broker's generate queue"
+        + ("" if messages == answered else " (not one per job: did something else use this Redis db?)")
+    )
+    return 1 if errors or not ok else 0
 
 
 if __name__ == "__main__":

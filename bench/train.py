@@ -10,7 +10,7 @@ peak memory figure is its own), one after another on this machine:
   baseline       seed-style: TRL SFTTrainer on the formatted full text (prompt + response + EOS), padded to a
                  fixed max length, loss on the whole sequence, no packing; TRL's defaults otherwise
                  (activation checkpointing on; bf16=False, the one change CPU needs).
-  ours           worker.training.build_trainer as a fine-tuning job runs it (default hyperparameters):
+  ours           worker.trainer_setup.build_trainer as a fine-tuning job runs it (default hyperparameters):
                  prompt/completion examples with loss on the response + EOS only, dynamic padding (each batch
                  padded to its longest example) with batches drawn from length-sorted megabatches, no
                  activation checkpointing, bf16 autocast where the CPU has it, fp32 LoRA weights.
@@ -44,6 +44,8 @@ import time
 import warnings
 from pathlib import Path
 from typing import Any
+
+from measure import loadavg  # bench/measure.py
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -94,7 +96,7 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
     from shared.fine_tuning import Hyperparameters
     from worker.alpaca_data import TrainingData, read_jsonl
     from worker.model_loading import load_base_model
-    from worker.training import build_trainer, keep_4bit_trainable
+    from worker.trainer_setup import build_trainer, keep_4bit_trainable
 
     records = read_jsonl(data, data.name)
     loaded = load_base_model(str(model_dir), "main", "nf4", "cpu")
@@ -149,12 +151,12 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
         def on_step_begin(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == args.warmup:
                 stats.update(timing=True, started=time.perf_counter(), cpu_started=time.process_time())
-                stats["load_started"] = os.getloadavg()[0]
+                stats["load_started"] = loadavg()
 
         def on_step_end(self, _args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step == total_steps:
                 stats.update(timing=False, ended=time.perf_counter(), cpu_ended=time.process_time())
-                stats["load_ended"] = os.getloadavg()[0]
+                stats["load_ended"] = loadavg()
 
     trainer.add_callback(Timer())
     try:

@@ -299,7 +299,7 @@ def _window_families(snapshot: Snapshot, settings: Settings) -> Iterator[Metric]
     yield latency
 
 
-# Progress keys the train worker records (worker/training.py, JobCallback.on_log) -> metric.
+# Progress keys the train worker records (worker/progress_callback.py, JobCallback.on_log) -> metric.
 TRAINING_GAUGES = {
     "step": ("llmq_train_step", "Optimizer steps done by a running fine-tune."),
     "total_steps": ("llmq_train_total_steps", "Optimizer steps a running fine-tune will take."),

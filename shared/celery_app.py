@@ -1,6 +1,7 @@
 """The one Celery app: JSON messages carrying only a job id, one queue per job kind.
 
-The gateway publishes by task name (it never imports worker code); worker.app registers the tasks.
+The gateway publishes by task name (it never imports worker code); worker.app names worker.tasks in `include`,
+which Celery imports when a worker starts.
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ from client import (
 )
 from client.retries import RetryPolicy
 from shared.schemas import FineTuningEvent, FineTuningJob, FineTuningJobHyperparameters
-from tests.conftest import System, configure, free_port
+from tests.process_settings import configure
+from tests.systems import System, free_port
 
 SAMPLE = Path(__file__).resolve().parent.parent / "worker" / "data" / "alpaca_sample.jsonl"
 FAKE_URL = "http://llmq.test"

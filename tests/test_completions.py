@@ -10,7 +10,8 @@ import openai
 import pytest
 
 from shared.statuses import JobStatus
-from tests.conftest import System, configure
+from tests.process_settings import configure
+from tests.systems import System
 
 pytestmark = pytest.mark.e2e
 

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from cli.processes import Children, gateway_command, wait_ready
-from tests.conftest import System, free_port
+from tests.systems import System, free_port
 
 pytestmark = pytest.mark.e2e
 

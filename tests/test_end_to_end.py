@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import System
+from tests.systems import System
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,8 @@ def test_too_long_prompt_fails_alone_while_its_batch_neighbours_succeed(producti
 def test_model_that_fails_to_load_fails_the_job_and_the_worker_keeps_serving(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    from tests.conftest import redis_db, start_system
+    from tests.servers import redis_db
+    from tests.systems import start_system
 
     data = tmp_path_factory.mktemp("broken-model")
     env = {

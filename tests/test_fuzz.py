@@ -28,7 +28,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import System, configure, start_system
+from tests.process_settings import configure
+from tests.systems import System, start_system
 
 EXAMPLES = int(os.environ.get("LLMQ_FUZZ_EXAMPLES", "25"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -92,7 +93,7 @@ def api_key(postgres_url: str) -> str:
 def _openapi() -> dict[str, object]:
     """The schema the gateway serves at /openapi.json (built here: collection happens before any server runs)."""
     from gateway.app import create_app
-    from tests.conftest import reset_caches
+    from tests.process_settings import reset_caches
 
     try:
         return create_app().openapi()

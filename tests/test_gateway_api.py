@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import delete
 
-from tests.conftest import configure
+from tests.process_settings import configure
 
 BASE = "test-base-model"
 

@@ -15,7 +15,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from shared.logging import JsonFormatter, TextFormatter, configure_logging, current_job_ids, job_context
-from tests.conftest import System
+from tests.systems import System
 
 JOB = "gen-0123456789abcdef01234567"
 

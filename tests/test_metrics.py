@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, select
 
-from tests.conftest import System, configure
+from tests.process_settings import configure
+from tests.systems import System
 
 BASE = "test-base-model"
 ADAPTER = "ft:test-base-model:demo:ftjob-000000000000000000000001"

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from shared import job_states
 from shared.models import Job, utcnow
 from shared.statuses import JobStatus
-from tests.conftest import configure, reset_caches
+from tests.process_settings import configure, reset_caches
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ from shared.migrate import upgrade
 from shared.models import Checkpoint, File, FineTunedModel, Job, JobEvent, new_id
 from shared.prompts import TEMPLATE, alpaca_prompt
 from shared.settings import Settings, get_settings
-from tests.conftest import configure
-from worker import training
+from tests.process_settings import configure
+from worker import adapter_publishing, fine_tune, progress_callback, trainer_setup
 from worker.alpaca_data import (
     RESPONSE_PREFIX,
     TrainingData,
@@ -39,6 +39,8 @@ from worker.alpaca_data import (
     split_validation,
     to_examples,
 )
+from worker.checkpoints import TRAINER_STATE, last_complete_checkpoint
+from worker.guarded_writes import ClaimLost
 from worker.model_loading import load_base_model
 
 pytestmark = [
@@ -155,10 +157,10 @@ def test_validation_split_is_seeded_and_disjoint() -> None:
 @pytest.mark.parametrize("packing", [False, True])
 def test_loss_is_on_the_response_and_its_eos_never_on_prompt_or_padding(tiny_model: Path, packing: bool) -> None:
     loaded = load_base_model(str(tiny_model), "main", "nf4", "cpu")
-    assert training.keep_4bit_trainable(loaded.model) > 0
+    assert trainer_setup.keep_4bit_trainable(loaded.model) > 0
     records = read_jsonl(SAMPLE, "sample")[:8]
     hp = Hyperparameters(batch_size=4, max_seq_len=256, packing=packing).resolved()
-    trainer = training.build_trainer(
+    trainer = trainer_setup.build_trainer(
         loaded, TrainingData(train=records, validation=[]), hp, seed=0, output_dir=Path("/nonexistent")
     )
     tokenizer = loaded.tokenizer
@@ -199,7 +201,7 @@ def test_loss_is_on_the_response_and_its_eos_never_on_prompt_or_padding(tiny_mod
 def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     """The trainer run_fine_tune builds, and every parameter's value before training."""
     seen: dict[str, Any] = {}
-    real = training.build_trainer
+    real = fine_tune.build_trainer
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         trainer = real(*args, **kwargs)
@@ -207,7 +209,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         seen["before"] = {n: p.data.detach().float().clone() for n, p in trainer.model.named_parameters()}
         return trainer
 
-    monkeypatch.setattr(training, "build_trainer", spy)
+    monkeypatch.setattr(fine_tune, "build_trainer", spy)
     return seen
 
 
@@ -225,7 +227,7 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
     file_id = add_file(store)
     job_id = add_job(str(tiny_model), training_file=file_id, n_epochs=2, save_every_steps=45, **FAST)
 
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
 
     job = job_row(job_id)
     assert job.status == "succeeded", job.error
@@ -333,7 +335,7 @@ def cancel_after_first_progress(job_id: str, seen: dict[str, Any]) -> threading.
 
 @pytest.fixture
 def progress_every_step(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(training, "PROGRESS_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(progress_callback, "PROGRESS_EVERY_SECONDS", 0.0)
     yield
 
 
@@ -346,7 +348,7 @@ def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
     job_id = add_job(str(tiny_model), training_file=file_id, max_steps=400, save_every_steps=1000, **FAST)
     seen: dict[str, Any] = {}
     thread = cancel_after_first_progress(job_id, seen)
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     thread.join(timeout=5)
 
     job = job_row(job_id)
@@ -374,7 +376,7 @@ def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
             .values(status="queued", cancel_requested=False, params=params, result=None, finished_at=None)
         )
         session.commit()
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     job = job_row(job_id)
     assert job.status == "succeeded", job.error
     assert job.attempt == 2
@@ -393,15 +395,15 @@ def test_resume_takes_the_newest_complete_checkpoint_of_any_attempt(tmp_path: Pa
         folder = tmp_path / f"attempt-{attempt}" / "checkpoints" / f"checkpoint-{step}"
         folder.mkdir(parents=True)
         if complete:
-            (folder / training.TRAINER_STATE).write_text("{}")
+            (folder / TRAINER_STATE).write_text("{}")
         return folder
 
-    assert training.last_complete_checkpoint(tmp_path) is None
+    assert last_complete_checkpoint(tmp_path) is None
     checkpoint(1, 4)
     newest = checkpoint(1, 8)
     checkpoint(2, 12, complete=False)  # the attempt died while writing it
     checkpoint(3, 6)
-    assert training.last_complete_checkpoint(tmp_path) == newest
+    assert last_complete_checkpoint(tmp_path) == newest
 
 
 @pytest.mark.slow
@@ -409,7 +411,7 @@ def test_listed_checkpoints_are_the_ones_left_on_disk(store: Settings, tiny_mode
     file_id = add_file(store)
     job_id = add_job(str(tiny_model), training_file=file_id, max_steps=6, save_every_steps=2, **FAST)
 
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
 
     assert job_row(job_id).status == "succeeded", job_row(job_id).error
     recorded = checkpoints(job_id)
@@ -440,8 +442,8 @@ def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_tha
     data: Any = SimpleNamespace(source={"train": {"sha256": "x"}})
 
     def succeed(session: Any, claim: job_states.Claim, who: str) -> None:
-        trainer = SimpleNamespace(model=FakeAdapter(who))
-        training._succeed(session, claim, store, trainer, loaded, data, hp, 7, {"trained_tokens": 1})
+        adapter = adapter_publishing.TrainedAdapter(FakeAdapter(who), loaded, data, hp, 7, {"trained_tokens": 1})
+        adapter_publishing.publish_adapter(session, claim, store, adapter)
 
     with get_sessionmaker()() as session:
         stale = job_states.claim(session, job_id, worker="a", lease_seconds=60)
@@ -451,7 +453,7 @@ def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_tha
         current = job_states.claim(session, job_id, worker="b", lease_seconds=60)
         assert current is not None and current.attempt == 2
         succeed(session, current, "attempt 2")
-        with pytest.raises(training.ClaimLost):
+        with pytest.raises(ClaimLost):
             succeed(session, stale, "attempt 1")  # reaches save_adapter after attempt 2 succeeded
 
     result = job_row(job_id).result or {}
@@ -481,7 +483,7 @@ def test_hub_dataset_without_a_reachable_hub_fails_with_dataset_unavailable(
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     dataset = {"name": "tatsu-lab/alpaca", "split": "train", "sample_size": 200}
     job_id = add_job(str(tiny_model), dataset=dataset)
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
 
     job = job_row(job_id)
     assert job.status == "failed"
@@ -494,7 +496,7 @@ def test_hub_dataset_without_a_reachable_hub_fails_with_dataset_unavailable(
 
 def test_missing_training_file_fails_with_dataset_unavailable(store: Settings, tiny_model: Path) -> None:
     job_id = add_job(str(tiny_model), training_file="file-doesnotexist")
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     job = job_row(job_id)
     assert job.status == "failed" and job.error == {
         "code": "dataset_unavailable",
@@ -504,7 +506,7 @@ def test_missing_training_file_fails_with_dataset_unavailable(store: Settings, t
 
 def test_unloadable_base_model_fails_with_model_load_failed(store: Settings, tmp_path: Path) -> None:
     job_id = add_job(str(tmp_path / "no-such-model"), training_file=add_file(store))
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     job = job_row(job_id)
     assert job.status == "failed" and job.error is not None
     assert job.error["code"] == "model_load_failed"
@@ -516,15 +518,15 @@ def test_message_for_a_job_that_is_not_queued_does_nothing(store: Settings, tiny
     with get_sessionmaker()() as session:
         job_states.cancel(session, job_id)
     before = job_row(job_id)
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     after = job_row(job_id)
     assert (after.status, after.attempt, after.updated_at) == ("cancelled", 0, before.updated_at)
     assert events(job_id) == []
 
 
 def test_fine_tuned_model_id_names_base_suffix_and_job() -> None:
-    assert training.fine_tuned_model_id("openai-community/gpt2", None, "ftjob-1") == "ft:gpt2:llmq:ftjob-1"
-    assert training.fine_tuned_model_id("/models/tiny/", "mine", "ftjob-2") == "ft:tiny:mine:ftjob-2"
+    assert adapter_publishing.fine_tuned_model_id("openai-community/gpt2", None, "ftjob-1") == "ft:gpt2:llmq:ftjob-1"
+    assert adapter_publishing.fine_tuned_model_id("/models/tiny/", "mine", "ftjob-2") == "ft:tiny:mine:ftjob-2"
 
 
 @pytest.mark.slow
@@ -532,7 +534,7 @@ def test_fine_tuned_model_id_names_base_suffix_and_job() -> None:
 def test_other_base_precisions_train_too(store: Settings, tiny_model: Path, quantization: str) -> None:
     file_id = add_file(store)
     job_id = add_job(str(tiny_model), training_file=file_id, max_steps=3, quantization=quantization, **FAST)
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     job = job_row(job_id)
     assert job.status == "succeeded", job.error
     metrics = (job.result or {})["metrics"]

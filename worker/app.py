@@ -1,19 +1,23 @@
-"""The worker's Celery app (`celery -A worker.app worker -Q generate|train`): registers the tasks."""
+"""The worker's Celery app (`celery -A worker.app worker -Q generate|train`) and its process-wide setup.
+
+Celery imports the task module (worker/tasks.py) itself when a worker starts, named in `include`: neither
+module imports the other.
+"""
 
 from __future__ import annotations
 
 import logging
 from contextvars import Token
-from functools import lru_cache
 
 from celery.signals import setup_logging, task_postrun, task_prerun, worker_ready
 
 from shared.celery_app import TASKS, get_celery
 from shared.logging import bind_job, configure_logging, unbind_job
 from shared.settings import get_settings
-from worker.serving import ModelHolder
+from worker.process_model import generate_models
 
 app = get_celery()
+app.conf.include = ["worker.tasks"]  # imported by each worker at start, after this module
 log = logging.getLogger(__name__)
 
 
@@ -26,12 +30,6 @@ def limit_torch_threads(threads: int) -> None:
 
 
 limit_torch_threads(get_settings().torch_threads)
-
-
-@lru_cache
-def generate_models() -> ModelHolder:
-    """This process's base model holder (the model itself loads on first use)."""
-    return ModelHolder(get_settings())
 
 
 @setup_logging.connect
@@ -66,6 +64,3 @@ def _preload(**_kwargs: object) -> None:
             generate_models().get()
         except Exception:
             log.exception("base model failed to load; generation jobs will fail until it loads")
-
-
-import worker.tasks  # noqa: E402,F401  (registers the tasks on app)

@@ -6,11 +6,13 @@ import logging
 
 from sqlalchemy.exc import OperationalError
 
+from shared.celery_app import get_celery
 from shared.db import answers, get_engine, wait_until_reachable
 from shared.settings import get_settings
-from worker.app import app, generate_models
+from worker.process_model import generate_models
 from worker.serving import serve_waiting_jobs
 
+app = get_celery()  # the app worker.app configures (one per process); it imports this module by `include`
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,6 @@ def generate(job_id: str) -> None:
 def train(job_id: str) -> None:
     """Runs the fine-tuning job to a terminal state; a message for a job no longer queued does nothing."""
     # The training stack (TRL, the Trainer) costs seconds to import; generate workers never pay for it.
-    from worker.training import run_fine_tune
+    from worker.fine_tune import run_fine_tune
 
     run_fine_tune(job_id, get_settings())

@@ -33,7 +33,7 @@ import redis
 from psycopg.rows import dict_row
 
 from cli.processes import Children, gateway_command, wait_ready, worker_command
-from tests.conftest import free_port
+from tests.systems import free_port
 
 PG_BIN = Path(os.environ.get("LLMQ_CHAOS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 TERMINAL = ("succeeded", "failed", "cancelled")

@@ -1,0 +1,138 @@
+"""Publishing a finished fine-tune: the adapter folder (LoRA weights + manifest.json), its model row, success.
+
+The adapter goes into the attempt's own folder (artifacts.adapter_dir), written under a temporary name and
+moved into place, so a folder that exists is complete. The fine-tuned model row and the job's success are
+one guarded write: an attempt that lost its claim removes its folder and records nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+
+from shared import artifacts, job_states
+from shared.fine_tuning import ResolvedHyperparameters
+from shared.job_states import Claim
+from shared.models import FineTunedModel, Job, utcnow
+from shared.prompts import TEMPLATE
+from shared.settings import Settings
+from worker.alpaca_data import RESPONSE_PREFIX, TrainingData
+from worker.guarded_writes import ClaimLost, add_event
+from worker.model_loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainedAdapter:
+    """What a finished training run hands over to be published, and what its manifest records."""
+
+    model: Any  # the trained peft model (trainer.model): save_pretrained writes the LoRA weights only
+    loaded: LoadedModel  # the base it was trained on: its commit hash and its tokenizer's EOS
+    data: TrainingData  # data.source: which files or hub dataset, with their sha256
+    hp: ResolvedHyperparameters
+    seed: int
+    metrics: dict[str, Any]  # at least trained_tokens
+
+
+def publish_adapter(session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter) -> None:
+    """Writes the adapter and its manifest, then records the fine-tuned model and the job's success.
+
+    Raises ClaimLost (after removing this attempt's adapter folder) when another attempt owns the job.
+    """
+    job: Job = claim.job
+    model_id = fine_tuned_model_id(job.base_model, job.params.get("suffix"), job.id)
+    relative_dir = artifacts.adapter_dir(job.id, claim.attempt)
+    manifest = build_manifest(job, settings, adapter, model_id)
+    folder = artifacts.resolve(settings, relative_dir)
+    files = save_adapter(adapter.model, folder, manifest)
+    metrics = adapter.metrics
+    result = {
+        "fine_tuned_model": model_id,
+        "trained_tokens": metrics["trained_tokens"],
+        "metrics": metrics,
+        "result_files": [f"{relative_dir}/{name}" for name in files],
+        "adapter_path": relative_dir,
+    }
+    row = FineTunedModel(
+        id=model_id,
+        tenant=job.tenant,  # the model belongs to whoever trained it
+        job_id=job.id,
+        base_model=job.base_model,
+        path=relative_dir,
+        manifest=manifest,
+        created_at=utcnow(),
+    )
+    try:
+        add_event(session, claim, f"New fine-tuned model created: {model_id}", data={"metrics": metrics})
+        if not job_states.succeed(session, claim, result, add=[row]):
+            raise ClaimLost(claim.job_id)
+    except ClaimLost:
+        shutil.rmtree(folder, ignore_errors=True)  # this attempt's own folder: nothing else reads or writes it
+        raise
+    log.info("fine-tune %s succeeded: %s", job.id, model_id)
+
+
+def fine_tuned_model_id(base_model: str, suffix: str | None, job_id: str) -> str:
+    """ft:<base short name>:<suffix or llmq>:<job id>; the short name is the model id's last path part."""
+    short = base_model.rstrip("/").rsplit("/", 1)[-1] or base_model
+    return f"ft:{short}:{suffix or 'llmq'}:{job_id}"
+
+
+def build_manifest(job: Job, settings: Settings, adapter: TrainedAdapter, model_id: str) -> dict[str, Any]:
+    """The adapter's manifest: base model and revision, data, hyperparameters, metrics, prompt template."""
+    return {
+        "fine_tuned_model": model_id,
+        "job_id": job.id,
+        "base_model": job.base_model,
+        "base_model_revision": settings.base_model_revision,
+        "base_model_commit": getattr(adapter.loaded.model.config, "_commit_hash", None),
+        "quantization": adapter.hp.quantization,
+        "dataset": adapter.data.source,
+        "hyperparameters": adapter.hp.model_dump(),
+        "seed": adapter.seed,
+        "metrics": adapter.metrics,
+        "prompt_template": TEMPLATE,
+        "response_prefix": RESPONSE_PREFIX,  # the completion starts with it; strip it from generated text
+        "eos_token": adapter.loaded.tokenizer.eos_token,
+        "versions": _versions(),
+        "metadata": job.params.get("metadata"),
+        "created_at": utcnow().isoformat(),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import bitsandbytes
+    import peft
+    import transformers
+    import trl
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "bitsandbytes": bitsandbytes.__version__,
+    }
+
+
+def save_adapter(model: Any, folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Writes the LoRA weights (safetensors), their config and manifest.json into folder; the file names.
+
+    Written into a sibling temporary folder first and moved into place, so a folder that exists is complete.
+    The folder is the attempt's own (artifacts.adapter_dir), so it does not exist yet.
+    """
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, folder)
+    return sorted(p.name for p in folder.iterdir() if p.is_file())

@@ -1,0 +1,169 @@
+"""The train side: claim a fine-tuning job, QLoRA-train its base model on Alpaca data, record everything.
+
+run_fine_tune reads top to bottom: claim -> data -> base model (4-bit) -> LoRA + TRL SFTTrainer -> validation
+loss of the base -> train (a callback checks cancel, renews the lease, writes progress, events and
+checkpoints) -> validation loss of the adapter -> adapter + manifest -> fine-tuned model row + succeeded.
+
+The parts live in modules named for their job: worker/trainer_setup.py (base model and trainer),
+worker/progress_callback.py (the Trainer-to-job callback), worker/checkpoints.py (what to resume from),
+worker/adapter_publishing.py (adapter, manifest, model row, success), worker/guarded_writes.py (ClaimLost).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session
+
+from shared import artifacts, job_states
+from shared.db import get_sessionmaker
+from shared.fine_tuning import ResolvedHyperparameters
+from shared.job_states import Claim
+from shared.notify import publish_finished
+from shared.settings import Settings
+from worker.adapter_publishing import TrainedAdapter, publish_adapter
+from worker.alpaca_data import DatasetUnavailable, load_training_data
+from worker.checkpoints import last_complete_checkpoint, step_of, trained_tokens_at
+from worker.guarded_writes import ClaimLost, add_event, renew_lease
+from worker.leases import lease_keeper
+from worker.progress_callback import JobCallback
+from worker.trainer_setup import ModelLoadFailed, build_trainer, load_trainable_base
+
+log = logging.getLogger(__name__)
+
+
+def worker_id() -> str:
+    """host:pid of this process (read per call: Celery forks workers after import)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def run_fine_tune(job_id: str, settings: Settings) -> None:
+    """Runs one fine-tuning job to a terminal state; a job that is not queued is left alone."""
+    with get_sessionmaker()() as session:
+        claim = job_states.claim(session, job_id, worker=worker_id(), lease_seconds=settings.lease_seconds)
+        if claim is None:
+            log.info("fine-tune %s is not queued; nothing to do", job_id)
+            return
+        log.info("fine-tune %s claimed (attempt %d)", job_id, claim.attempt)
+        try:
+            # A heartbeat thread keeps the lease through model loading, tokenizing and steps longer
+            # than a lease; the callback's renewals between steps are what notice a lost claim.
+            with lease_keeper(settings.lease_seconds).holding([claim]):
+                _fine_tune(session, claim, settings)
+        except ClaimLost:
+            log.warning("fine-tune %s: attempt %d lost its claim; stopped", job_id, claim.attempt)
+            return
+        except Exception as exc:
+            log.exception("fine-tune %s failed", job_id)
+            session.rollback()
+            code, message = _error(exc)
+            job_states.add_event(session, claim, message, level="error")
+            job_states.fail(session, claim, code, message)
+        finally:
+            _release_memory()
+    publish_finished([job_id])
+
+
+def _error(exc: Exception) -> tuple[str, str]:
+    """(code, one-line message) for a failure; the traceback goes to the log, not to the client."""
+    if isinstance(exc, DatasetUnavailable):
+        code, message = "dataset_unavailable", str(exc)
+    elif isinstance(exc, ModelLoadFailed):
+        code, message = "model_load_failed", str(exc)
+    else:
+        code, message = "training_failed", f"training failed: {type(exc).__name__}: {exc}"
+    return code, " ".join(message.split())[:1000]
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
+    """Trains the claimed job, then publishes its adapter or ends it cancelled; ClaimLost if taken over."""
+    job = claim.job
+    started = time.monotonic()
+    hp = ResolvedHyperparameters.model_validate(job.params["hyperparameters"])
+    seed = int(job.params.get("seed") or 0)
+    add_event(session, claim, f"Fine-tuning job started (attempt {claim.attempt}).")
+
+    data = load_training_data(session, settings, job.params)
+    add_event(
+        session,
+        claim,
+        f"Loaded {len(data.train)} training and {len(data.validation)} validation examples.",
+        data={"train_examples": len(data.train), "validation_examples": len(data.validation)},
+    )
+
+    loaded = load_trainable_base(job.base_model, settings, hp)
+    renew_lease(session, claim, settings)
+    add_event(session, claim, f"Loaded base model {job.base_model} ({hp.quantization}) on {loaded.device.type}.")
+
+    # Each attempt writes its own checkpoints; it resumes from the newest complete one of any attempt.
+    output_dir = artifacts.resolve(settings, artifacts.checkpoints_dir(job.id, claim.attempt))
+    trainer = build_trainer(loaded, data, hp, seed, output_dir=output_dir)
+    callback = JobCallback(session, claim, settings, trainer)
+    trainer.add_callback(callback)
+
+    metrics: dict[str, Any] = {}
+    if data.validation:
+        metrics["base_val_loss"] = callback.evaluate("base_val_loss", "Validation loss of the base model")
+    resume = _resume_point(session, claim, settings, trainer)
+    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    if callback.stop_reason == "claim_lost":
+        raise ClaimLost(claim.job_id)
+    if callback.stop_reason == "cancelled":
+        _finish_cancelled(session, claim, callback)
+        return
+
+    if data.validation:
+        metrics["val_loss"] = _final_val_loss(callback)
+    metrics.update(
+        train_loss=output.training_loss,
+        final_train_loss=callback.last_loss,
+        trained_tokens=trainer.trained_tokens,
+        steps=trainer.state.global_step,
+        runtime_seconds=round(time.monotonic() - started, 3),
+        train_tokens_per_second=callback.tokens_per_second(),
+    )
+    publish_adapter(session, claim, settings, TrainedAdapter(trainer.model, loaded, data, hp, seed, metrics))
+
+
+def _resume_point(session: Session, claim: Claim, settings: Settings, trainer: Any) -> Path | None:
+    """The newest complete checkpoint of any attempt (its token count set on the trainer), or None."""
+    resume = last_complete_checkpoint(artifacts.resolve(settings, artifacts.job_dir(claim.job.id)))
+    if resume is not None:
+        trainer.trained_tokens = trained_tokens_at(resume)
+        add_event(session, claim, f"Resuming from the checkpoint at step {step_of(resume)}.")
+    return resume
+
+
+def _final_val_loss(callback: JobCallback) -> float:
+    """The adapter's validation loss: the one evaluated at the last step, else a new evaluation."""
+    if callback.val_loss_step == callback.trainer.state.global_step and callback.val_loss is not None:
+        return callback.val_loss
+    return callback.evaluate("val_loss", "Validation loss of the fine-tuned model")
+
+
+def _finish_cancelled(session: Session, claim: Claim, callback: JobCallback) -> None:
+    step = callback.trainer.state.global_step
+    result = {
+        "trained_tokens": callback.trainer.trained_tokens,
+        "step": step,
+        "total_steps": callback.trainer.state.max_steps,
+        "checkpoint": callback.last_checkpoint,
+    }
+    job_states.add_event(session, claim, f"Fine-tuning cancelled at step {step}.")
+    if not job_states.finish_cancelled(session, claim, result):
+        raise ClaimLost(claim.job_id)
+    log.info("fine-tune %s cancelled at step %d", claim.job_id, step)

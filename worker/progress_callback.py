@@ -1,0 +1,234 @@
+"""The Trainer-to-job callback: a running Trainer's cancel checks, heartbeats, progress, events and checkpoints.
+
+Every write is guarded by the claim (shared.job_states answers False once another attempt owns the job);
+inside the training loop a failed write cannot raise through the Trainer, so it stops training instead and
+stop_reason says why. The job runner reads stop_reason after train() returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+from transformers import TrainerCallback
+
+from shared import artifacts, job_states
+from shared.job_states import Claim
+from shared.models import utcnow
+from shared.settings import Settings
+from worker.checkpoints import TRAINER_STATE
+from worker.guarded_writes import add_event
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_SECONDS = 2.0  # least time between two progress writes (the last step is always written)
+HEARTBEAT_EVERY_SECONDS = 5.0  # least time between two lease renewals (never more than a quarter lease)
+
+
+@dataclass
+class _Window:
+    """Train losses since the last progress write."""
+
+    losses: list[float] = field(default_factory=list)
+
+    def take_mean(self) -> float | None:
+        mean = sum(self.losses) / len(self.losses) if self.losses else None
+        self.losses.clear()
+        return mean
+
+
+class JobCallback(TrainerCallback):
+    """Connects a running Trainer to the job row: cancel, heartbeat, progress, events and checkpoints.
+
+    Every write is guarded by the claim; when one fails (the job was taken over) training stops and
+    stop_reason says why. A requested cancel stops training at the end of the current step, with a
+    checkpoint.
+    """
+
+    def __init__(self, session: Session, claim: Claim, settings: Settings, trainer: Any) -> None:
+        self.session = session
+        self.claim = claim
+        self.settings = settings
+        self.trainer = trainer
+        self.lease_seconds = settings.lease_seconds
+        self.heartbeat_every = min(HEARTBEAT_EVERY_SECONDS, settings.lease_seconds / 4)
+        self.stop_reason: str | None = None  # None | "cancelled" | "claim_lost"
+        self.in_training = False
+        self.last_loss: float | None = None
+        self.val_loss: float | None = None
+        self.val_loss_step: int | None = None
+        self.last_checkpoint: dict[str, Any] | None = None
+        self._window = _Window()
+        self._last_heartbeat = time.monotonic()
+        self._last_progress = 0.0
+        self._train_started = time.monotonic()
+        self._train_ended: float | None = None
+        self._start_step = 0
+        self._start_tokens = 0
+
+    # -- guarded writes ---------------------------------------------------------------------------------
+
+    def _lost(self, control: Any) -> None:
+        self.stop_reason = "claim_lost"
+        control.should_training_stop = True
+        control.should_save = False
+
+    def _heartbeat(self, control: Any, force: bool = False) -> bool:
+        now = time.monotonic()
+        if not force and now - self._last_heartbeat < self.heartbeat_every:
+            return True
+        self._last_heartbeat = now
+        if not job_states.renew_lease(self.session, self.claim, self.lease_seconds):
+            self._lost(control)
+            return False
+        return True
+
+    def _write(self, ok: bool, control: Any) -> None:
+        if not ok:
+            self._lost(control)
+
+    def _on_disk(self, path: str) -> bool:
+        """Whether a recorded checkpoint's folder is still there (save_total_limit deletes older ones)."""
+        return artifacts.resolve(self.settings, path).is_dir()
+
+    # -- rates --------------------------------------------------------------------------------------------
+
+    def tokens_per_second(self) -> float:
+        """Trained tokens per second in this attempt's training loop (so far, or until it ended)."""
+        elapsed = (self._train_ended or time.monotonic()) - self._train_started
+        return round((self.trainer.trained_tokens - self._start_tokens) / elapsed, 1) if elapsed > 0 else 0.0
+
+    def _eta_seconds(self, step: int, total: int) -> float | None:
+        done = step - self._start_step
+        if done <= 0:
+            return None
+        return (time.monotonic() - self._train_started) / done * max(total - step, 0)
+
+    # -- evaluation outside the training loop -------------------------------------------------------------
+
+    def evaluate(self, key: str, label: str) -> float:
+        """Validation loss of the model as it stands, written as an event; raises ClaimLost if lost."""
+        loss = float(self.trainer.evaluate()["eval_loss"])
+        step = self.trainer.state.global_step
+        add_event(self.session, self.claim, f"{label}: {loss:.4f}", type="metrics", data={"step": step, key: loss})
+        return loss
+
+    # -- Trainer events -------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.in_training = True
+        self._train_started = time.monotonic()
+        self._start_step = state.global_step
+        self._start_tokens = self.trainer.trained_tokens
+        self._write(
+            job_states.add_event(
+                self.session,
+                self.claim,
+                f"Training for {state.max_steps} steps.",
+                data={"total_steps": state.max_steps, "start_step": state.global_step},
+            ),
+            control,
+        )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.in_training = False
+        self._train_ended = time.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._heartbeat(control):
+            return
+        if job_states.cancel_requested(self.session, self.claim):
+            # Also true when the claim is gone; a lease renewal tells the two apart.
+            if not self._heartbeat(control, force=True):
+                return
+            self.stop_reason = "cancelled"
+            control.should_training_stop = True
+            control.should_save = True  # keep the work done so far as a checkpoint
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not logs or "loss" not in logs or self.stop_reason == "claim_lost":
+            return
+        self.last_loss = float(logs["loss"])
+        self._window.losses.append(self.last_loss)
+        now = time.monotonic()
+        last = state.global_step >= state.max_steps or self.stop_reason is not None
+        if not last and now - self._last_progress < PROGRESS_EVERY_SECONDS:
+            return
+        self._last_progress = now
+        step, total = state.global_step, state.max_steps
+        train_loss = self._window.take_mean()
+        eta = self._eta_seconds(step, total)
+        tokens = self.trainer.trained_tokens
+        figures = {
+            "step": step,
+            "total_steps": total,
+            "train_loss": train_loss,
+            "learning_rate": logs.get("learning_rate"),
+            "trained_tokens": tokens,
+            "tokens_per_second": self.tokens_per_second(),
+            "eta_seconds": round(eta, 1) if eta is not None else None,
+        }
+        message = f"Step {step}/{total}: training loss={train_loss:.4f}"
+        self._write(job_states.add_event(self.session, self.claim, message, type="metrics", data=figures), control)
+        finish = (utcnow() + timedelta(seconds=eta)).isoformat() if eta is not None else None
+        progress = {
+            "trained_tokens": tokens,
+            "step": step,
+            "total_steps": total,
+            "train_loss": train_loss,
+            "estimated_finish": finish,
+        }
+        self._write(job_states.record_progress(self.session, self.claim, progress), control)
+
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._heartbeat(control)  # an evaluation can take longer than a lease
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        metrics = kwargs.get("metrics") or {}
+        if not self.in_training or "eval_loss" not in metrics:
+            return  # evaluations before and after training are written by evaluate()
+        self.val_loss, self.val_loss_step = float(metrics["eval_loss"]), state.global_step
+        self._write(
+            job_states.add_event(
+                self.session,
+                self.claim,
+                f"Step {state.global_step}: validation loss={self.val_loss:.4f}",
+                type="metrics",
+                data={"step": state.global_step, "val_loss": self.val_loss},
+            ),
+            control,
+        )
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stop_reason == "claim_lost":
+            return
+        # Called after the Trainer wrote the whole checkpoint (trainer_state.json last) and rotated old ones.
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not (folder / TRAINER_STATE).is_file():
+            log.warning("checkpoint %s is incomplete; not recorded", folder)
+            return
+        metrics: dict[str, Any] = {
+            "step": state.global_step,
+            "train_loss": self.last_loss,
+            "trained_tokens": self.trainer.trained_tokens,
+        }
+        if self.val_loss_step == state.global_step:
+            metrics["val_loss"] = self.val_loss
+        path = artifacts.relative(self.settings, folder)
+        self.last_checkpoint = {"step": state.global_step, "path": path, "metrics": metrics}
+        recorded = job_states.add_checkpoint(
+            self.session, self.claim, state.global_step, path, metrics, on_disk=self._on_disk
+        )
+        self._write(recorded, control)
+        if self.stop_reason is None:
+            self._write(
+                job_states.add_event(
+                    self.session, self.claim, f"Checkpoint saved at step {state.global_step}.", data=metrics
+                ),
+                control,
+            )
