@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from gateway import errors
+from gateway.auth import Authenticate
 from gateway.body_limit import BodyLimit
 from gateway.closing import close_within
 from gateway.log_context import JobLogContext
@@ -70,6 +71,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     # One megabyte of multipart framing on top of the largest file accepted.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)
+    app.add_middleware(Authenticate)  # outside BodyLimit: a request without a valid key has none of its body read
     app.add_middleware(JobLogContext)
     app.include_router(health.router)
     app.include_router(generations.router)

@@ -85,7 +85,8 @@ _MEANINGS = {
     404: "No such resource for this tenant.",
     413: "Request body over the configured limit.",
     422: "Invalid request: `detail` lists every problem, `error.param` names the first field at fault.",
-    429: "Over the per-key rate limit or the tenant's active-job quota; see Retry-After.",
+    429: "Over the per-key rate limit, the tenant's active-job quota, or the failed-authentication throttle of the "
+    "client's address; see Retry-After.",
     500: "The job failed in the worker (completions answer with the job's error).",
     503: "The database is unavailable; see Retry-After.",
     504: "The job did not finish in time (it is cancelled if still queued).",
@@ -109,6 +110,21 @@ BODY_ERRORS = documented(400)
 def error_body(status_code: int, code: str, message: str, type_: str) -> dict[str, object]:
     """The JSON body of an error answer."""
     return {"detail": message, "error": {"message": message, "type": type_, "code": code}}
+
+
+def api_error_response(exc: ApiError) -> JSONResponse:
+    """The answer to an ApiError."""
+    body = error_body(exc.status_code, exc.code, exc.message, exc.type)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def database_down_response() -> JSONResponse:
+    """The answer while the database is unreachable."""
+    return JSONResponse(
+        error_body(503, "database_unavailable", "database unavailable", "server_error"),
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -141,8 +157,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        body = error_body(exc.status_code, exc.code, exc.message, exc.type)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -167,8 +182,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:
-        return JSONResponse(
-            error_body(503, "database_unavailable", "database unavailable", "server_error"),
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+        return database_down_response()

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         6000, ge=0, description="Requests per minute one API key may make (0 = no limit)."
     )
+    auth_failures_per_minute: int = Field(
+        20,
+        ge=0,
+        description="Failed authentications one client address may make per minute; past it every /v1 request "
+        "from that address answers 429 until the minute ends (0 = no limit).",
+    )
     max_active_jobs_per_tenant: int = Field(
         1000, ge=0, description="Queued plus running jobs one tenant may have at once (0 = no limit)."
     )
