@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 
+from gateway.methods import allowed_methods
 from shared.schemas import ErrorResponse, ValidationErrorResponse
 
 
@@ -167,12 +168,15 @@ def install(app: FastAPI) -> None:
             return _validation_answer(exc.errors(), echo_inputs=False)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's and FastAPI's own answers (unparsable body, unknown path, wrong method) in our shape.
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-        return JSONResponse(error_body(exc.status_code, code, message, type_), exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched
+            headers["Allow"] = ", ".join(allowed_methods(app.router, request.scope))
+        return JSONResponse(error_body(exc.status_code, code, message, type_), exc.status_code, headers=headers)
 
     @app.exception_handler(DataError)
     async def _unstorable(_request: Request, _exc: DataError) -> JSONResponse:

@@ -6,7 +6,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Annotated, BinaryIO
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import APIRouter, Form, UploadFile
 from sqlalchemy import select
@@ -38,11 +38,9 @@ async def upload_file(
     file: UploadFile,
     settings: SettingsDep,
     tenant: TenantDep,
-    purpose: Annotated[str, Form()] = "fine-tune",
+    purpose: Annotated[Literal["fine-tune"], Form()] = "fine-tune",
 ) -> FileObject:
     """Stores an Alpaca file (JSONL or JSON array) once every record is valid; 422 names the first bad one."""
-    if purpose != "fine-tune":
-        raise InvalidFile("purpose must be 'fine-tune'")
     # Reading, validating and storing take seconds for a big file: in a worker thread, so that the event loop
     # goes on answering every other request meanwhile.
     row = await run_in_threadpool(_store, file, settings, tenant, purpose)
