@@ -38,7 +38,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await finished_jobs.start()
     if not get_settings().require_api_keys:
         log.warning("API keys are not required (LLMQ_REQUIRE_API_KEYS=false): bind this gateway to localhost only")
-    elif get_settings().metrics_token is None:
+    elif not get_settings().metrics_token:
         log.warning("LLMQ_METRICS_TOKEN is not set: /metrics answers 401 while API keys are required")
     reaper = asyncio.create_task(_reaper_loop(get_settings())) if get_settings().gateway_runs_reaper else None
     try:

@@ -134,7 +134,8 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         None,
         description="When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (it names models and "
-        "jobs of every tenant); unset means open, for a scraper on a private network.",
+        "jobs of every tenant). Unset: open while API keys are not required (one tenant, localhost), closed (401) "
+        "while they are.",
     )
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
