@@ -3,6 +3,7 @@ the per-key rate limit; and the per-address throttle on failed authentications."
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -22,6 +23,8 @@ from shared.models import DEFAULT_TENANT
 from shared.notify import redis_url
 from shared.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 UNAUTHORIZED = "invalid or missing API key"  # the same answer whatever was wrong
 TENANT = "llmq.tenant"  # where Authenticate leaves the request's tenant in the ASGI scope
 
@@ -36,27 +39,50 @@ class MinuteWindows:
         self._lock = threading.Lock()
 
     def hit(self, name: str, minute: int) -> int:
-        """Counts one more event; how many this name has had in this minute, this one included."""
+        """Counts one more event; how many this name has had in this minute, this one included.
+
+        While Redis does not answer, this process counts on its own: a limit is not worth failing requests for.
+        """
         if self._redis is not None:
             key = f"llmq:rate:{name}:{minute}"
             pipe = self._redis.pipeline()
             pipe.incr(key)
             pipe.expire(key, 120)
-            return int(pipe.execute()[0])
+            try:
+                return int(pipe.execute()[0])
+            except redis.RedisError as exc:
+                log.warning("rate counting in Redis failed (%s); counting in this process", exc)
         with self._lock:
             for stale in [k for k in self._local if k[1] < minute]:
                 del self._local[stale]
             self._local[(name, minute)] += 1
             return self._local[(name, minute)]
 
-    def count(self, name: str, minute: int) -> int:
-        """How many events this name has had in this minute."""
-        if self._redis is not None:
-            return int(self._redis.get(f"llmq:rate:{name}:{minute}") or 0)
+
+class FailedAuthentications:
+    """Failed authentications per client address and clock minute, counted in MinuteWindows (so across gateway
+    processes when there is Redis). An address that reaches the limit is blocked for the rest of the minute;
+    each process remembers its blocks itself, so a request that authenticates costs no extra round trip."""
+
+    def __init__(self) -> None:
+        self._blocked: dict[str, int] = {}  # address -> the minute it is blocked in
+        self._lock = threading.Lock()
+
+    def blocked(self, address: str, minute: int) -> bool:
+        """Whether this process has blocked the address for this minute."""
         with self._lock:
-            return self._local.get((name, minute), 0)
+            return self._blocked.get(address) == minute
+
+    def failed(self, address: str, minute: int, limit: int) -> None:
+        """Counts a failure; blocks the address once it has failed limit times this minute."""
+        if _minute_windows().hit(f"authfail:{address}", minute) >= limit:
+            with self._lock:
+                for stale in [a for a, m in self._blocked.items() if m < minute]:
+                    del self._blocked[stale]
+                self._blocked[address] = minute
 
 
+_failures = FailedAuthentications()
 _windows: dict[str | None, MinuteWindows] = {}
 
 
@@ -84,9 +110,8 @@ def _tenant_of(authorization: str, address: str, settings: Settings) -> str:
     """The tenant of the Authorization header's key; 401 for a bad key, 429 for an address that has failed
     too often this minute (then its keys are not even checked) or a key over its rate limit."""
     now = time.time()
-    minute, failures = int(now // 60), f"authfail:{address}"
-    limit = settings.auth_failures_per_minute
-    if limit and _minute_windows().count(failures, minute) >= limit:
+    minute, limit = int(now // 60), settings.auth_failures_per_minute
+    if limit and _failures.blocked(address, minute):
         raise RateLimited(
             f"too many failed authentications from this address; at most {limit} a minute",
             retry_after=_seconds_to_next_minute(now),
@@ -99,7 +124,7 @@ def _tenant_of(authorization: str, address: str, settings: Settings) -> str:
             session.rollback()
     if found is None:
         if limit:
-            _minute_windows().hit(failures, minute)
+            _failures.failed(address, minute, limit)
         raise Unauthorized(UNAUTHORIZED)
     tenant, key_id = found
     _check_rate(key_id, settings)
