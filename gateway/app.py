@@ -11,10 +11,12 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from gateway import errors
+from gateway import errors, openapi
+from gateway.auth import Authenticate
 from gateway.body_limit import BodyLimit
 from gateway.closing import close_within
 from gateway.log_context import JobLogContext
+from gateway.methods import AnswerOptions
 from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models
 from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
@@ -36,6 +38,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await finished_jobs.start()
     if not get_settings().require_api_keys:
         log.warning("API keys are not required (LLMQ_REQUIRE_API_KEYS=false): bind this gateway to localhost only")
+    elif not get_settings().metrics_token:
+        log.warning("LLMQ_METRICS_TOKEN is not set: /metrics answers 401 while API keys are required")
     reaper = asyncio.create_task(_reaper_loop(get_settings())) if get_settings().gateway_runs_reaper else None
     try:
         yield
@@ -70,6 +74,8 @@ def create_app() -> FastAPI:
     errors.install(app)
     # One megabyte of multipart framing on top of the largest file accepted.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)
+    app.add_middleware(Authenticate)  # outside BodyLimit: a request without a valid key has none of its body read
+    app.add_middleware(AnswerOptions, router=app.router)
     app.add_middleware(JobLogContext)
     app.include_router(health.router)
     app.include_router(generations.router)
@@ -80,4 +86,5 @@ def create_app() -> FastAPI:
     app.include_router(models.router)
     app.include_router(metrics.router)
     app.include_router(ui.router)
+    openapi.install(app, settings)
     return app

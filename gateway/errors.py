@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 
+from gateway.methods import allowed_methods
 from shared.schemas import ErrorResponse, ValidationErrorResponse
 
 
@@ -85,7 +86,8 @@ _MEANINGS = {
     404: "No such resource for this tenant.",
     413: "Request body over the configured limit.",
     422: "Invalid request: `detail` lists every problem, `error.param` names the first field at fault.",
-    429: "Over the per-key rate limit or the tenant's active-job quota; see Retry-After.",
+    429: "Over the per-key rate limit, the tenant's active-job quota, or the failed-authentication throttle of the "
+    "client's address; see Retry-After.",
     500: "The job failed in the worker (completions answer with the job's error).",
     503: "The database is unavailable; see Retry-After.",
     504: "The job did not finish in time (it is cancelled if still queued).",
@@ -109,6 +111,21 @@ BODY_ERRORS = documented(400)
 def error_body(status_code: int, code: str, message: str, type_: str) -> dict[str, object]:
     """The JSON body of an error answer."""
     return {"detail": message, "error": {"message": message, "type": type_, "code": code}}
+
+
+def api_error_response(exc: ApiError) -> JSONResponse:
+    """The answer to an ApiError."""
+    body = error_body(exc.status_code, exc.code, exc.message, exc.type)
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+def database_down_response() -> JSONResponse:
+    """The answer while the database is unreachable."""
+    return JSONResponse(
+        error_body(503, "database_unavailable", "database unavailable", "server_error"),
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 def _json_safe(value: Any) -> Any:
@@ -141,8 +158,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        body = error_body(exc.status_code, exc.code, exc.message, exc.type)
-        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+        return api_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -152,12 +168,15 @@ def install(app: FastAPI) -> None:
             return _validation_answer(exc.errors(), echo_inputs=False)
 
     @app.exception_handler(HTTPException)
-    async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's and FastAPI's own answers (unparsable body, unknown path, wrong method) in our shape.
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
-        return JSONResponse(error_body(exc.status_code, code, message, type_), exc.status_code, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only those of the first route that matched
+            headers["Allow"] = ", ".join(allowed_methods(app.router, request.scope))
+        return JSONResponse(error_body(exc.status_code, code, message, type_), exc.status_code, headers=headers)
 
     @app.exception_handler(DataError)
     async def _unstorable(_request: Request, _exc: DataError) -> JSONResponse:
@@ -167,8 +186,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:
-        return JSONResponse(
-            error_body(503, "database_unavailable", "database unavailable", "server_error"),
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+        return database_down_response()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -39,8 +42,43 @@ def check_caps(prompts: list[str], field: str, single: bool, max_tokens: int, n:
         )
 
 
+@contextmanager
+def quota_reserved(session: Session, settings: Settings, tenant: str) -> Iterator[None]:
+    """check_quota under the tenant's lock; the block inserts the job and commits, which releases the lock.
+
+    A count followed by an insert lets simultaneous submits all count the same jobs and all get in; under the
+    lock the submits of one tenant count one after another, each seeing the jobs committed before it. Other
+    tenants never wait: Postgres takes a transaction-scoped advisory lock on a hash of the tenant; SQLite,
+    which has one writer at a time anyway, begins the transaction as a write (BEGIN IMMEDIATE).
+
+    A refusal or an error rolls back at once, in this thread: left to the request's session cleanup, the
+    release would wait for a free worker thread while every worker thread waits for the lock.
+    """
+    try:
+        if settings.max_active_jobs_per_tenant:
+            _lock_tenant(session, tenant)
+            check_quota(session, settings, tenant)
+        yield
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def _lock_tenant(session: Session, tenant: str) -> None:
+    connection = session.connection()
+    dialect = connection.dialect.name
+    if dialect == "postgresql":
+        digest = hashlib.blake2b(f"llmq-quota:{tenant}".encode(), digest_size=8).digest()
+        connection.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
+    # pysqlite begins a transaction only before its first write: begin it now, as a write, so the count
+    # below already holds SQLite's one write lock (it waits for it up to the busy timeout).
+    elif dialect == "sqlite" and not connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
 def check_quota(session: Session, settings: Settings, tenant: str) -> None:
-    """429 when the tenant already has max_active_jobs_per_tenant jobs queued or running."""
+    """429 when the tenant already has max_active_jobs_per_tenant jobs queued or running (no lock: a
+    read-only early answer; quota_reserved is what holds under concurrency)."""
     if settings.max_active_jobs_per_tenant == 0:
         return
     # Counts at most up to the quota: a tenant far over it costs no more than one at it.
@@ -68,17 +106,17 @@ def submit(
     job_id: str | None = None,
 ) -> Job:
     """Writes the queued generation job, commits, then publishes its id (429 over the tenant's quota)."""
-    check_quota(session, settings, tenant)
-    job = job_states.create_job(
-        session,
-        tenant=tenant,
-        kind="generate",
-        model=model,
-        base_model=base_model,
-        params=params,
-        max_attempts=settings.max_attempts,
-        job_id=job_id,
-    )
-    session.commit()
+    with quota_reserved(session, settings, tenant):
+        job = job_states.create_job(
+            session,
+            tenant=tenant,
+            kind="generate",
+            model=model,
+            base_model=base_model,
+            params=params,
+            max_attempts=settings.max_attempts,
+            job_id=job_id,
+        )
+        session.commit()
     enqueue_after_commit("generate", job.id)
     return job

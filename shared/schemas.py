@@ -350,8 +350,8 @@ class CompletionRequest(BaseModel):
         description="llmq extension: 'model' treats each prompt as an instruction and wraps it in the prompt "
         "template stored with the model (the Alpaca template for the base model).",
     )
-    logprobs: int | None = Field(None, le=0, description="Not supported: must be null or 0.")
-    best_of: int | None = Field(None, le=1, description="Not supported: must be null or 1.")
+    logprobs: int | None = Field(None, ge=0, le=0, description="Not supported: must be null or 0.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Not supported: must be null or 1.")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
     presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
     logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         6000, ge=0, description="Requests per minute one API key may make (0 = no limit)."
     )
+    auth_failures_per_minute: int = Field(
+        20,
+        ge=0,
+        description="Failed authentications one client address may make per minute; past it every /v1 request "
+        "from that address answers 429 until the minute ends (0 = no limit).",
+    )
     max_active_jobs_per_tenant: int = Field(
         1000, ge=0, description="Queued plus running jobs one tenant may have at once (0 = no limit)."
     )
@@ -128,7 +134,8 @@ class Settings(BaseSettings):
     metrics_token: str | None = Field(
         None,
         description="When set, GET /metrics requires `Authorization: Bearer <metrics_token>` (it names models and "
-        "jobs of every tenant); unset means open, for a scraper on a private network.",
+        "jobs of every tenant). Unset: open while API keys are not required (one tenant, localhost), closed (401) "
+        "while they are.",
     )
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")

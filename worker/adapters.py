@@ -46,19 +46,42 @@ class AdapterCache:
         """Loads every adapter of this batch that is not loaded yet; model id -> adapter name.
 
         Adapters this batch needs are never evicted for each other, so a batch may briefly hold more
-        than capacity.
+        than capacity. Raises the error of the first adapter that fails to load.
         """
+        names, failures = self.load_each(folders)
+        if failures:
+            raise next(iter(failures.values()))
+        return names
+
+    def load_each(self, folders: Mapping[str, Path]) -> tuple[dict[str, str], dict[str, Exception]]:
+        """As ensure, but an adapter that fails to load is left out: (model id -> adapter name of those loaded,
+        model id -> error of those that failed), so one broken adapter fails only the jobs that name it."""
+        failures: dict[str, Exception] = {}
         for model_id, folder in folders.items():
             if model_id in self._lru:
                 self._lru.move_to_end(model_id)
-            else:
+                continue
+            try:
                 self._load(model_id, folder)
+            except Exception as exc:
+                log.exception("could not load adapter %s", model_id)
+                failures[model_id] = exc
+                self._forget_half_loaded(adapter_name(model_id))
         while len(self._lru) > self.capacity:
             victim = next((m for m in self._lru if m not in folders), None)
             if victim is None:
                 break
             self._unload(victim)
-        return {model_id: self._lru[model_id] for model_id in folders}
+        return {model_id: self._lru[model_id] for model_id in folders if model_id not in failures}, failures
+
+    def _forget_half_loaded(self, name: str) -> None:
+        """Removes what a failed load may have left registered under this adapter name."""
+        model = self.loaded.model
+        if isinstance(model, PeftModel) and name in model.peft_config:
+            try:
+                model.delete_adapter(name)
+            except Exception:
+                log.exception("could not remove the half-loaded adapter %s", name)
 
     def _load(self, model_id: str, folder: Path) -> None:
         if not (folder / "adapter_model.safetensors").is_file():

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from shared import artifacts, job_states
@@ -36,6 +40,14 @@ WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 # the kernel's OOM killer) would. Read once at import, from the environment only (deliberately not a
 # setting); unset, as it always is in production, it costs one comparison per batch.
 FAULT_KILL_ON_PROMPT = os.environ.get("LLMQ_FAULT_KILL_ON_PROMPT") or None
+# Fault injection for tests (tests/test_batch_isolation.py): a worker preparing a job with a prompt exactly equal
+# to this value raises as a tokenizer that cannot read a prompt would, so that one job's own error can be put
+# into a real batch. Read once at import, from the environment only; unset in production.
+FAULT_RAISE_ON_PROMPT = os.environ.get("LLMQ_FAULT_RAISE_ON_PROMPT") or None
+
+
+class InjectedFault(RuntimeError):
+    """The error LLMQ_FAULT_RAISE_ON_PROMPT raises."""
 
 
 class ModelHolder:
@@ -60,8 +72,25 @@ class ModelHolder:
         return self._adapters
 
 
+class JobFailed(Exception):
+    """A job cannot run: it fails alone with this error code and message."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message[:2000]
+
+
+def _failure(code: str, exc: BaseException) -> tuple[str, str]:
+    return code, f"{type(exc).__name__}: {exc}"[:2000]
+
+
 def _requests(job: Job, adapter: str | None) -> list[Request]:
-    """One request per output: each prompt n times, choice j seeded with seed + j."""
+    """One request per output: each prompt n times, choice j seeded with seed + j.
+
+    An unseeded choice gets a random seed here, once, so that a row decoded again (its batch failed and
+    is re-run in parts) draws the same tokens it already streamed.
+    """
     p = job.params
     n, seed = p.get("n", 1), p.get("seed")
     requests = []
@@ -72,7 +101,7 @@ def _requests(job: Job, adapter: str | None) -> list[Request]:
                 temperature=p["temperature"],
                 top_p=p["top_p"],
                 stop=tuple(p.get("stop") or ()),
-                seed=None if seed is None else seed + j,
+                seed=secrets.randbits(63) if seed is None else seed + j,
             )
             requests.append(Request(prompt=prompt, params=params, adapter=adapter))
     return requests
@@ -99,20 +128,34 @@ def _result(generations: Sequence[Generation]) -> dict[str, Any]:
     return {"outputs": outputs, "usage": usage}
 
 
+def _prompt_count(job: Job) -> int:
+    """How many prompts a job holds (0 for a row whose params are not what the gateway writes)."""
+    prompts = job.params.get("prompts") if isinstance(job.params, dict) else None
+    return len(prompts) if isinstance(prompts, list) else 0
+
+
 def _budget(settings: Settings) -> Any:
     """Chooses the oldest jobs whose prompts fit max_batch_size and (roughly) max_batch_tokens."""
+
+    def cost(job: Job) -> int:
+        # A rough token count (4 characters a token) is enough to bound a batch's memory. A row this cannot
+        # price costs nothing here: it is claimed and then fails alone while being prepared, instead of
+        # stopping every claim behind it.
+        try:
+            prompts = job.params["prompts"]
+            return int(sum(len(p) // 4 + 1 for p in prompts) + len(prompts) * int(job.params["max_tokens"]))
+        except Exception:
+            return 0
 
     def pick(candidates: Sequence[Job]) -> list[str]:
         chosen: list[str] = []
         prompts = tokens = 0
         for job in candidates:
-            n = len(job.params["prompts"])
-            # A rough token count (4 characters a token) is enough to bound a batch's memory.
-            cost = sum(len(p) // 4 + 1 for p in job.params["prompts"]) + n * job.params["max_tokens"]
-            if chosen and (prompts + n > settings.max_batch_size or tokens + cost > settings.max_batch_tokens):
+            n, price = _prompt_count(job), cost(job)
+            if chosen and (prompts + n > settings.max_batch_size or tokens + price > settings.max_batch_tokens):
                 break
             chosen.append(job.id)
-            prompts, tokens = prompts + n, tokens + cost
+            prompts, tokens = prompts + n, tokens + price
         return chosen
 
     return pick
@@ -144,33 +187,64 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
     ids = [c.job_id for c in claims]
     publish_finished(ids)
     for claim in claims:
-        if claim.job.params.get("stream"):
+        if isinstance(claim.job.params, dict) and claim.job.params.get("stream"):
             publish_stream_end(claim.job_id)
-    prompts = sum(len(c.job.params["prompts"]) for c in claims)
+    prompts = sum(_prompt_count(c.job) for c in claims)
     elapsed = time.perf_counter() - started
     log.info("batch of %d jobs, %d prompts in %.3f s", len(claims), prompts, elapsed, extra={"job_ids": ids})
     return ids
 
 
+# Errors after which whether a write landed is unknown (the database or the connection went away); any other
+# error is about the values written, so it is worth writing the outcomes one by one.
+OUTAGE = (OperationalError, InterfaceError)
+
+
 def _write_back(session: Session, claims: Sequence[Claim], outcomes: Sequence[Outcome]) -> None:
     """Writes the batch's outcomes in one transaction and logs what was written, for the audit trail.
 
-    If the commit fails (the database went away), whether it landed is unknown: the line says which
+    If the commit fails because the database went away, whether it landed is unknown: the line says which
     outcomes were in flight, and the exception goes on (the jobs' leases lapse and the reaper requeues
-    whatever did not land).
+    whatever did not land). If the database refuses a value instead (one job's result it cannot store), the
+    outcomes are written one by one, and a job whose result is refused fails alone with result_not_storable.
     """
     pairs = list(zip(claims, outcomes, strict=True))
-    tokens = [f"{c.job_id}@{c.attempt}:{'failed' if error else 'succeeded'}" for c, (_, error) in pairs]
     try:
         written = job_states.finish_batch(session, pairs)
-    except Exception:
-        log.exception("write-back failed, outcome unknown: %s", " ".join(tokens))
+    except OUTAGE:
+        log.exception("write-back failed, outcome unknown: %s", " ".join(_audit_token(c, o) for c, o in pairs))
         raise
+    except Exception:
+        session.rollback()
+        log.exception("the database refused the batch's outcomes; writing them one by one")
+        written = []
+        for i, (claim, outcome) in enumerate(pairs):
+            ok, pairs[i] = _write_one(session, claim, outcome)
+            written.append(ok)
     for claim, ok in zip(claims, written, strict=True):
         if not ok:
             log.warning("outcome of %s@%d dropped: the claim is no longer current", claim.job_id, claim.attempt)
-    if any(written):
-        log.info("wrote %s", " ".join(t for t, ok in zip(tokens, written, strict=True) if ok))
+    landed = [_audit_token(c, o) for (c, o), ok in zip(pairs, written, strict=True) if ok]
+    if landed:
+        log.info("wrote %s", " ".join(landed))
+
+
+def _audit_token(claim: Claim, outcome: Outcome) -> str:
+    return f"{claim.job_id}@{claim.attempt}:{'failed' if outcome[1] else 'succeeded'}"
+
+
+def _write_one(session: Session, claim: Claim, outcome: Outcome) -> tuple[bool, tuple[Claim, Outcome]]:
+    """Writes one job's outcome; a refused result becomes the job's failure. (written, what was written)"""
+    try:
+        return job_states.finish_batch(session, [(claim, outcome)])[0], (claim, outcome)
+    except OUTAGE:
+        log.exception("write-back failed, outcome unknown: %s", _audit_token(claim, outcome))
+        raise
+    except Exception as exc:
+        session.rollback()
+        log.exception("the database refused the outcome of %s@%d", claim.job_id, claim.attempt)
+        failed: Outcome = (None, ("result_not_storable", f"the database refused the job's result: {exc}"[:2000]))
+        return job_states.finish_batch(session, [(claim, failed)])[0], (claim, failed)
 
 
 def _fault_injection(claims: Sequence[Claim]) -> None:
@@ -178,9 +252,14 @@ def _fault_injection(claims: Sequence[Claim]) -> None:
     if FAULT_KILL_ON_PROMPT is None:
         return
     for claim in claims:
-        if FAULT_KILL_ON_PROMPT in claim.job.params["prompts"]:
+        if FAULT_KILL_ON_PROMPT in _prompts_of(claim.job):
             log.warning("fault injection: %s@%d carries the kill prompt; SIGKILL", claim.job_id, claim.attempt)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _prompts_of(job: Job) -> list[Any]:
+    prompts = job.params.get("prompts") if isinstance(job.params, dict) else None
+    return prompts if isinstance(prompts, list) else []
 
 
 def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, Path | None]:
@@ -193,8 +272,22 @@ def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Clai
     return folders
 
 
+@dataclass
+class PreparedJob:
+    """A job ready to decode: where its outcome goes, its requests, and where each row streams (None: nowhere)."""
+
+    index: int
+    job_id: str
+    requests: list[Request]
+    streams: list[StreamRow | None]
+
+
 def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: ModelHolder) -> list[Outcome]:
-    """(result, None) or (None, (code, message)) for every claim, in order."""
+    """(result, None) or (None, (code, message)) for every claim, in order.
+
+    Whatever goes wrong with one job (its row, its adapter, its prompt, its decoding, its result) fails that
+    job alone, with its own code, and the rest of the batch runs in the same pass.
+    """
     try:
         loaded = models.get()
     except Exception as exc:
@@ -206,50 +299,106 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
     folders = _adapter_folders(session, settings, claims)
     session.commit()  # no transaction stays open while the batch generates (it would hold back vacuum)
     usable = {m: f for m, f in folders.items() if f is not None}
-    broken: str | None = None
-    try:
-        names = models.adapters.ensure(usable)
-    except Exception as exc:  # a broken adapter fails its jobs, not the base-model jobs beside them
-        log.exception("adapter load failed")
-        names, broken = {}, f"could not load adapter: {type(exc).__name__}: {exc}"[:2000]
-    runnable: list[tuple[int, list[Request]]] = []
+    names, broken = models.adapters.load_each(usable)  # a broken adapter fails its own jobs only
+    runnable: list[PreparedJob] = []
     for i, claim in enumerate(claims):
-        job = claim.job
-        if job.model != settings.base_model and job.model not in names:
-            missing = ("model_not_found", f"no model {job.model!r}")
-            outcomes[i] = (None, ("adapter_load_failed", broken) if broken and usable.get(job.model) else missing)
-            continue
-        requests = _requests(job, names.get(job.model))
         try:
-            for request in requests:
-                check_fits(loaded, encode(loaded, request.prompt), request.params.max_new_tokens)
-        except PromptTooLong as exc:
-            outcomes[i] = (None, ("context_length_exceeded", str(exc)))
+            runnable.append(_prepare(i, claim, loaded, settings, names, broken))
+        except JobFailed as exc:
+            outcomes[i] = (None, (exc.code, exc.message))
+        except Exception as exc:
+            log.exception("could not prepare %s", claim.job_id)
+            outcomes[i] = (None, _failure("preparation_failed", exc))
+
+    decoded = decode_isolating(loaded, runnable, settings.max_batch_size)
+    for job, done in zip(runnable, decoded, strict=True):
+        if isinstance(done, str):
+            outcomes[job.index] = (None, ("generation_failed", done))
             continue
-        runnable.append((i, requests))
+        generations, batch_size = done
+        try:
+            # batch_size: outputs decoded together (read by GET /metrics for its batch-size histogram)
+            result = _result(generations) | {"batch_size": batch_size}
+            json.dumps(result, allow_nan=False)  # what the database will be asked to store
+            outcomes[job.index] = (result, None)
+        except Exception as exc:
+            log.exception("could not serialize the result of %s", claims[job.index].job_id)
+            outcomes[job.index] = (None, _failure("result_not_storable", exc))
+    written = [o for o in outcomes if o is not None]
+    assert len(written) == len(claims)  # every job was either refused while preparing or decoded
+    return written
 
-    flat = [request for _, requests in runnable for request in requests]
-    stream_rows = [
-        StreamRow(claims[i].job_id, claims[i].attempt, k, r.params.stop) if claims[i].job.params.get("stream") else None
-        for i, requests in runnable
-        for k, r in enumerate(requests)
-    ]
-    try:
-        generations: list[Generation] = []
-        for start in range(0, len(flat), settings.max_batch_size):
-            end = start + settings.max_batch_size
-            rows = stream_rows[start:end]
-            listener = DeltaPublisher(loaded, rows) if any(rows) else None
-            generations += generate(loaded, flat[start:end], on_step=listener)
-    except Exception as exc:
-        log.exception("generation failed")
-        for i, _ in runnable:
-            outcomes[i] = (None, ("generation_failed", f"{type(exc).__name__}: {exc}"[:2000]))
-        return [o for o in outcomes if o is not None]
 
-    position = 0
-    for i, requests in runnable:
-        # batch_size: outputs decoded together (read by GET /metrics for its batch-size histogram)
-        outcomes[i] = (_result(generations[position : position + len(requests)]) | {"batch_size": len(flat)}, None)
-        position += len(requests)
-    return [o for o in outcomes if o is not None]
+def _prepare(
+    index: int,
+    claim: Claim,
+    loaded: LoadedModel,
+    settings: Settings,
+    names: dict[str, str],
+    broken: dict[str, Exception],
+) -> PreparedJob:
+    """The job's requests, each tokenized and checked against the context; JobFailed (or any error) otherwise."""
+    job = claim.job
+    if job.model in broken:
+        exc = broken[job.model]
+        raise JobFailed("adapter_load_failed", f"could not load adapter {job.model!r}: {type(exc).__name__}: {exc}")
+    if job.model != settings.base_model and job.model not in names:
+        raise JobFailed("model_not_found", f"no model {job.model!r}")
+    requests = _requests(job, names.get(job.model))
+    for request in requests:
+        if FAULT_RAISE_ON_PROMPT is not None and request.prompt == FAULT_RAISE_ON_PROMPT:
+            raise InjectedFault(f"fault injection: the tokenizer refuses prompt {request.prompt!r}")
+        try:
+            check_fits(loaded, encode(loaded, request.prompt), request.params.max_new_tokens)
+        except PromptTooLong as exc:
+            raise JobFailed("context_length_exceeded", str(exc)) from None
+    stream = bool(job.params.get("stream"))
+    streams = [StreamRow(claim.job_id, claim.attempt, k, r.params.stop) if stream else None
+               for k, r in enumerate(requests)]  # fmt: skip
+    return PreparedJob(index, claim.job_id, requests, streams)
+
+
+# A job's generations and how many outputs were decoded together with them, or the error that failed it.
+Decoded = tuple[list[Generation], int] | str
+
+
+def decode_isolating(loaded: LoadedModel, jobs: Sequence[PreparedJob], max_batch_size: int) -> list[Decoded]:
+    """Each job's generations, decoding the jobs together; if that fails, the jobs are decoded again in halves
+    until the failure is narrowed down to the jobs that cause it, which get their error instead.
+
+    Every row keeps its seed, so a row decoded again draws the same tokens; what was already streamed is
+    not streamed twice (the publisher remembers it across the re-runs).
+    """
+    sent: dict[tuple[str, int], str] = {}
+
+    def attempt(part: Sequence[PreparedJob]) -> list[Decoded]:
+        if not part:
+            return []
+        flat = [request for job in part for request in job.requests]
+        streams = [row for job in part for row in job.streams]
+        error = None
+        try:
+            generations: list[Generation] = []
+            for start in range(0, len(flat), max_batch_size):
+                rows = streams[start : start + max_batch_size]
+                listener = DeltaPublisher(loaded, rows, sent) if any(rows) else None
+                generations += generate(loaded, flat[start : start + max_batch_size], on_step=listener)
+        except Exception as exc:
+            # Only the text is kept: the exception's frames hold the failed batch's tensors (its KV cache).
+            error = f"{type(exc).__name__}: {exc}"[:2000]
+            if len(part) == 1:
+                log.exception("decoding failed for %s", part[0].job_id)
+        if error is not None:
+            if len(part) == 1:
+                return [error]
+            log.warning("decoding %d jobs together failed (%s); decoding them in halves", len(part), error)
+            half = len(part) // 2
+            return attempt(part[:half]) + attempt(part[half:])
+        out: list[Decoded] = []
+        position = 0
+        for job in part:
+            out.append((generations[position : position + len(job.requests)], len(flat)))
+            position += len(job.requests)
+        return out
+
+    return attempt(jobs)

@@ -7,12 +7,15 @@ whatever the final output has beyond the deltas when the job finishes.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.notify import publish_deltas
 from worker.model_loading import LoadedModel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,21 +39,42 @@ def settled_text(text: str, stop: Sequence[str]) -> str:
 
 
 class DeltaPublisher:
-    """Called after every decoding step; publishes one message per streaming job with its new text."""
+    """Called after every decoding step; publishes one message per streaming job with its new text.
 
-    def __init__(self, loaded: LoadedModel, rows: Sequence[StreamRow | None]) -> None:
+    sent (text already published, per job and output) may be shared by the publishers of several decoding runs:
+    a row decoded again after its batch failed then publishes only what goes beyond that text. A job whose
+    publishing fails stops streaming (its client gets the rest with the final result); the batch goes on.
+    """
+
+    def __init__(
+        self, loaded: LoadedModel, rows: Sequence[StreamRow | None], sent: dict[tuple[str, int], str] | None = None
+    ) -> None:
         self.loaded = loaded
-        self.rows = rows
-        self.sent = [0] * len(rows)  # characters of each row already published
+        self.rows = list(rows)
+        self.sent = sent if sent is not None else {}
 
     def __call__(self, generated: Sequence[Sequence[int]]) -> None:
         deltas: dict[tuple[str, int], dict[int, str]] = defaultdict(dict)
         for i, row in enumerate(self.rows):
             if row is None:
                 continue
-            text = settled_text(str(self.loaded.tokenizer.decode(list(generated[i]))), row.stop)
-            if len(text) > self.sent[i]:
-                deltas[(row.job_id, row.attempt)][row.output_index] = text[self.sent[i] :]
-                self.sent[i] = len(text)
+            try:
+                text = settled_text(str(self.loaded.tokenizer.decode(list(generated[i]))), row.stop)
+            except Exception:
+                log.exception("could not decode the text of %s for streaming; it stops streaming", row.job_id)
+                self._stop(row.job_id)
+                continue
+            key = (row.job_id, row.output_index)
+            before = self.sent.get(key, "")
+            if len(text) > len(before) and text.startswith(before):
+                deltas[(row.job_id, row.attempt)][row.output_index] = text[len(before) :]
+                self.sent[key] = text
         for (job_id, attempt), job_deltas in deltas.items():
-            publish_deltas(job_id, attempt, job_deltas)
+            try:
+                publish_deltas(job_id, attempt, job_deltas)
+            except Exception:
+                log.exception("could not publish the text of %s; it stops streaming", job_id)
+                self._stop(job_id)
+
+    def _stop(self, job_id: str) -> None:
+        self.rows = [None if row is not None and row.job_id == job_id else row for row in self.rows]

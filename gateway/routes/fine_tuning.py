@@ -14,7 +14,7 @@ from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import BODY_ERRORS, V1_ERRORS, JobNotFound, documented
-from gateway.submission import check_quota
+from gateway.submission import quota_reserved
 from shared import job_states, statuses
 from shared.celery_app import enqueue_after_commit
 from shared.fine_tuning import HubDataset
@@ -59,7 +59,6 @@ def create_fine_tuning_job(
 ) -> FineTuningJob:
     """Queues a fine-tune of the base model on an uploaded file (or a hub dataset)."""
     _check_request(body, session, settings, tenant)
-    check_quota(session, settings, tenant)
     dataset = None if body.training_file else (body.dataset or HubDataset())
     params: dict[str, Any] = {
         "training_file": body.training_file,
@@ -70,17 +69,18 @@ def create_fine_tuning_job(
         "metadata": body.metadata,
         "hyperparameters": body.chosen_hyperparameters().resolved().model_dump(),
     }
-    job = job_states.create_job(
-        session,
-        kind="train",
-        tenant=tenant,
-        model=body.model,
-        base_model=body.model,
-        params=params,
-        max_attempts=settings.max_attempts,
-    )
-    job_states.note(session, job, "Created fine-tuning job")
-    session.commit()
+    with quota_reserved(session, settings, tenant):
+        job = job_states.create_job(
+            session,
+            kind="train",
+            tenant=tenant,
+            model=body.model,
+            base_model=body.model,
+            params=params,
+            max_attempts=settings.max_attempts,
+        )
+        job_states.note(session, job, "Created fine-tuning job")
+        session.commit()
     enqueue_after_commit("train", job.id)
     return views.fine_tuning_job(job)
 

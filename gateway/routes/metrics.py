@@ -10,18 +10,25 @@ from prometheus_client.exposition import choose_encoder
 from gateway.deps import SettingsDep
 from gateway.errors import Unauthorized
 from gateway.metrics import registry
+from shared.schemas import ErrorResponse
 
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", response_class=Response, responses={401: {"description": "metrics_token is set and not sent."}})
+CLOSED = "metrics_token is set and not sent, or API keys are required and no metrics_token is set (then closed)."
+
+
+@router.get("/metrics", response_class=Response, responses={401: {"model": ErrorResponse, "description": CLOSED}})
 def metrics(request: Request, settings: SettingsDep) -> Response:
     """Jobs, queues, recent latencies, tokens, batch sizes and training progress, read fresh from the database."""
-    if settings.metrics_token is not None:
+    expected = settings.metrics_token or None  # an empty token is no token (else "Bearer " would open it)
+    if expected is None and settings.require_api_keys:
+        # The figures name every tenant's models and jobs: a gateway that keeps tenants apart does not show
+        # them to anyone who asks.
+        raise Unauthorized("/metrics is closed: API keys are required and LLMQ_METRICS_TOKEN is not set")
+    if expected is not None:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), settings.metrics_token.encode()
-        ):
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), expected.encode()):
             raise Unauthorized("invalid or missing metrics token")
     encode, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encode(registry()), media_type=content_type)

@@ -1,0 +1,69 @@
+"""The OpenAPI schema with the limits that come from settings written into it, so generated clients know them.
+
+pydantic states the limits a request model declares; the caps set per deployment (LLMQ_MAX_NEW_TOKENS,
+LLMQ_MAX_N, LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_PROMPTS_PER_JOB, the upload limits) are checked in code
+(gateway/submission.py, gateway/routes/files.py) and added here, to the schema this gateway serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import FastAPI
+
+from shared.settings import Settings
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Makes app.openapi() state the settings' caps."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            state_caps(generate(), settings)  # generate() caches the schema on the app; completed in place
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _variants(node: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
+    """The schema itself or its anyOf alternatives that are of this JSON type."""
+    for variant in node.get("anyOf", [node]):
+        if variant.get("type") == kind:
+            yield variant
+
+
+def state_caps(schema: dict[str, Any], settings: Settings) -> None:
+    """Writes the settings' caps into an OpenAPI schema of the gateway."""
+    models = schema["components"]["schemas"]
+    prompt = {"minLength": 1, "maxLength": settings.max_prompt_chars}
+    for name in ("GenerationRequest", "CompletionRequest"):
+        fields = models[name]["properties"]
+        fields["max_tokens"]["maximum"] = settings.max_new_tokens
+        fields["n"]["maximum"] = settings.max_n
+        for field in ("prompt", "prompts"):
+            for text in _variants(fields.get(field, {}), "string"):
+                text.update(prompt)
+            for listed in _variants(fields.get(field, {}), "array"):
+                listed.update(minItems=1, maxItems=settings.max_prompts_per_job)
+                listed["items"].update(prompt)
+        for stops in _variants(fields["stop"], "array"):
+            stops["items"].setdefault("minLength", 1)  # an empty stop string is refused
+        fields["n"]["description"] = (
+            f"Outputs per prompt (output i*n+j is choice j of prompt i); prompts x n at most "
+            f"{settings.max_prompts_per_job}."
+        )
+    for path in schema["paths"].values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "wait":
+                    parameter["description"] = (
+                        f"Seconds to wait for a terminal status; longer waits end after {settings.max_wait_seconds} s."
+                    )
+    upload = next(m for n, m in models.items() if n.startswith("Body_upload_file"))
+    upload["properties"]["file"]["description"] = (
+        f"Alpaca records as JSON Lines or one JSON array: at most {settings.max_upload_bytes} bytes and "
+        f"{settings.max_records} records; instruction, input and output each at most {settings.max_field_chars} "
+        "characters."
+    )
