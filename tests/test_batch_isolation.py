@@ -18,7 +18,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from cli.processes import worker_command
-from tests.conftest import configure, redis_db, start_system
+from tests.process_settings import configure
+from tests.servers import redis_db
+from tests.systems import start_system
 from tests.test_adapters import make_adapter
 
 BAD_PROMPT = "__test: the tokenizer refuses this prompt__"

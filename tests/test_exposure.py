@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import configure
+from tests.process_settings import configure
 
 BASE = "test-base-model"
 

@@ -15,7 +15,8 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import System, redis_db, start_system
+from tests.servers import redis_db
+from tests.systems import System, start_system
 
 pytestmark = pytest.mark.e2e
 

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import System, start_system
+from tests.systems import System, start_system
 
 pytestmark = pytest.mark.e2e
 
