@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from gateway import errors
 from gateway.body_limit import BodyLimit
 from gateway.closing import close_within
 from gateway.log_context import JobLogContext
+from gateway.params import check_params
 from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models
 from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
@@ -72,12 +73,8 @@ def create_app() -> FastAPI:
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)
     app.add_middleware(JobLogContext)
     app.include_router(health.router)
-    app.include_router(generations.router)
-    app.include_router(completions.router)
-    app.include_router(jobs.router)
-    app.include_router(files.router)
-    app.include_router(fine_tuning.router)
-    app.include_router(models.router)
+    for v1 in (generations, completions, jobs, files, fine_tuning, models):
+        app.include_router(v1.router, dependencies=[Depends(check_params)])
     app.include_router(metrics.router)
     app.include_router(ui.router)
     return app

@@ -18,6 +18,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 
 from shared.schemas import ErrorResponse, ValidationErrorResponse
+from shared.storable import scrub
 
 
 class ApiError(Exception):
@@ -112,12 +113,15 @@ def error_body(status_code: int, code: str, message: str, type_: str) -> dict[st
 
 
 def _json_safe(value: Any) -> Any:
-    """value with every non-finite float as text: Python's JSON reads NaN, Infinity and 1e400, which then come
-    back as the `input` of a validation error, and a JSON answer cannot hold them."""
+    """value with every non-finite float as text and every lone surrogate as U+FFFD: Python's JSON reads NaN,
+    Infinity, 1e400 and "\\ud800", which then come back as the `input` (or, for a dict key, in the `loc`) of a
+    validation error, and a JSON answer cannot hold them."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return scrub(value)
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_json_safe(item) for item in value]
     return value
@@ -155,6 +159,9 @@ def install(app: FastAPI) -> None:
     async def _http_error(_request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's and FastAPI's own answers (unparsable body, unknown path, wrong method) in our shape.
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if isinstance(exc.__cause__, ValueError) and "digits" in str(exc.__cause__):
+            # Python's JSON refuses integers of more than 4,300 digits (int_max_str_digits) while FastAPI reads it.
+            message = "body holds an integer of more than 4300 digits"
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         return JSONResponse(error_body(exc.status_code, code, message, type_), exc.status_code, headers=exc.headers)

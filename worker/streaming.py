@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.notify import publish_deltas
+from worker.generation import decode
 from worker.model_loading import LoadedModel
 
 
@@ -48,7 +49,7 @@ class DeltaPublisher:
         for i, row in enumerate(self.rows):
             if row is None:
                 continue
-            text = settled_text(str(self.loaded.tokenizer.decode(list(generated[i]))), row.stop)
+            text = settled_text(decode(self.loaded, list(generated[i])), row.stop)
             if len(text) > self.sent[i]:
                 deltas[(row.job_id, row.attempt)][row.output_index] = text[self.sent[i] :]
                 self.sent[i] = len(text)

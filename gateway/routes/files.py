@@ -17,6 +17,7 @@ from gateway.errors import BODY_ERRORS, V1_ERRORS, ApiError, FileNotFound, Paylo
 from shared import artifacts
 from shared.alpaca import BadRecord, Limits, read_records
 from shared.models import File, new_id, utcnow
+from shared.request_fields import plain_name
 from shared.schemas import FileDeleted, FileList, FileObject
 
 router = APIRouter(prefix="/v1/files", tags=["files"], responses=V1_ERRORS)
@@ -40,6 +41,10 @@ async def upload_file(
     """Stores an Alpaca file (JSONL or JSON array) once every record is valid; 422 names the first bad one."""
     if purpose != "fine-tune":
         raise InvalidFile("purpose must be 'fine-tune'")
+    try:
+        plain_name(file.filename or "")
+    except ValueError as exc:
+        raise InvalidFile(f"file: the file name {exc}") from None
     file_id = new_id("file")
     final = artifacts.resolve(settings, artifacts.file_path(file_id))
     upload = final.with_suffix(".upload")
@@ -92,7 +97,7 @@ def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
     rows = session.scalars(
         select(File).where(File.tenant == tenant).order_by(File.created_at.desc(), File.id.desc())
     ).all()
-    return FileList(data=[views.file_object(f) for f in rows])
+    return FileList(data=views.readable(rows, views.file_object))
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=documented(404))
