@@ -72,6 +72,16 @@ def _repair_json(bind: sa.Connection, table: str, column: str) -> None:
             bind.execute(sa.text(store), {"id": key, "value": json.dumps(repaired, allow_nan=False)})
 
 
+def _repair_text(bind: sa.Connection, table: str, column: str) -> None:
+    # SQLite's text functions stop at a NUL; its blob functions do not.
+    found = f"SELECT id, {column} FROM {table} WHERE instr(CAST({column} AS BLOB), x'00') > 0"
+    for key, text in bind.execute(sa.text(found)).all():
+        bind.execute(
+            sa.text(f"UPDATE {table} SET {column} = :value WHERE id = :id"),
+            {"id": key, "value": _UNSTORABLE.sub(REPLACEMENT, text)},
+        )
+
+
 def upgrade() -> None:
     bind = op.get_bind()
     for table, columns in JSON_COLUMNS.items():
@@ -80,10 +90,7 @@ def upgrade() -> None:
     if bind.dialect.name == "sqlite":
         for table, columns in TEXT_COLUMNS.items():
             for column in columns:
-                bind.execute(
-                    sa.text(f"UPDATE {table} SET {column} = replace({column}, char(0), :r) WHERE instr({column}, char(0)) > 0"),
-                    {"r": REPLACEMENT},
-                )
+                _repair_text(bind, table, column)
     if bind.dialect.name == "postgresql":
         for table, columns in JSON_COLUMNS.items():
             for column in columns:
