@@ -80,8 +80,8 @@ class Unavailable(ApiError):
 
 # What each error status means, for the OpenAPI schema (`responses=` of routers and routes).
 _MEANINGS = {
-    400: "Malformed body (not UTF-8 JSON, or a broken multipart form); for a completion also a prompt that does "
-    "not fit the model.",
+    400: "Malformed body (not UTF-8 JSON, an integer of more than 4300 digits, or a broken multipart form); for a "
+    "completion also a prompt that does not fit the model.",
     401: "Missing or invalid API key (when keys are required).",
     404: "No such resource for this tenant.",
     413: "Request body over the configured limit.",
@@ -127,13 +127,19 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _union_member(part: object) -> bool:
+    """Whether a loc part names the member of a union pydantic tried (`int`, `literal['auto']`,
+    `function-after[storable_text(), str]`) rather than a field: left out of `param`, which names the field."""
+    return isinstance(part, str) and (part in ("int", "str", "float", "bool") or ("[" in part and part != "[key]"))
+
+
 def _validation_answer(issues: Sequence[Any], echo_inputs: bool) -> JSONResponse:
     """The 422 answer: every issue in `detail`, the first as the OpenAI-style `error` naming its field."""
     if not echo_inputs:
         issues = [{k: v for k, v in issue.items() if k != "input"} for issue in issues]
     errors = _json_safe(jsonable_encoder(issues))
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-    where = ".".join(str(part) for part in first["loc"])
+    where = ".".join(str(part) for part in first["loc"] if not _union_member(part))
     message = f"{where}: {first['msg']}" if where else str(first["msg"])
     body = {"detail": errors, "error": {"message": message, "type": "invalid_request_error",
                                         "code": "invalid_request", "param": where or None}}  # fmt: skip
