@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.fine_tuning import HubDataset, Hyperparameters
 from shared.request_fields import Name, RequestModel, Text
@@ -334,6 +334,9 @@ class ModelList(BaseModel):
 
 
 class StreamOptions(RequestModel):
+    # OpenAI adds options here over time (include_obfuscation, ...); SDKs may send them: ignored, never stored.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
     include_usage: bool = True
 
 
