@@ -34,7 +34,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shared.alpaca import OPTIONAL, REQUIRED
-from tests.conftest import System, start_system
+from tests.systems import System, start_system
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ class Field:
 
 def _openapi() -> dict[str, Any]:
     from gateway.app import create_app
-    from tests.conftest import reset_caches
+    from tests.process_settings import reset_caches
 
     try:
         return create_app().openapi()

@@ -15,7 +15,7 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from tests.conftest import configure
+from tests.process_settings import configure
 
 SAMPLE = Path(__file__).resolve().parent.parent / "worker" / "data" / "alpaca_sample.jsonl"
 

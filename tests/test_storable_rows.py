@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete
 
 from shared.migrate import alembic_config
-from tests.conftest import TEST_DATABASE_URL, configure
+from tests.process_settings import configure
+from tests.servers import TEST_DATABASE_URL
 
 BASE = "test-base-model"
 

@@ -509,7 +509,7 @@ def test_a_queued_job_naming_a_folder_as_its_dataset_fails_without_reading_it(
         monkeypatch.chdir(tmp_path)
         name = "tatsu-lab/alpaca"
     job_id = add_job(str(tiny_model), dataset={"name": name, "split": "train", "sample_size": None})
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     job = job_row(job_id)
     assert job.status == "failed" and job.error is not None and job.error["code"] == "dataset_unavailable"
     assert name in job.error["message"] and not any("Loaded" in e.message for e in events(job_id))
@@ -532,7 +532,7 @@ def test_loader_errors_reach_the_job_naming_the_dataset_never_worker_paths(
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     job_id = add_job(str(tiny_model), dataset={"name": "yahma/alpaca-cleaned", "split": "valid", "sample_size": None})
-    training.run_fine_tune(job_id, store)
+    fine_tune.run_fine_tune(job_id, store)
     message = job_row(job_id).error["message"]  # type: ignore[index]
     assert message == f"could not load dataset 'yahma/alpaca-cleaned' (split 'valid'): {told}"
     assert "/srv" not in message
