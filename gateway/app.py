@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from gateway import errors, openapi
@@ -17,6 +17,7 @@ from gateway.body_limit import BodyLimit
 from gateway.closing import close_within
 from gateway.log_context import JobLogContext
 from gateway.methods import AnswerOptions
+from gateway.params import check_params
 from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models
 from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
@@ -78,12 +79,8 @@ def create_app() -> FastAPI:
     app.add_middleware(AnswerOptions, router=app.router)
     app.add_middleware(JobLogContext)
     app.include_router(health.router)
-    app.include_router(generations.router)
-    app.include_router(completions.router)
-    app.include_router(jobs.router)
-    app.include_router(files.router)
-    app.include_router(fine_tuning.router)
-    app.include_router(models.router)
+    for v1 in (generations, completions, jobs, files, fine_tuning, models):
+        app.include_router(v1.router, dependencies=[Depends(check_params)])
     app.include_router(metrics.router)
     app.include_router(ui.router)
     openapi.install(app, settings)

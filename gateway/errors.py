@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException
 
 from gateway.methods import allowed_methods
 from shared.schemas import ErrorResponse, ValidationErrorResponse
+from shared.storable import scrub
 
 
 class ApiError(Exception):
@@ -80,8 +81,8 @@ class Unavailable(ApiError):
 
 # What each error status means, for the OpenAPI schema (`responses=` of routers and routes).
 _MEANINGS = {
-    400: "Malformed body (not UTF-8 JSON, or a broken multipart form); for a completion also a prompt that does "
-    "not fit the model.",
+    400: "Malformed body (not UTF-8 JSON, an integer of more than 4300 digits, or a broken multipart form); for a "
+    "completion also a prompt that does not fit the model.",
     401: "Missing or invalid API key (when keys are required).",
     404: "No such resource for this tenant.",
     413: "Request body over the configured limit.",
@@ -129,15 +130,24 @@ def database_down_response() -> JSONResponse:
 
 
 def _json_safe(value: Any) -> Any:
-    """value with every non-finite float as text: Python's JSON reads NaN, Infinity and 1e400, which then come
-    back as the `input` of a validation error, and a JSON answer cannot hold them."""
+    """value with every non-finite float as text and every lone surrogate as U+FFFD: Python's JSON reads NaN,
+    Infinity, 1e400 and "\\ud800", which then come back as the `input` (or, for a dict key, in the `loc`) of a
+    validation error, and a JSON answer cannot hold them."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return scrub(value)
     if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
+        return {_json_safe(key): _json_safe(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_json_safe(item) for item in value]
     return value
+
+
+def _union_member(part: object) -> bool:
+    """Whether a loc part names the member of a union pydantic tried (`int`, `literal['auto']`,
+    `function-after[storable_text(), str]`) rather than a field: left out of `param`, which names the field."""
+    return isinstance(part, str) and (part in ("int", "str", "float", "bool") or ("[" in part and part != "[key]"))
 
 
 def _validation_answer(issues: Sequence[Any], echo_inputs: bool) -> JSONResponse:
@@ -146,7 +156,7 @@ def _validation_answer(issues: Sequence[Any], echo_inputs: bool) -> JSONResponse
         issues = [{k: v for k, v in issue.items() if k != "input"} for issue in issues]
     errors = _json_safe(jsonable_encoder(issues))
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
-    where = ".".join(str(part) for part in first["loc"])
+    where = ".".join(str(part) for part in first["loc"] if not _union_member(part))
     message = f"{where}: {first['msg']}" if where else str(first["msg"])
     body = {"detail": errors, "error": {"message": message, "type": "invalid_request_error",
                                         "code": "invalid_request", "param": where or None}}  # fmt: skip
@@ -171,6 +181,9 @@ def install(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's and FastAPI's own answers (unparsable body, unknown path, wrong method) in our shape.
         message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if isinstance(exc.__cause__, ValueError) and "digits" in str(exc.__cause__):
+            # Python's JSON refuses integers of more than 4,300 digits (int_max_str_digits) while FastAPI reads it.
+            message = "body holds an integer of more than 4300 digits"
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         headers = dict(exc.headers or {})

@@ -111,8 +111,11 @@ def read_snapshot(session: Session, settings: Settings, now: datetime) -> Snapsh
             snapshot.oldest_queued[kind] = oldest
 
     window = timedelta(seconds=settings.metrics_window_seconds)
+    # The two figures come back as JSON values and are checked here, row by row: a cast in SQL would fail the
+    # whole read (every tenant's metrics) on one row holding something else.
     finished = session.execute(
         select(
+            Job.id,
             Job.kind,
             Job.model,
             Job.status,
@@ -120,14 +123,27 @@ def read_snapshot(session: Session, settings: Settings, now: datetime) -> Snapsh
             Job.created_at,
             Job.started_at,
             Job.finished_at,
-            Job.result[("usage", "completion_tokens")].as_integer(),
-            Job.result["batch_size"].as_integer(),
+            Job.result[("usage", "completion_tokens")].label("completion_tokens"),
+            Job.result["batch_size"].label("batch_size"),
         )
         .where(Job.finished_at >= now - window)
         .order_by(Job.finished_at.desc())
         .limit(settings.metrics_window_jobs)
     ).all()
-    snapshot.finished = [FinishedJob(*row) for row in finished]
+    snapshot.finished = [
+        FinishedJob(
+            kind=row.kind,
+            model=row.model,
+            status=row.status,
+            worker=row.worker,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            completion_tokens=_count(row.id, "completion_tokens", row.completion_tokens),
+            batch_size=_count(row.id, "batch_size", row.batch_size),
+        )
+        for row in finished
+    ]
     full = len(finished) == settings.metrics_window_jobs
     # When the job limit cut the window short, the figures cover only the span back to the oldest job read.
     oldest = snapshot.finished[-1].finished_at if full else now - window
@@ -138,10 +154,23 @@ def read_snapshot(session: Session, settings: Settings, now: datetime) -> Snapsh
     ).all()
     val_losses = _latest_val_losses(session, [row.id for row in running])
     snapshot.training = [
-        Training(job_id=row.id, model=row.model, progress=row.result or {}, val_loss=val_losses.get(row.id))
+        Training(
+            job_id=row.id,
+            model=row.model,
+            progress=row.result if isinstance(row.result, dict) else {},
+            val_loss=val_losses.get(row.id),
+        )
         for row in running
     ]
     return snapshot
+
+
+def _count(job_id: str, name: str, value: Any) -> int | None:
+    """A job's recorded count, or None (logged) when the row holds something else there."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    log.warning("metrics: job %s has %s %r, not a count; left out", job_id, name, value)
+    return None
 
 
 def _latest_val_losses(session: Session, job_ids: Sequence[str]) -> dict[str, float]:
@@ -151,11 +180,18 @@ def _latest_val_losses(session: Session, job_ids: Sequence[str]) -> dict[str, fl
     has_val_loss = (
         JobEvent.job_id.in_(job_ids),
         JobEvent.type == "metrics",
-        JobEvent.data["val_loss"].as_float().is_not(None),
+        JobEvent.data["val_loss"].as_string().is_not(None),  # as text: a cast would fail on a bad row
     )
     newest = select(func.max(JobEvent.id)).where(*has_val_loss).group_by(JobEvent.job_id)
     rows = session.execute(select(JobEvent.job_id, JobEvent.data).where(JobEvent.id.in_(newest))).all()
-    return {job_id: float(data["val_loss"]) for job_id, data in rows}
+    losses = {}
+    for job_id, data in rows:
+        value = data.get("val_loss") if isinstance(data, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            losses[job_id] = float(value)
+        else:
+            log.warning("metrics: job %s has val_loss %r, not a number; left out", job_id, value)
+    return losses
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -21,9 +21,19 @@ from shared.statuses import JobStatus
 Loc = tuple[str | int, ...]
 
 
-def check_caps(prompts: list[str], field: str, single: bool, max_tokens: int, n: int, settings: Settings) -> None:
+def check_caps(
+    prompts: list[str],
+    field: str,
+    single: bool,
+    max_tokens: int,
+    n: int,
+    stop: list[str] | None,
+    settings: Settings,
+) -> None:
     """422 naming the field when a request exceeds a configured cap or holds an empty prompt."""
     errors: list[tuple[Loc, str]] = []
+    if stop is not None and sum(len(s) for s in stop) > settings.max_stop_chars:
+        errors.append((("body", "stop"), f"stop strings longer than {settings.max_stop_chars} characters together"))
     if max_tokens > settings.max_new_tokens:
         errors.append((("body", "max_tokens"), f"must be at most {settings.max_new_tokens}"))
     if n > settings.max_n:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.schemas import (
@@ -20,6 +22,23 @@ from shared.schemas import (
     OpenAIError,
     Usage,
 )
+
+log = logging.getLogger(__name__)
+
+Row = TypeVar("Row")
+View = TypeVar("View")
+
+
+def readable(rows: Iterable[Row], view: Callable[[Row], View]) -> list[View]:
+    """The view of every row that has one. A row no view can read (a shape an older or broken writer left) is
+    logged and left out, so one bad row never fails a whole list; GET of that row alone still fails."""
+    views = []
+    for row in rows:
+        try:
+            views.append(view(row))
+        except (KeyError, TypeError, ValueError, AttributeError):  # pydantic's ValidationError is a ValueError
+            log.exception("row %s cannot be shown; left out of the list", getattr(row, "id", "?"))
+    return views
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> float | None:

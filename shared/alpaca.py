@@ -1,7 +1,8 @@
 """Validating Alpaca-style training data: JSONL, or one JSON array, of instruction/input/output.
 
-Every record is checked (UTF-8, an object, required string fields, no unknown keys, length caps,
-a record-count cap); the first bad record is reported with its line (JSONL) or index (array).
+Every record is checked (UTF-8, an object, required string fields, no unknown keys, length caps, text a row
+and an answer can hold, a record-count cap); the first bad record is reported with its line (JSONL) or index
+(array).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
+
+from shared.storable import unstorable
 
 REQUIRED = ("instruction", "output")
 OPTIONAL = ("input",)
@@ -50,6 +53,9 @@ def check_record(record: object, where: str, limits: Limits) -> dict[str, str]:
             raise BadRecord(where, f"field {name!r} must be a string, got {type(value).__name__}")
         if len(value) > limits.max_field_chars:
             raise BadRecord(where, f"field {name!r} is longer than {limits.max_field_chars} characters")
+        reason = unstorable(value)
+        if reason is not None:
+            raise BadRecord(where, f"field {name!r} {reason}")
         clean[name] = value
     if not clean["instruction"].strip():
         raise BadRecord(where, "field 'instruction' is empty")
@@ -65,6 +71,16 @@ def _text(raw: bytes, where: str) -> str:
         raise BadRecord(where, f"not valid UTF-8 (byte {exc.start})") from None
 
 
+def _parse(text: str, where: str | None) -> object:
+    """The JSON value of text; BadRecord at where (or at the line of the error) when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRecord(where or f"line {exc.lineno}", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    except ValueError:  # Python refuses integers of more than 4,300 digits (int_max_str_digits)
+        raise BadRecord(where or "file", "a number with more than 4300 digits") from None
+
+
 def _jsonl(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
     count = 0
     for number, raw in enumerate(stream, start=1):
@@ -72,10 +88,7 @@ def _jsonl(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
         line = _text(raw, where).strip()
         if not line:
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadRecord(where, f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+        record = _parse(line, where)
         count += 1
         if count > limits.max_records:
             raise BadRecord(where, f"more than {limits.max_records} records")
@@ -83,11 +96,7 @@ def _jsonl(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
 
 
 def _array(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
-    text = _text(stream.read(), "file")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BadRecord(f"line {exc.lineno}", f"invalid JSON ({exc.msg} at column {exc.colno})") from None
+    records = _parse(_text(stream.read(), "file"), None)
     if not isinstance(records, list):
         raise BadRecord("file", "expected a JSON array of records or JSON Lines")
     if len(records) > limits.max_records:

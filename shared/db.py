@@ -12,13 +12,17 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from shared import storable
 from shared.settings import get_settings
 
 
 def make_engine(url: str) -> Engine:
-    """An engine for url; SQLite gets WAL and a busy timeout so several processes can write."""
+    """An engine for url; SQLite gets WAL and a busy timeout so several processes can write. JSON columns are
+    written through shared.storable.dumps on every database."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": 30, "check_same_thread": False}, json_serializer=storable.dumps
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -36,6 +40,7 @@ def make_engine(url: str) -> Engine:
         pool_size=40,
         max_overflow=10,
         pool_use_lifo=True,  # the same few connections stay hot; the rest idle, and are pinged before reuse
+        json_serializer=storable.dumps,  # no NUL, lone surrogate or NaN reaches a JSON column
     )
     _ping_when_idle(engine)
     return engine

@@ -6,9 +6,13 @@ llmq's documented extensions, sent in the same `method.supervised.hyperparameter
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from shared.request_fields import Name, RequestModel
 
 BASE_LEARNING_RATE = 2e-4  # what learning_rate_multiplier = 1 means for LoRA
 AUTO_EPOCHS = 3
@@ -16,10 +20,12 @@ AUTO_BATCH_SIZE = 8
 DEFAULT_TARGET_MODULES = ("c_attn", "c_proj", "c_fc")  # GPT-2's attention and MLP Conv1D layers
 
 
-class Hyperparameters(BaseModel):
-    """method.supervised.hyperparameters of a fine-tuning request."""
+class Hyperparameters(RequestModel):
+    """method.supervised.hyperparameters of a fine-tuning request.
 
-    model_config = ConfigDict(extra="forbid")
+    Sizes that an operator may want to raise (n_epochs, batch_size, the step counts) are capped by settings at
+    the gateway (max_train_epochs, max_train_batch_size, max_train_steps); the rest here.
+    """
 
     n_epochs: int | Literal["auto"] = Field("auto", description="Passes over the training data; auto = 3.")
     batch_size: int | Literal["auto"] = Field("auto", description="Examples per optimizer step; auto = 8.")
@@ -30,10 +36,11 @@ class Hyperparameters(BaseModel):
     lora_r: int = Field(16, ge=1, le=256, description="LoRA rank.")
     lora_alpha: float = Field(32, gt=0, le=1024, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
-    target_modules: list[str] = Field(
+    target_modules: list[Annotated[Name, Field(min_length=1, max_length=128)]] = Field(
         default_factory=lambda: list(DEFAULT_TARGET_MODULES),
         min_length=1,
-        description="Module names that get LoRA adapters.",
+        max_length=16,
+        description="Module names that get LoRA adapters (checked against the base model's modules).",
     )
     quantization: Literal["nf4", "int8", "none"] = Field(
         "nf4", description="How the frozen base is held during training (none = bf16/fp32)."
@@ -84,11 +91,41 @@ class ResolvedHyperparameters(Hyperparameters):
     learning_rate: float
 
 
-class HubDataset(BaseModel):
-    """A training set loaded by the worker with `datasets` instead of an uploaded file."""
+# A hub repository id: owner/name, each part letters, digits, '-', '_' and '.', starting and ending with a
+# letter or digit (the hub's own rule). Nothing else reaches datasets.load_dataset, which reads a local folder,
+# a file or a URL when given one.
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+_PATH_SIGNS = ("..", "~", "\\", ":", "//")
 
-    model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("tatsu-lab/alpaca", min_length=1, max_length=256)
-    split: str = Field("train", min_length=1, max_length=64)
+def hub_dataset_id_problem(name: str) -> str | None:
+    """What keeps name from being a hub dataset id (owner/name), or None when it is one."""
+    if name.startswith(("/", ".", "~")) or any(sign in name for sign in _PATH_SIGNS):
+        return "is a path or URL, not a hub dataset id (owner/name)"
+    if not _HUB_ID.fullmatch(name):
+        return "is not a hub dataset id (owner/name: letters, digits, '-', '_' and '.')"
+    return None
+
+
+def _hub_dataset_id(name: str) -> str:
+    problem = hub_dataset_id_problem(name)
+    if problem is not None:
+        raise PydanticCustomError("hub_dataset_id", "{problem}", {"problem": problem})
+    return name
+
+
+HubDatasetId = Annotated[str, AfterValidator(_hub_dataset_id)]
+
+
+class HubDataset(RequestModel):
+    """A training set loaded by the worker with `datasets` instead of an uploaded file.
+
+    Only hub ids the operator offers (settings.allowed_datasets) are accepted, checked at the gateway and again
+    at the worker; a name that is a path, or that names a folder on the machine, never is one.
+    """
+
+    name: HubDatasetId = Field(
+        "tatsu-lab/alpaca", max_length=193, description="Hub dataset id (owner/name) from the offered datasets."
+    )
+    split: str = Field("train", max_length=64, pattern=r"^[A-Za-z0-9_]+$", description="Split to train on, e.g. train.")
     sample_size: int | None = Field(None, ge=1, description="Take this many records (seeded shuffle).")

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from shared.models import DEFAULT_TENANT, Checkpoint, Job, JobEvent, new_id, utcnow
 from shared.statuses import JobStatus
+from shared.storable import scrub
 
 ID_PREFIX = {"generate": "gen", "train": "ftjob"}
 
@@ -257,7 +258,7 @@ def add_event(
         "created_at": utcnow(),
         "level": level,
         "type": type,
-        "message": message[:2000],
+        "message": scrub(message)[:2000],  # may quote a prompt or an exception: text a row can hold
         "data": data,
     }
     columns = list(values)

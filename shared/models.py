@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 DEFAULT_TENANT = "default"  # the tenant of every request when API keys are not required
@@ -37,8 +38,13 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value
 
 
+# JSON columns: jsonb on Postgres, which refuses what its readers could not read back (NUL, lone surrogates);
+# every engine writes them through shared.storable.dumps, which replaces those first (migration 0006).
+StoredJSON = JSON().with_variant(JSONB(), "postgresql")
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime}
+    type_annotation_map = {dict[str, Any]: StoredJSON, datetime: UTCDateTime}
 
 
 class Job(Base):
@@ -52,9 +58,9 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16))  # see shared.statuses.JobStatus
     model: Mapped[str] = mapped_column(String(512))  # what the client asked for (base or fine-tuned id)
     base_model: Mapped[str] = mapped_column(String(512))  # the base it runs on: workers claim by it
-    params: Mapped[dict[str, Any]] = mapped_column(JSON)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
-    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # {code, message}
+    params: Mapped[dict[str, Any]] = mapped_column(StoredJSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(StoredJSON, default=None)
+    error: Mapped[dict[str, Any] | None] = mapped_column(StoredJSON, default=None)  # {code, message}
 
     # Each claim increments attempt; every later write of the worker names the attempt it holds.
     attempt: Mapped[int] = mapped_column(Integer, default=0)
@@ -109,7 +115,7 @@ class JobEvent(Base):
     level: Mapped[str] = mapped_column(String(8))  # info | warn | error
     type: Mapped[str] = mapped_column(String(16))  # message | metrics
     message: Mapped[str] = mapped_column(String(2000))
-    data: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    data: Mapped[dict[str, Any] | None] = mapped_column(StoredJSON, default=None)
 
 
 class Checkpoint(Base):
@@ -121,7 +127,7 @@ class Checkpoint(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     step: Mapped[int] = mapped_column(Integer)
     path: Mapped[str] = mapped_column(String(1024))  # relative to the artifact store
-    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    metrics: Mapped[dict[str, Any]] = mapped_column(StoredJSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -135,7 +141,7 @@ class FineTunedModel(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     base_model: Mapped[str] = mapped_column(String(512))
     path: Mapped[str] = mapped_column(String(1024))  # adapter folder, relative to the artifact store
-    manifest: Mapped[dict[str, Any]] = mapped_column(JSON)
+    manifest: Mapped[dict[str, Any]] = mapped_column(StoredJSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

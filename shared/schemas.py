@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.fine_tuning import HubDataset, Hyperparameters
+from shared.request_fields import Name, RequestModel, Text
 from shared.statuses import JobStatus
 
 JobKind = Literal["generate", "train"]
@@ -23,8 +24,13 @@ def _stop_not_empty(value: list[str] | None) -> list[str] | None:
     return value
 
 
-# `stop` of generations and completions: one string or a list of them, none empty.
-StopStrings = Annotated[list[str] | None, BeforeValidator(_stop_as_list), AfterValidator(_stop_not_empty)]
+# `stop` of generations and completions: one string or a list of them, none empty (the total length is
+# capped by settings.max_stop_chars at the gateway).
+StopStrings = Annotated[
+    list[Text] | None,
+    BeforeValidator(_stop_as_list, json_schema_input_type=Text | list[Text] | None),
+    AfterValidator(_stop_not_empty),
+]
 
 
 class ErrorInfo(BaseModel):
@@ -64,14 +70,12 @@ class ValidationErrorResponse(BaseModel):
     error: ApiErrorObject
 
 
-class GenerationRequest(BaseModel):
+class GenerationRequest(RequestModel):
     """POST /v1/generations: one or more prompts run on one model with one set of sampling settings."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str | None = Field(None, min_length=1, max_length=512, description="Model id; default: the base model.")
-    prompt: str | None = Field(None, description="A single prompt (or use prompts).")
-    prompts: list[str] | None = Field(None, min_length=1, description="Several prompts, one output each.")
+    model: Name | None = Field(None, min_length=1, max_length=512, description="Model id; default: the base model.")
+    prompt: Text | None = Field(None, description="A single prompt (or use prompts).")
+    prompts: list[Text] | None = Field(None, min_length=1, description="Several prompts, one output each.")
     max_tokens: int = Field(16, ge=1, description="Most new tokens per prompt.")
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
@@ -173,33 +177,38 @@ class FileDeleted(BaseModel):
     deleted: bool
 
 
-class SupervisedMethod(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SupervisedMethod(RequestModel):
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
 
 
-class Method(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class Method(RequestModel):
     type: Literal["supervised"] = "supervised"
     supervised: SupervisedMethod = Field(default_factory=SupervisedMethod)
 
 
-class FineTuningJobRequest(BaseModel):
+# OpenAI's metadata limits: 16 pairs, keys up to 64 characters, values up to 512.
+MetadataKey = Annotated[Name, Field(min_length=1, max_length=64)]
+MetadataValue = Annotated[Text, Field(max_length=512)]
+
+
+class FineTuningJobRequest(RequestModel):
     """POST /v1/fine_tuning/jobs (OpenAI's shape; llmq extensions documented per field)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, max_length=512, description="Base model to fine-tune.")
-    training_file: str | None = Field(None, description="Id of an uploaded file (purpose fine-tune).")
-    validation_file: str | None = Field(None, description="Id of an uploaded file for validation loss.")
-    dataset: HubDataset | None = Field(
-        None, description="llmq extension: a hub dataset instead of training_file (default tatsu-lab/alpaca)."
+    model: Name = Field(min_length=1, max_length=512, description="Base model to fine-tune.")
+    training_file: Name | None = Field(
+        None, min_length=1, max_length=64, description="Id of an uploaded file (purpose fine-tune)."
     )
-    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    validation_file: Name | None = Field(
+        None, min_length=1, max_length=64, description="Id of an uploaded file for validation loss."
+    )
+    dataset: HubDataset | None = Field(
+        None,
+        description="llmq extension: a hub dataset instead of training_file (default: the first offered dataset, "
+        "tatsu-lab/alpaca unless the operator changed it).",
+    )
+    suffix: Name | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
     method: Method | None = None
     hyperparameters: Hyperparameters | None = Field(None, description="Deprecated OpenAI form of method.")
     integrations: list[Any] | None = Field(None, max_length=0, description="Not supported; must be empty.")
@@ -324,17 +333,18 @@ class ModelList(BaseModel):
 # --- /v1/completions (OpenAI's legacy completions shape) ---
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestModel):
+    # OpenAI adds options here over time (include_obfuscation, ...); SDKs may send them: ignored, never stored.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
     include_usage: bool = True
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(RequestModel):
     """POST /v1/completions. Unsupported OpenAI options are accepted only at their neutral values."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    model: str = Field(min_length=1, max_length=512)
-    prompt: str | list[str] = Field(description="A prompt or a list of prompts (token arrays not supported).")
+    model: Name = Field(min_length=1, max_length=512)
+    prompt: Text | list[Text] = Field(description="A prompt or a list of prompts (token arrays not supported).")
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -344,7 +354,7 @@ class CompletionRequest(BaseModel):
     echo: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(None, max_length=256)
+    user: Text | None = Field(None, max_length=256)
     template: Literal["raw", "model"] = Field(
         "raw",
         description="llmq extension: 'model' treats each prompt as an instruction and wraps it in the prompt "
@@ -354,8 +364,8 @@ class CompletionRequest(BaseModel):
     best_of: int | None = Field(None, ge=1, le=1, description="Not supported: must be null or 1.")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
     presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
-    logit_bias: dict[str, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
-    suffix: str | None = Field(None, max_length=0, description="Not supported: must be null.")
+    logit_bias: dict[Name, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
+    suffix: Text | None = Field(None, max_length=0, description="Not supported: must be null.")
 
     def prompt_list(self) -> list[str]:
         """The prompts as a list."""

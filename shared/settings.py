@@ -6,10 +6,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.fine_tuning import hub_dataset_id_problem
+
 Quantization = Literal["nf4", "int8", "bf16", "fp32"]
+
+# The Alpaca family on the hub: what dataset.name may be unless an operator says otherwise.
+DEFAULT_DATASETS = ("tatsu-lab/alpaca", "yahma/alpaca-cleaned", "vicgalle/alpaca-gpt4")
 
 
 class Settings(BaseSettings):
@@ -68,12 +73,28 @@ class Settings(BaseSettings):
         600.0, gt=0, description="How long POST /v1/completions waits for its job before answering 504."
     )
     max_prompt_chars: int = Field(16000, ge=1, description="Cap on characters of one prompt.")
+    max_stop_chars: int = Field(
+        1000, ge=1, description="Cap on the characters of all stop strings of one request together."
+    )
     max_wait_seconds: float = Field(60.0, ge=0, description="Cap on ?wait= of a status request.")
 
     max_upload_bytes: int = Field(200 * 2**20, ge=1, description="Largest training file accepted, in bytes.")
     max_records: int = Field(200_000, ge=1, description="Most records in one training file.")
     max_field_chars: int = Field(
         20_000, ge=1, description="Longest instruction, input or output of one record, in characters."
+    )
+
+    max_train_epochs: int = Field(50, ge=1, description="Cap on n_epochs of a fine-tune.")
+    max_train_batch_size: int = Field(256, ge=1, description="Cap on batch_size (examples per step) of a fine-tune.")
+    max_train_steps: int = Field(
+        100_000,
+        ge=1,
+        description="Cap on max_steps of a fine-tune, and on its save_every_steps and eval_every_steps.",
+    )
+    allowed_datasets: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_DATASETS),
+        description="Hub datasets a fine-tune may name in dataset.name (JSON list of owner/name ids; never a "
+        "path). The first is the default when a job names neither a training file nor a dataset.",
     )
 
     max_attempts: int = Field(3, ge=1, description="Times a job may be started before it ends failed.")
@@ -140,6 +161,15 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+
+    @field_validator("allowed_datasets")
+    @classmethod
+    def _hub_ids_only(cls, value: list[str]) -> list[str]:
+        for name in value:
+            problem = hub_dataset_id_problem(name)
+            if problem is not None:
+                raise ValueError(f"allowed_datasets: {name!r} {problem}")
+        return value
 
     @property
     def base_models(self) -> list[str]:

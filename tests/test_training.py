@@ -494,6 +494,50 @@ def test_hub_dataset_without_a_reachable_hub_fails_with_dataset_unavailable(
     assert events(job_id)[-1].message == message
 
 
+@pytest.mark.parametrize("where", ["store", "relative"])
+def test_a_queued_job_naming_a_folder_as_its_dataset_fails_without_reading_it(
+    store: Settings, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Jobs queued before the gateway checked dataset.name (or under other settings) are stopped by the worker.
+    other_tenants_file = add_file(store)
+    uploads = artifacts.resolve(store, artifacts.file_path(other_tenants_file)).parent
+    if where == "store":
+        name = str(uploads)  # every tenant's uploads, by absolute path
+    else:
+        (tmp_path / "tatsu-lab" / "alpaca").mkdir(parents=True)  # an offered id that is also a folder here
+        (tmp_path / "tatsu-lab" / "alpaca" / "train.jsonl").write_bytes(SAMPLE.read_bytes())
+        monkeypatch.chdir(tmp_path)
+        name = "tatsu-lab/alpaca"
+    job_id = add_job(str(tiny_model), dataset={"name": name, "split": "train", "sample_size": None})
+    fine_tune.run_fine_tune(job_id, store)
+    job = job_row(job_id)
+    assert job.status == "failed" and job.error is not None and job.error["code"] == "dataset_unavailable"
+    assert name in job.error["message"] and not any("Loaded" in e.message for e in events(job_id))
+
+
+@pytest.mark.parametrize(
+    ("raised", "told"),
+    [
+        (FileNotFoundError("Couldn't find any data file at /srv/llmq/artifacts/files."), "FileNotFoundError"),
+        (ValueError('Unknown split "valid". Should be one of [\'train\'].'), "the dataset has no split 'valid'"),
+    ],
+)
+def test_loader_errors_reach_the_job_naming_the_dataset_never_worker_paths(
+    store: Settings, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, raised: Exception, told: str
+) -> None:
+    import datasets
+
+    def load_dataset(*_args: Any, **_kwargs: Any) -> Any:
+        raise raised  # what datasets raises for these, path included
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    job_id = add_job(str(tiny_model), dataset={"name": "yahma/alpaca-cleaned", "split": "valid", "sample_size": None})
+    fine_tune.run_fine_tune(job_id, store)
+    message = job_row(job_id).error["message"]  # type: ignore[index]
+    assert message == f"could not load dataset 'yahma/alpaca-cleaned' (split 'valid'): {told}"
+    assert "/srv" not in message
+
+
 def test_missing_training_file_fails_with_dataset_unavailable(store: Settings, tiny_model: Path) -> None:
     job_id = add_job(str(tiny_model), training_file="file-doesnotexist")
     fine_tune.run_fine_tune(job_id, store)

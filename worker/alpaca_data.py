@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from shared import artifacts
@@ -21,6 +23,8 @@ from shared.fine_tuning import HubDataset
 from shared.models import File
 from shared.prompts import alpaca_prompt
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 Record = dict[str, str]
 FIELDS = ("instruction", "input", "output")
@@ -106,8 +110,16 @@ def load_file(session: Session, settings: Settings, file_id: str) -> tuple[list[
     return records, {"type": "file", "file_id": file_id, "sha256": row.sha256, "records": len(records)}
 
 
-def load_hub(spec: HubDataset, seed: int) -> tuple[list[Record], dict[str, Any]]:
-    """A hub dataset's records (a seeded sample when sample_size is set) and its manifest entry."""
+def load_hub(spec: HubDataset, seed: int, settings: Settings) -> tuple[list[Record], dict[str, Any]]:
+    """A hub dataset's records (a seeded sample when sample_size is set) and its manifest entry.
+
+    Only an offered hub id that names nothing on this machine reaches the loader (the gateway checked the same;
+    a job queued before that check, or under other settings, is stopped here). A loader error reaches the job as
+    a message naming the dataset and the kind of error, never the loader's own text, which shows this
+    machine's paths; that goes to the worker's log.
+    """
+    if spec.name not in settings.allowed_datasets or Path(spec.name).exists():
+        raise DatasetUnavailable(f"dataset {spec.name!r} is not offered by this service")
     import datasets  # costs about a second to import; only hub datasets need it
 
     try:
@@ -119,10 +131,8 @@ def load_hub(spec: HubDataset, seed: int) -> tuple[list[Record], dict[str, Any]]
             "upload a training file instead"
         ) from exc
     except Exception as exc:  # DatasetNotFoundError, a bad split name, ...
-        message = " ".join(str(exc).split())[:300]
-        raise DatasetUnavailable(
-            f"could not load dataset {spec.name!r} (split {spec.split!r}): {type(exc).__name__}: {message}"
-        ) from exc
+        log.warning("loading dataset %r (split %r) failed", spec.name, spec.split, exc_info=True)
+        raise DatasetUnavailable(_load_error(spec, exc)) from exc
     if not isinstance(loaded, datasets.Dataset):
         raise DatasetUnavailable(f"dataset {spec.name!r} split {spec.split!r} is not a single split")
     missing = [c for c in ("instruction", "output") if c not in loaded.column_names]
@@ -144,6 +154,16 @@ def load_hub(spec: HubDataset, seed: int) -> tuple[list[Record], dict[str, Any]]
     return records, source
 
 
+def _load_error(spec: HubDataset, exc: Exception) -> str:
+    """What went wrong loading a hub dataset, in words that name the dataset and nothing of this machine."""
+    where = f"dataset {spec.name!r} (split {spec.split!r})"
+    if "Unknown split" in str(exc):
+        return f"could not load {where}: the dataset has no split {spec.split!r}"
+    if type(exc).__name__ == "DatasetNotFoundError":
+        return f"could not load {where}: no such dataset on the hub"
+    return f"could not load {where}: {type(exc).__name__}"
+
+
 def split_validation(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:
     """(train, validation): a seeded share of the records held out; none when fraction is 0 or too few."""
     if fraction <= 0 or len(records) < 2:
@@ -157,6 +177,14 @@ def split_validation(records: list[Record], fraction: float, seed: int) -> tuple
     return train, validation
 
 
+def _hub_dataset(stored: Any) -> HubDataset:
+    try:
+        return HubDataset.model_validate(stored)
+    except ValidationError:
+        name = stored.get("name") if isinstance(stored, dict) else None
+        raise DatasetUnavailable(f"dataset {name!r} is not a hub dataset id (owner/name)") from None
+
+
 def load_training_data(session: Session, settings: Settings, params: dict[str, Any]) -> TrainingData:
     """The job's training and validation records, from its files or its hub dataset."""
     seed = int(params.get("seed") or 0)
@@ -164,7 +192,7 @@ def load_training_data(session: Session, settings: Settings, params: dict[str, A
     if params.get("training_file"):
         records, source = load_file(session, settings, params["training_file"])
     elif params.get("dataset"):
-        records, source = load_hub(HubDataset.model_validate(params["dataset"]), seed)
+        records, source = load_hub(_hub_dataset(params["dataset"]), seed, settings)
     else:
         raise DatasetUnavailable("the job names neither a training file nor a dataset")
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 
+from shared.storable import scrub
 from worker.model_loading import LoadedModel
 
 
@@ -59,8 +60,10 @@ def _has_adapters(loaded: LoadedModel) -> bool:
     return hasattr(loaded.model, "peft_config")
 
 
-def _decode(loaded: LoadedModel, ids: list[int]) -> str:
-    return str(loaded.tokenizer.decode(ids))
+def decode(loaded: LoadedModel, ids: list[int]) -> str:
+    """The text of generated token ids, as it is stored and streamed: a NUL the model produced (byte 0 is a
+    GPT-2 token) becomes U+FFFD, since no database row or JSON reader can hold it (shared.storable)."""
+    return scrub(str(loaded.tokenizer.decode(ids)))
 
 
 def check_fits(loaded: LoadedModel, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
@@ -182,7 +185,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
                     continue
                 generated[row].append(token)
                 if request.params.stop:
-                    cut = _cut_at_stop(_decode(loaded, generated[row]), request.params.stop)
+                    cut = _cut_at_stop(decode(loaded, generated[row]), request.params.stop)
                     if cut is not None:
                         done[row], reasons[row], texts[row] = True, "stop", cut
                         continue
@@ -200,7 +203,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
 
     return [
         Generation(
-            text=cut if (cut := texts[row]) is not None else _decode(loaded, generated[row]),
+            text=cut if (cut := texts[row]) is not None else decode(loaded, generated[row]),
             finish_reason=reasons[row],
             prompt_tokens=len(prompts[row]),
             completion_tokens=len(generated[row]),

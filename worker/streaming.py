@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.notify import publish_deltas
+from worker.generation import decode
 from worker.model_loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class DeltaPublisher:
             if row is None:
                 continue
             try:
-                text = settled_text(str(self.loaded.tokenizer.decode(list(generated[i]))), row.stop)
+                text = settled_text(decode(self.loaded, list(generated[i])), row.stop)
             except Exception:
                 log.exception("could not decode the text of %s for streaming; it stops streaming", row.job_id)
                 self._stop(row.job_id)

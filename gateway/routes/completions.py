@@ -49,7 +49,7 @@ def _template_for(session: Session, tenant: str, model: str) -> dict[str, str]:
 def _prepare(body: CompletionRequest, settings: Settings, tenant: str) -> tuple[str, str, dict[str, Any]]:
     """(model, base model, job params) of a valid request; 422 or 404 otherwise (runs in a thread)."""
     prompts = body.prompt_list()
-    check_caps(prompts, "prompt", isinstance(body.prompt, str), body.max_tokens, body.n, settings)
+    check_caps(prompts, "prompt", isinstance(body.prompt, str), body.max_tokens, body.n, body.stop, settings)
     with get_sessionmaker()() as session:
         model, base_model = resolve_model(session, settings, tenant, body.model)
         if body.template == "model":

@@ -20,6 +20,7 @@ from shared import artifacts
 from shared.alpaca import BadRecord, Limits, read_records
 from shared.db import get_sessionmaker
 from shared.models import File, new_id, utcnow
+from shared.request_fields import plain_name
 from shared.schemas import FileDeleted, FileList, FileObject
 from shared.settings import Settings
 
@@ -41,6 +42,10 @@ async def upload_file(
     purpose: Annotated[Literal["fine-tune"], Form()] = "fine-tune",
 ) -> FileObject:
     """Stores an Alpaca file (JSONL or JSON array) once every record is valid; 422 names the first bad one."""
+    try:
+        plain_name(file.filename or "")
+    except ValueError as exc:
+        raise InvalidFile(f"file: the file name {exc}") from None
     # Reading, validating and storing take seconds for a big file: in a worker thread, so that the event loop
     # goes on answering every other request meanwhile.
     row = await run_in_threadpool(_store, file, settings, tenant, purpose)
@@ -118,7 +123,7 @@ def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
     rows = session.scalars(
         select(File).where(File.tenant == tenant).order_by(File.created_at.desc(), File.id.desc())
     ).all()
-    return FileList(data=[views.file_object(f) for f in rows])
+    return FileList(data=views.readable(rows, views.file_object))
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=documented(404))

@@ -6,7 +6,6 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from fastapi.exceptions import RequestValidationError
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
@@ -14,10 +13,10 @@ from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import BODY_ERRORS, V1_ERRORS, JobNotFound, documented
+from gateway.fine_tuning_checks import check_fine_tuning_request
 from gateway.submission import quota_reserved
 from shared import job_states, statuses
 from shared.celery_app import enqueue_after_commit
-from shared.fine_tuning import HubDataset
 from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
     FineTuningCheckpointList,
@@ -26,24 +25,8 @@ from shared.schemas import (
     FineTuningJobList,
     FineTuningJobRequest,
 )
-from shared.settings import Settings
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
-
-
-def _invalid(field: str, message: str) -> RequestValidationError:
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": None}])
-
-
-def _check_request(body: FineTuningJobRequest, session: Session, settings: Settings, tenant: str) -> None:
-    """422 naming the field for a base model that is not offered or a file that does not exist."""
-    if body.model not in settings.base_models:
-        offered = ", ".join(repr(m) for m in settings.base_models)
-        raise _invalid("model", f"model {body.model!r} is not available for fine-tuning (offered: {offered})")
-    for field in ("training_file", "validation_file"):
-        file_id = getattr(body, field)
-        if file_id is not None and owned.file(session, tenant, file_id) is None:
-            raise _invalid(field, f"file {file_id!r} not found")
 
 
 def _job(session: Session, tenant: str, job_id: str) -> Job:
@@ -58,8 +41,7 @@ def create_fine_tuning_job(
     body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> FineTuningJob:
     """Queues a fine-tune of the base model on an uploaded file (or a hub dataset)."""
-    _check_request(body, session, settings, tenant)
-    dataset = None if body.training_file else (body.dataset or HubDataset())
+    dataset = check_fine_tuning_request(body, session, settings, tenant)
     params: dict[str, Any] = {
         "training_file": body.training_file,
         "validation_file": body.validation_file,
@@ -103,7 +85,7 @@ def list_fine_tuning_jobs(
             )
         )
     jobs = session.scalars(query.limit(limit + 1)).all()
-    return FineTuningJobList(data=[views.fine_tuning_job(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
+    return FineTuningJobList(data=views.readable(jobs[:limit], views.fine_tuning_job), has_more=len(jobs) > limit)
 
 
 @router.get("/{job_id}", response_model=FineTuningJob, responses=documented(404))
@@ -137,7 +119,7 @@ def list_fine_tuning_events(
     if after is not None:
         query = query.where(JobEvent.id < views.event_number(after))
     events = session.scalars(query.limit(limit + 1)).all()
-    return FineTuningEventList(data=[views.event(e) for e in events[:limit]], has_more=len(events) > limit)
+    return FineTuningEventList(data=views.readable(events[:limit], views.event), has_more=len(events) > limit)
 
 
 @router.get("/{job_id}/checkpoints", response_model=FineTuningCheckpointList, responses=documented(404))
@@ -156,7 +138,7 @@ def list_fine_tuning_checkpoints(
         if cursor is not None:
             query = query.where(Checkpoint.step < cursor.step)
     rows = session.scalars(query.limit(limit + 1)).all()
-    data = [views.checkpoint(job, c) for c in rows[:limit]]
+    data = views.readable(rows[:limit], lambda c: views.checkpoint(job, c))
     return FineTuningCheckpointList(
         data=data,
         has_more=len(rows) > limit,

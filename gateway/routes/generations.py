@@ -30,7 +30,7 @@ def create_generation(
     """Queues a generation job and answers at once with its id."""
     prompts = body.prompt_list()
     field = "prompt" if body.prompt is not None else "prompts"
-    check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, settings)
+    check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, body.stop, settings)
     model, base_model = resolve_model(session, settings, tenant, body.model)
     params = body.model_dump(exclude={"model", "prompt", "prompts"}) | {"prompts": prompts}
     job = submit(session, settings, model=model, base_model=base_model, params=params, tenant=tenant)

@@ -44,7 +44,7 @@ def list_jobs(
             )
         )
     jobs = session.scalars(query).all()
-    return JobList(data=[views.job_summary(j) for j in jobs[:limit]], has_more=len(jobs) > limit)
+    return JobList(data=views.readable(jobs[:limit], views.job_summary), has_more=len(jobs) > limit)
 
 
 @router.get("/{job_id}", response_model=JobSummary, responses=documented(404))

@@ -1,0 +1,462 @@
+"""Hostile values in every request field, against a real gateway process on Postgres (property-based).
+
+The fields are read from the gateway's own OpenAPI schema (every JSON body of every operation, walked down to
+its strings, numbers, booleans, lists and maps; every path and query parameter) and from the Alpaca record
+fields of an upload, so a field added later is covered without touching this file. Hypothesis sends each a
+few generated hostile values: lone surrogates, NUL and other control characters, right-to-left and combining
+marks, huge strings, huge and negative numbers, NaN and Infinity, integers of 5,000 digits, nesting 3,000
+deep, and values of the wrong JSON type. For each answer:
+
+- never a 5xx; a 4xx carries a JSON error body in the documented shape, and wrote no row;
+- values no field may hold (NUL, lone surrogates, the wrong type, non-finite or 5,000-digit numbers, deep
+  nesting) are refused; anything else may be accepted only if what was stored reads back (GET answers 200);
+- /readyz is still ready and the tenant's list endpoints still answer 200.
+
+No worker runs: jobs stay queued and completions give up at once (LLMQ_COMPLETION_TIMEOUT_SECONDS).
+LLMQ_HOSTILE_EXAMPLES sets the examples per field (default 3: about 40 s on two cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shared.alpaca import OPTIONAL, REQUIRED
+from tests.systems import System, start_system
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = int(os.environ.get("LLMQ_HOSTILE_EXAMPLES", "3"))
+HOSTILE = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,  # nothing written into the working tree
+    suppress_health_check=list(HealthCheck),
+    print_blob=True,
+)
+BASE = "test-base-model"
+TENANT = "hostile-tenant"
+# A valid body per JSON operation: each field in turn is replaced with a hostile value.
+VALID_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/generations": {"prompt": "Hello"},
+    "/v1/completions": {"model": BASE, "prompt": "Hello", "max_tokens": 2},
+    "/v1/fine_tuning/jobs": {"model": BASE},
+}
+LISTS = ("/v1/jobs", "/v1/fine_tuning/jobs", "/v1/files", "/v1/models")
+
+
+# --- The fields, from the OpenAPI schema --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Field:
+    """One place a hostile value can go: a JSON body path, and whether the value replaces the field, one item
+    of its list, one value of its map, or one key of its map."""
+
+    path: str  # the operation
+    where: tuple[str, ...]
+    slot: str  # value | item | map_value | map_key
+    types: frozenset[str]  # JSON types the slot accepts ("integer" also where "number")
+
+    def __str__(self) -> str:
+        return f"{self.path}:{'.'.join(self.where)}:{self.slot}"
+
+
+def _openapi() -> dict[str, Any]:
+    from gateway.app import create_app
+    from tests.process_settings import reset_caches
+
+    try:
+        return create_app().openapi()
+    finally:
+        reset_caches()
+
+
+SCHEMA = _openapi()
+
+
+def _resolve(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        node = SCHEMA["components"]["schemas"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def _options(node: dict[str, Any]) -> list[dict[str, Any]]:
+    node = _resolve(node)
+    if "anyOf" in node or "oneOf" in node:
+        return [option for sub in node.get("anyOf", node.get("oneOf", [])) for option in _options(sub)]
+    return [node]
+
+
+def _type_of(node: dict[str, Any]) -> str:
+    if "type" in node:
+        return str(node["type"])
+    if "enum" in node or "const" in node:
+        return "string" if isinstance((node.get("enum") or [node.get("const")])[0], str) else "number"
+    return "any"
+
+
+def _fields(path: str, node: dict[str, Any], where: tuple[str, ...], seen: set[str]) -> Iterator[Field]:
+    options = _options(node)
+    types = frozenset(_type_of(o) for o in options)
+    yield Field(path, where, "value", types)
+    for option in options:
+        kind = _type_of(option)
+        if kind == "object" and "properties" in option:
+            if option.get("title") in seen:  # a model met before (e.g. the deprecated hyperparameters)
+                continue
+            seen.add(option.get("title", ""))
+            for name, sub in option["properties"].items():
+                yield from _fields(path, sub, (*where, name), seen)
+        elif kind == "object":
+            values = frozenset(_type_of(o) for o in _options(option.get("additionalProperties", {})))
+            yield Field(path, where, "map_value", values)
+            yield Field(path, where, "map_key", frozenset({"string"}))
+        elif kind == "array":
+            items = frozenset(_type_of(o) for o in _options(option.get("items", {})))
+            yield Field(path, where, "item", items)
+
+
+def body_fields() -> list[Field]:
+    """Every slot of every JSON request body the gateway documents (a model met twice in one body, walked once)."""
+    found = []
+    for path, operations in SCHEMA["paths"].items():
+        for operation in operations.values():
+            content = operation.get("requestBody", {}).get("content", {})
+            if "application/json" in content:
+                assert path in VALID_BODIES, f"a new JSON operation {path}: give it a valid body here"
+                root = _resolve(content["application/json"]["schema"])
+                seen: set[str] = set()
+                for name, sub in root["properties"].items():
+                    found += _fields(path, sub, (name,), seen)
+    return found
+
+
+def parameters() -> list[tuple[str, str, str]]:
+    """(method, path, parameter) of every path and query parameter the gateway documents."""
+    return [
+        (method.upper(), path, parameter["name"])
+        for path, operations in SCHEMA["paths"].items()
+        for method, operation in operations.items()
+        for parameter in operation.get("parameters", [])
+        if parameter["in"] in ("path", "query")
+    ]
+
+
+# --- Hostile values -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Raw:
+    """JSON text sent as it is (what json.dumps cannot write: NaN, 5,000-digit integers, deep nesting)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Hostile:
+    value: Any
+    refuse: bool  # no field may hold it
+
+
+def _around(middle: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.tuples(st.text(max_size=8), middle, st.text(max_size=8)).map("".join)
+
+
+SURROGATE = st.integers(0xD800, 0xDFFF).map(chr)
+CONTROL = st.sampled_from([chr(c) for c in (*range(1, 32), 0x7F, 0x85, 0x9B)])
+MARKS = st.sampled_from(["\u202e", "\u200f", "\u0301", "\u0336", "\ufeff", "\u2066", "\U0001f600", "\u05d0"])
+
+# Values no field may hold, whatever its type.
+UNSTORABLE_TEXT = st.one_of(_around(st.just("\x00")), _around(SURROGATE))
+NEVER = st.sampled_from(
+    [Raw("NaN"), Raw("Infinity"), Raw("-Infinity"), Raw("1e400"), Raw("9" * 5000), Raw("[" * 3000 + "]" * 3000)]
+)
+# Values some field may hold.
+MAYBE_TEXT = st.one_of(
+    _around(CONTROL),
+    _around(MARKS),
+    st.text(min_size=1, max_size=3).map(lambda s: s * 50_000),  # huge
+    st.just(""),
+)
+NUMBERS = st.one_of(
+    st.integers(-(10**30), 10**30),
+    st.sampled_from([0, -1, 2**31, 2**63, 10**100]),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+def hostile(types: frozenset[str]) -> st.SearchStrategy[Hostile]:
+    """Hostile values for a slot that accepts these JSON types, each marked with whether it must be refused."""
+
+    def number(value: int | float) -> Hostile:
+        if isinstance(value, bool):
+            return Hostile(value, "boolean" not in types)
+        fits = "number" in types or (isinstance(value, int) and "integer" in types)
+        return Hostile(value, not fits and "any" not in types)
+
+    def typed(kind: str, value: Any) -> Hostile:
+        return Hostile(value, kind not in types and "any" not in types)
+
+    return st.one_of(
+        UNSTORABLE_TEXT.map(lambda s: Hostile(s, True)),
+        st.lists(UNSTORABLE_TEXT, min_size=1, max_size=2).map(lambda s: Hostile(s, True)),
+        NEVER.map(lambda raw: Hostile(raw, True)),
+        MAYBE_TEXT.map(lambda s: typed("string", s)),
+        NUMBERS.map(number),
+        st.booleans().map(number),
+        st.just(None).map(lambda _: Hostile(None, False)),
+        st.lists(st.integers(), max_size=2).map(lambda v: typed("array", v)),
+        st.dictionaries(st.text(max_size=4), st.integers(), max_size=2).map(lambda v: typed("object", v)),
+    )
+
+
+def encode(body: Any) -> str:
+    """JSON text of a body that may hold Raw values."""
+    raws: list[str] = []
+
+    def mark(value: Any) -> Any:
+        if isinstance(value, Raw):
+            raws.append(value.text)
+            return f"@@raw{len(raws) - 1}@@"
+        if isinstance(value, dict):
+            return {key: mark(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [mark(item) for item in value]
+        return value
+
+    text = json.dumps(mark(body))
+    for i, raw in enumerate(raws):
+        text = text.replace(f'"@@raw{i}@@"', raw)
+    return text
+
+
+def place(body: dict[str, Any], field: Field, value: Any) -> dict[str, Any]:
+    """A copy of body with value at the field's slot."""
+    body = json.loads(json.dumps(body))
+    node = body
+    for name in field.where[:-1]:
+        node = node.setdefault(name, {})
+    last = field.where[-1]
+    if field.slot == "value":
+        node[last] = value
+    elif field.slot == "item":
+        node[last] = [value]
+    elif field.slot == "map_value":
+        node[last] = {"key": value}
+    else:
+        node[last] = {value: "v"}
+    return body
+
+
+def url_for(path: str, name: str, encoded: str) -> str:
+    """The operation's URL with the hostile text as the named parameter (other path parameters: none)."""
+    filled = re.sub(r"\{(\w+)\}", lambda m: encoded if m.group(1) == name else "none", path)
+    return filled if f"{{{name}}}" in path else f"{filled}?{name}={encoded}"
+
+
+# --- The gateway --------------------------------------------------------------------------------------------
+
+
+ROWS = """SELECT (SELECT count(*) FROM jobs WHERE tenant = %(t)s),
+                  (SELECT count(*) FROM files WHERE tenant = %(t)s),
+                  (SELECT count(*) FROM job_events e JOIN jobs j ON j.id = e.job_id WHERE j.tenant = %(t)s)"""
+
+
+@dataclass
+class Target:
+    system: System
+    client: httpx.Client
+    database: psycopg.Connection[Any]  # autocommit: each count sees what the gateway committed
+
+    def rows(self) -> tuple[int, int, int]:
+        """The tenant's jobs, files and job events."""
+        counts = self.database.execute(ROWS, {"t": TENANT}).fetchone()
+        assert counts is not None
+        return counts[0], counts[1], counts[2]
+
+    def still_healthy(self) -> None:
+        ready = self.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ok", ready.text
+        for path in LISTS:
+            listed = self.client.get(path)
+            assert listed.status_code == 200, f"{path}: {listed.status_code} {listed.text[:500]}"
+
+
+@pytest.fixture(scope="module")
+def target(postgres_url: str, quiet_redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    from sqlalchemy.orm import Session
+
+    from shared.api_keys import create_key
+    from shared.db import make_engine
+
+    engine = make_engine(postgres_url)
+    with Session(engine) as session:
+        key = create_key(session, TENANT, "hostile").token
+    engine.dispose()
+    data = tmp_path_factory.mktemp("hostile")
+    env = {
+        "LLMQ_DATABASE_URL": postgres_url,
+        "LLMQ_BROKER_URL": quiet_redis_url,
+        "LLMQ_DATA_DIR": str(data),
+        "LLMQ_BASE_MODEL": BASE,
+        "LLMQ_REQUIRE_API_KEYS": "true",
+        "LLMQ_RATE_LIMIT_PER_MINUTE": "0",
+        "LLMQ_MAX_ACTIVE_JOBS_PER_TENANT": "0",
+        "LLMQ_COMPLETION_TIMEOUT_SECONDS": "0.05",
+        "LLMQ_MAX_WAIT_SECONDS": "0.05",
+    }
+    system = start_system(env, data / "logs", queues=())
+    headers = {"Authorization": f"Bearer {key}"}
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    try:
+        with (
+            httpx.Client(base_url=system.base_url, headers=headers, timeout=30) as client,
+            psycopg.connect(dsn, autocommit=True) as database,
+        ):
+            yield Target(system, client, database)
+    finally:
+        system.children.stop_all()
+        log = data / "logs" / "gateway.log"
+        if log.exists() and "Traceback" in (text := log.read_text(errors="replace")):
+            print(text[-20_000:])  # shown when a test fails
+
+
+def check_answer(target: Target, response: httpx.Response, before: tuple[int, int, int], refuse: bool) -> None:
+    """The properties every answer to a hostile value must have (see the module docstring)."""
+    from shared.schemas import ErrorResponse, ValidationErrorResponse
+
+    status = response.status_code
+    assert status < 500 or (status == 504 and response.json()["error"]["code"] == "timeout"), response.text[:2000]
+    if 400 <= status < 500:
+        (ValidationErrorResponse if status == 422 else ErrorResponse).model_validate(response.json())
+        assert target.rows() == before, "a refused request wrote a row"
+    else:
+        assert not refuse, f"accepted a value no field may hold: {status} {response.text[:500]}"
+    target.still_healthy()
+
+
+def check_stored_reads_back(target: Target, path: str, response: httpx.Response) -> None:
+    """An accepted request's row answers GET (a completion's job is read as a generation)."""
+    if response.status_code == 504:
+        job_id = response.json()["detail"].split()[1]
+        path = "/v1/generations"
+    elif response.headers.get("content-type", "").startswith("text/event-stream"):
+        return  # a stream's job id is in its chunks; its row is covered by the list endpoints
+    else:
+        job_id = response.json()["id"]
+        path = "/v1/generations" if path == "/v1/completions" else path
+    read = target.client.get(f"{path}/{job_id}")
+    assert read.status_code == 200, read.text[:500]
+
+
+# --- The tests ----------------------------------------------------------------------------------------------
+
+
+def never_held(field: Field) -> list[Any]:
+    """Values this slot must refuse, every time: unstorable text, coerced types, unreadable numbers."""
+    if field.slot == "map_key":
+        return ["k\x00", "k\ud800"]
+    values: list[Any] = ["a\x00b", "a\udc80b", ["\ud83d"], Raw("9" * 5000), Raw("NaN")]
+    if "any" not in field.types:
+        if "string" not in field.types:
+            values.append("10")  # "max_tokens": "10"
+        if "boolean" not in field.types:
+            values.append(True)  # "n": true
+        if "integer" in field.types and "number" not in field.types:
+            values.append(1.0)
+    return values
+
+
+@pytest.mark.parametrize("field", body_fields(), ids=str)
+def test_what_no_field_may_hold_is_refused_in_every_body_field(target: Target, field: Field) -> None:
+    """The deterministic half: each value that must be refused, in each slot (the examples below add more)."""
+    for value in never_held(field):
+        body = place(VALID_BODIES[field.path], field, value)
+        before = target.rows()
+        response = target.client.post(field.path, content=encode(body), headers={"content-type": "application/json"})
+        assert 400 <= response.status_code < 500, f"{value!r}: {response.status_code} {response.text[:500]}"
+        assert response.json()["error"]["message"] and target.rows() == before, repr(value)
+    target.still_healthy()
+
+
+@pytest.mark.parametrize("field", body_fields(), ids=str)
+@HOSTILE
+@given(data=st.data())
+def test_a_hostile_value_in_any_body_field_is_refused_or_stored_readably(
+    target: Target, field: Field, data: st.DataObject
+) -> None:
+    if field.slot == "map_key":  # a key is always text
+        keys = st.one_of(UNSTORABLE_TEXT.map(lambda s: Hostile(s, True)), MAYBE_TEXT.map(lambda s: Hostile(s, False)))
+        value = data.draw(keys)
+    else:
+        value = data.draw(hostile(field.types))
+    body = place(VALID_BODIES[field.path], field, value.value)
+    before = target.rows()
+    response = target.client.post(field.path, content=encode(body), headers={"content-type": "application/json"})
+    check_answer(target, response, before, value.refuse)
+    if response.status_code < 300 or response.status_code == 504:
+        check_stored_reads_back(target, field.path, response)
+
+
+@pytest.mark.parametrize("field", [*REQUIRED, *OPTIONAL])
+@HOSTILE
+@given(data=st.data())
+def test_a_hostile_value_in_any_uploaded_record_field_is_refused_or_stored_readably(
+    target: Target, field: str, data: st.DataObject
+) -> None:
+    value = data.draw(hostile(frozenset({"string", "null"} if field in OPTIONAL else {"string"})))
+    record = {"instruction": "Say hi.", "input": "", "output": "Hi."} | {field: value.value}
+    before = target.rows()
+    files = {"file": ("hostile.jsonl", (encode(record) + "\n").encode("utf-8", "surrogatepass"))}
+    response = target.client.post("/v1/files", files=files, data={"purpose": "fine-tune"})
+    check_answer(target, response, before, value.refuse)
+    if response.status_code == 200:
+        assert target.client.get(f"/v1/files/{response.json()['id']}").status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "name"), parameters(), ids=lambda p: str(p))
+@HOSTILE
+@given(data=st.data())
+def test_a_hostile_path_or_query_parameter_is_refused_or_harmless(
+    target: Target, method: str, path: str, name: str, data: st.DataObject
+) -> None:
+    text = data.draw(st.one_of(UNSTORABLE_TEXT, _around(CONTROL), MAYBE_TEXT.filter(lambda s: len(s) < 2000)))
+    refuse = "\x00" in text or any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in text)
+    encoded = quote(text.encode("utf-8", "surrogatepass"), safe="") or "x"  # a surrogate: invalid UTF-8
+    before = target.rows()
+    response = target.client.request(method, url_for(path, name, encoded))
+    check_answer(target, response, before, refuse)
+
+
+def test_every_field_of_every_request_model_is_walked() -> None:
+    """The walk reaches the fields that once answered 500 or stored what no reader could read."""
+    walked = {(f.path, f.where) for f in body_fields()}
+    for expected in [
+        ("/v1/generations", ("prompts",)),
+        ("/v1/generations", ("stop",)),
+        ("/v1/completions", ("user",)),
+        ("/v1/fine_tuning/jobs", ("metadata",)),
+        ("/v1/fine_tuning/jobs", ("suffix",)),
+        ("/v1/fine_tuning/jobs", ("dataset", "name")),
+        ("/v1/fine_tuning/jobs", ("method", "supervised", "hyperparameters", "target_modules")),
+        ("/v1/fine_tuning/jobs", ("method", "supervised", "hyperparameters", "n_epochs")),
+    ]:
+        assert expected in walked, expected
+    assert ("GET", "/v1/jobs", "after") in parameters()
+
+
+if __name__ == "__main__":  # pragma: no cover - how many slots the suite walks
+    print(len(body_fields()), "body slots,", len(parameters()), "parameters;", Path(__file__).name)
