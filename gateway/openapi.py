@@ -1,8 +1,9 @@
 """The OpenAPI schema with the limits that come from settings written into it, so generated clients know them.
 
 pydantic states the limits a request model declares; the caps set per deployment (LLMQ_MAX_NEW_TOKENS,
-LLMQ_MAX_N, LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_PROMPTS_PER_JOB, the upload limits) are checked in code
-(gateway/submission.py, gateway/routes/files.py) and added here, to the schema this gateway serves.
+LLMQ_MAX_N, LLMQ_MAX_PROMPT_CHARS, LLMQ_MAX_PROMPTS_PER_JOB, LLMQ_MAX_STOP_CHARS, the training caps, the
+upload limits) are checked in code (gateway/submission.py, gateway/fine_tuning_checks.py,
+gateway/routes/files.py) and added here, to the schema this gateway serves.
 """
 
 from __future__ import annotations
@@ -48,12 +49,17 @@ def state_caps(schema: dict[str, Any], settings: Settings) -> None:
             for listed in _variants(fields.get(field, {}), "array"):
                 listed.update(minItems=1, maxItems=settings.max_prompts_per_job)
                 listed["items"].update(prompt)
+        stop_text = {"minLength": 1, "maxLength": settings.max_stop_chars}  # empty refused; the total is capped
+        for text in _variants(fields["stop"], "string"):
+            text.update(stop_text)
         for stops in _variants(fields["stop"], "array"):
-            stops["items"].setdefault("minLength", 1)  # an empty stop string is refused
+            stops.update(maxItems=4)
+            stops["items"].update(stop_text)
         fields["n"]["description"] = (
             f"Outputs per prompt (output i*n+j is choice j of prompt i); prompts x n at most "
             f"{settings.max_prompts_per_job}."
         )
+    _state_training_caps(models, settings)
     for path in schema["paths"].values():
         for operation in path.values():
             for parameter in operation.get("parameters", []):
@@ -67,3 +73,23 @@ def state_caps(schema: dict[str, Any], settings: Settings) -> None:
         f"{settings.max_records} records; instruction, input and output each at most {settings.max_field_chars} "
         "characters."
     )
+
+
+def _state_training_caps(models: dict[str, Any], settings: Settings) -> None:
+    """The fine-tuning caps (gateway/fine_tuning_checks.py) on the hyperparameters and the hub dataset."""
+    fields = models["Hyperparameters"]["properties"]
+    caps = {
+        "n_epochs": settings.max_train_epochs,
+        "batch_size": settings.max_train_batch_size,
+        "max_steps": settings.max_train_steps,
+        "save_every_steps": settings.max_train_steps,
+        "eval_every_steps": settings.max_train_steps,
+    }
+    for field, cap in caps.items():
+        for number in _variants(fields[field], "integer"):
+            number.setdefault("minimum", 1)
+            number["maximum"] = cap
+    for number in _variants(fields["learning_rate_multiplier"], "number"):
+        number.update(exclusiveMinimum=0, maximum=100)  # checked by Hyperparameters' own validator
+    for number in _variants(models["HubDataset"]["properties"]["sample_size"], "integer"):
+        number["maximum"] = settings.max_records

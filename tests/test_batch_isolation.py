@@ -159,8 +159,9 @@ def test_result_the_database_refuses_fails_only_its_job(worker_settings: Any) ->
         claims = job_states.claim_batch(session, kind="generate", base_model=base, worker="test", lease_seconds=30,
                                         limit=10)  # fmt: skip
         ok = {"outputs": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}}
-        # Postgres refuses NaN in a json column: a real value-level refusal of one job's result.
-        outcomes = [(ok, None), ({"outputs": [], "score": float("nan")}, None), (ok, None)]
+        # A value the JSON column cannot serialize (NUL, surrogates and NaN are scrubbed on the way in since
+        # migration 0006): a real value-level refusal of one job's result, raised while writing.
+        outcomes = [(ok, None), ({"outputs": [], "score": {1, 2}}, None), (ok, None)]
         _write_back(session, claims, outcomes)  # type: ignore[arg-type]
     found = rows(ids)
     refused = claims[1].job_id
