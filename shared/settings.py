@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.fine_tuning import hub_dataset_id_problem
@@ -24,7 +24,31 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(
         Path(".llmq"),
-        description="Folder for the embedded database, the embedded broker's messages and all artifacts.",
+        description="Folder of this host's own files: the embedded database and broker, the artifact store when "
+        "artifact_url is unset, and the local scratch and adapter cache of workers.",
+    )
+    artifact_url: str | None = Field(
+        None,
+        description="Where uploaded files, checkpoints and adapters live: file:///path or s3://bucket/prefix "
+        "(S3, MinIO, Ceph RGW, R2); unset means file://<data_dir>/artifacts. Hosts that share no disk need s3://.",
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint for s3:// artifact URLs (MinIO, Ceph RGW, R2: http(s)://host:port); unset means "
+        "AWS (or AWS_ENDPOINT_URL).",
+    )
+    s3_region: str | None = Field(None, description="S3 region; unset means AWS_REGION / AWS_DEFAULT_REGION.")
+    s3_access_key_id: str | None = Field(
+        None, description="S3 access key; unset means the usual AWS chain (AWS_ACCESS_KEY_ID, profile, role)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret key; unset means the usual AWS chain (AWS_SECRET_ACCESS_KEY, profile, role)."
+    )
+    adapter_cache_bytes: int = Field(
+        2 * 2**30,
+        ge=0,
+        description="Most bytes of adapters a generate worker keeps in its local disk cache "
+        "(data_dir/adapter-cache), least recently used out.",
     )
     database_url: str | None = Field(
         None,
@@ -192,9 +216,19 @@ class Settings(BaseSettings):
         return (self.data_dir / "broker").resolve()
 
     @property
-    def artifacts_dir(self) -> Path:
-        """Folder of uploaded files, checkpoints and adapters."""
-        return (self.data_dir / "artifacts").resolve()
+    def resolved_artifact_url(self) -> str:
+        """The artifact store in force: the setting, or a folder under data_dir."""
+        return self.artifact_url or (self.data_dir / "artifacts").resolve().as_uri()
+
+    @property
+    def scratch_dir(self) -> Path:
+        """This host's local working folder (upload spools, training runs): never shared, never an artifact."""
+        return (self.data_dir / "scratch").resolve()
+
+    @property
+    def adapter_cache_dir(self) -> Path:
+        """This host's local cache of adapters pulled from the artifact store."""
+        return (self.data_dir / "adapter-cache").resolve()
 
 
 @lru_cache
