@@ -70,9 +70,9 @@ def checkpoint_key(job_id: str, attempt: int, step: int) -> str:
     return f"{checkpoints_key(job_id, attempt)}/checkpoint-{step}"
 
 
-def sealed_checkpoint_pattern(job_id: str) -> str:
-    """Glob of the seals of a fine-tune's stored checkpoints, every attempt."""
-    return f"jobs/{job_id}/attempt-*/checkpoints/checkpoint-*/{CHECKPOINT_SEAL}"
+def checkpoint_pattern(job_id: str, attempt: int | None = None) -> str:
+    """Glob of the checkpoint folders of one attempt of a fine-tune, or of every attempt (None)."""
+    return f"jobs/{job_id}/attempt-{'*' if attempt is None else attempt}/checkpoints/checkpoint-*"
 
 
 def adapter_key(job_id: str, attempt: int) -> str:
@@ -231,15 +231,36 @@ class ArtifactStore:
                 check_key(name)
                 target = local / name
                 self.get_file(f"{key}/{name}", target)
-                size, digest = target.stat().st_size, sha256_of(target)
-                if size != expected["bytes"] or digest != expected["sha256"]:
+                size = target.stat().st_size
+                digest = sha256_of(target) if "sha256" in expected else None
+                if size != expected["bytes"] or digest != expected.get("sha256"):
                     raise ChecksumMismatch(
-                        f"{key}/{name}: {size} bytes, sha256 {digest[:12]}; the seal says "
-                        f"{expected['bytes']} bytes, sha256 {str(expected['sha256'])[:12]}"
+                        f"{key}/{name}: {size} bytes, sha256 {str(digest)[:12]}; the seal says "
+                        f"{expected['bytes']} bytes, sha256 {str(expected.get('sha256'))[:12]}"
                     )
         except BaseException:
             shutil.rmtree(local, ignore_errors=True)
             raise
+
+    def sizes(self, key: str) -> FileList:
+        """Every file under a stored folder with its size only (for folders stored before seals listed files)."""
+        found = self.fs.find(self._path(key), detail=True)
+        prefix = self._path(key) + "/"
+        return {self.fs._strip_protocol(p)[len(prefix) :]: {"bytes": int(info["size"])} for p, info in found.items()}
+
+    def sealed(self, pattern: str, seal: str) -> list[str]:
+        """Keys of the folders matching a glob pattern that hold their seal (complete ones), sorted."""
+        return [key.rsplit("/", 1)[0] for key in self.glob(f"{pattern}/{seal}")]
+
+    def read_seal(self, key: str, seal: str) -> dict[str, Any]:
+        """A stored folder's seal (its "files" list, and whatever else it holds); ArtifactMissing if unsealed."""
+        body = self.read_json(f"{key}/{seal}")
+        if not isinstance(body, dict) or not isinstance(body.get("files"), dict):
+            raise ArtifactMissing(f"{key}/{seal} lists no files")
+        return body
+
+    def is_sealed(self, key: str, seal: str) -> bool:
+        return self.exists(f"{key}/{seal}")
 
     def unseal(self, key: str, seal: str) -> None:
         """Removes a stored folder, seal first: a folder half removed is never taken for complete."""

@@ -1,16 +1,15 @@
-"""Publishing a finished fine-tune: the adapter folder (LoRA weights + manifest.json), its model row, success.
+"""Publishing a finished fine-tune: the adapter (LoRA weights + manifest.json) in the store, its model row, success.
 
-The adapter goes into the attempt's own folder (artifacts.adapter_dir), written under a temporary name and
-moved into place, so a folder that exists is complete. The fine-tuned model row and the job's success are
-one guarded write: an attempt that lost its claim removes its folder and records nothing.
+The adapter is saved into a local folder, then copied into the attempt's own folder of the artifact store
+(artifacts.adapter_key) with manifest.json written last: the manifest lists every file with its sha256, so it
+is the adapter's seal, and generate workers check what they fetch against it. The fine-tuned model row
+(which carries the manifest) and the job's success are one guarded write: an attempt that lost its claim
+removes its stored folder and records nothing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 from sqlalchemy.orm import Session
 
 from shared import artifacts, job_states
+from shared.artifacts import ADAPTER_SEAL, ArtifactStore
 from shared.fine_tuning import ResolvedHyperparameters
 from shared.job_states import Claim
 from shared.models import FineTunedModel, Job, utcnow
@@ -43,17 +43,22 @@ class TrainedAdapter:
     metrics: dict[str, Any]  # at least trained_tokens
 
 
-def publish_adapter(session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter) -> None:
-    """Writes the adapter and its manifest, then records the fine-tuned model and the job's success.
+def publish_adapter(
+    session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter, local: Path
+) -> None:
+    """Stores the adapter and its manifest (saved first into the new local folder `local`), then records the
+    fine-tuned model and the job's success.
 
-    Raises ClaimLost (after removing this attempt's adapter folder) when another attempt owns the job.
+    Raises ClaimLost (after removing this attempt's stored adapter) when another attempt owns the job.
     """
     job: Job = claim.job
     model_id = fine_tuned_model_id(job.base_model, job.params.get("suffix"), job.id)
-    relative_dir = artifacts.adapter_dir(job.id, claim.attempt)
+    relative_dir = artifacts.adapter_key(job.id, claim.attempt)
+    store = ArtifactStore.from_settings(settings)
+    adapter.model.save_pretrained(local, safe_serialization=True)
     manifest = build_manifest(job, settings, adapter, model_id)
-    folder = artifacts.resolve(settings, relative_dir)
-    files = save_adapter(adapter.model, folder, manifest)
+    manifest["files"] = store.put_sealed(local, relative_dir, ADAPTER_SEAL, manifest)
+    files = sorted([*manifest["files"], ADAPTER_SEAL])
     metrics = adapter.metrics
     result = {
         "fine_tuned_model": model_id,
@@ -76,7 +81,7 @@ def publish_adapter(session: Session, claim: Claim, settings: Settings, adapter:
         if not job_states.succeed(session, claim, result, add=[row]):
             raise ClaimLost(claim.job_id)
     except ClaimLost:
-        shutil.rmtree(folder, ignore_errors=True)  # this attempt's own folder: nothing else reads or writes it
+        store.unseal(relative_dir, ADAPTER_SEAL)  # this attempt's own folder: nothing else reads or writes it
         raise
     log.info("fine-tune %s succeeded: %s", job.id, model_id)
 
@@ -122,17 +127,3 @@ def _versions() -> dict[str, str]:
         "trl": trl.__version__,
         "bitsandbytes": bitsandbytes.__version__,
     }
-
-
-def save_adapter(model: Any, folder: Path, manifest: dict[str, Any]) -> list[str]:
-    """Writes the LoRA weights (safetensors), their config and manifest.json into folder; the file names.
-
-    Written into a sibling temporary folder first and moved into place, so a folder that exists is complete.
-    The folder is the attempt's own (artifacts.adapter_dir), so it does not exist yet.
-    """
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, folder)
-    return sorted(p.name for p in folder.iterdir() if p.is_file())

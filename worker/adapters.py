@@ -1,7 +1,9 @@
 """LoRA adapters on the one base model of a generate worker: loaded on demand, least recently used out.
 
 peft lets one forward pass run each row of a batch through a different adapter (`adapter_names`,
-"__base__" for none), so jobs for different fine-tunes of the same base share a batch.
+"__base__" for none), so jobs for different fine-tunes of the same base share a batch. An adapter is
+loaded from this host's disk cache (worker/adapter_cache.py), which fetches it from the artifact store
+on first use.
 """
 
 from __future__ import annotations
@@ -9,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Mapping
-from pathlib import Path
 
 from peft import PeftModel
 
+from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.model_loading import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -32,9 +34,10 @@ def adapter_name(model_id: str) -> str:
 class AdapterCache:
     """The adapters loaded on a base model, at most `capacity`, evicting the least recently used."""
 
-    def __init__(self, loaded: LoadedModel, capacity: int) -> None:
+    def __init__(self, loaded: LoadedModel, capacity: int, disk: AdapterDiskCache) -> None:
         self.loaded = loaded
         self.capacity = capacity
+        self.disk = disk
         self._lru: OrderedDict[str, str] = OrderedDict()  # model id -> adapter name
 
     @property
@@ -42,7 +45,7 @@ class AdapterCache:
         """Model ids of the adapters loaded now, least recently used first."""
         return list(self._lru)
 
-    def ensure(self, folders: Mapping[str, Path]) -> dict[str, str]:
+    def ensure(self, folders: Mapping[str, StoredAdapter]) -> dict[str, str]:
         """Loads every adapter of this batch that is not loaded yet; model id -> adapter name.
 
         Adapters this batch needs are never evicted for each other, so a batch may briefly hold more
@@ -53,7 +56,7 @@ class AdapterCache:
             raise next(iter(failures.values()))
         return names
 
-    def load_each(self, folders: Mapping[str, Path]) -> tuple[dict[str, str], dict[str, Exception]]:
+    def load_each(self, folders: Mapping[str, StoredAdapter]) -> tuple[dict[str, str], dict[str, Exception]]:
         """As ensure, but an adapter that fails to load is left out: (model id -> adapter name of those loaded,
         model id -> error of those that failed), so one broken adapter fails only the jobs that name it."""
         failures: dict[str, Exception] = {}
@@ -83,15 +86,18 @@ class AdapterCache:
             except Exception:
                 log.exception("could not remove the half-loaded adapter %s", name)
 
-    def _load(self, model_id: str, folder: Path) -> None:
-        if not (folder / "adapter_model.safetensors").is_file():
+    def _load(self, model_id: str, stored: StoredAdapter) -> None:
+        if stored.files is not None and "adapter_model.safetensors" not in stored.files:
             raise UnsafeAdapter(f"adapter {model_id!r} has no adapter_model.safetensors")
         name = adapter_name(model_id)
-        model = self.loaded.model
-        if isinstance(model, PeftModel):
-            model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        else:
-            self.loaded.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
+        with self.disk.local_copy(stored) as folder:
+            if not (folder / "adapter_model.safetensors").is_file():
+                raise UnsafeAdapter(f"adapter {model_id!r} has no adapter_model.safetensors")
+            model = self.loaded.model
+            if isinstance(model, PeftModel):
+                model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+            else:
+                self.loaded.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
         self.loaded.model.eval()
         self._lru[model_id] = name
         log.info("loaded adapter %s", model_id)

@@ -7,10 +7,11 @@ the completion it must learn, `RESPONSE_PREFIX + output` (the trainer appends EO
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
-from shared import artifacts
+from shared.artifacts import ArtifactStore
 from shared.fine_tuning import HubDataset
 from shared.models import File
 from shared.prompts import alpaca_prompt
@@ -81,20 +82,37 @@ def _check_record(record: Any, where: str) -> Record:
 
 
 def read_jsonl(path: Path, name: str) -> list[Record]:
-    """The records of a JSONL file of Alpaca records; DatasetUnavailable when missing or malformed."""
+    """The records of a local JSONL file of Alpaca records; DatasetUnavailable when missing or malformed."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        with path.open(encoding="utf-8") as lines:
+            return parse_jsonl(lines, name)
     except OSError as exc:
         raise DatasetUnavailable(f"file {name} cannot be read: {exc.strerror or exc}") from exc
+
+
+def read_stored_jsonl(store: ArtifactStore, key: str, name: str) -> list[Record]:
+    """The records of a JSONL file in the artifact store, streamed line by line."""
+    try:
+        with store.open(key) as raw:
+            return parse_jsonl(io.TextIOWrapper(raw, encoding="utf-8"), name)
+    except OSError as exc:  # ArtifactMissing, or the store not answering
+        raise DatasetUnavailable(f"file {name} cannot be read from the artifact store: {exc}") from exc
+
+
+def parse_jsonl(lines: Iterable[str], name: str) -> list[Record]:
+    """The records of JSONL lines; DatasetUnavailable naming the first malformed line, or when there is none."""
     records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetUnavailable(f"file {name}, line {number}: not JSON ({exc.msg})") from exc
-        records.append(_check_record(value, f"file {name}, line {number}"))
+    try:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetUnavailable(f"file {name}, line {number}: not JSON ({exc.msg})") from exc
+            records.append(_check_record(value, f"file {name}, line {number}"))
+    except UnicodeDecodeError as exc:
+        raise DatasetUnavailable(f"file {name} is not UTF-8 text") from exc
     if not records:
         raise DatasetUnavailable(f"file {name} holds no records")
     return records
@@ -103,11 +121,12 @@ def read_jsonl(path: Path, name: str) -> list[Record]:
 def load_file(session: Session, settings: Settings, file_id: str) -> tuple[list[Record], dict[str, Any]]:
     """An uploaded file's records and its manifest entry (id, sha256)."""
     row = session.get(File, file_id)
+    key, sha256 = (row.path, row.sha256) if row is not None else ("", "")
     session.rollback()  # a read; end the transaction so SQLite writers are not held up
     if row is None:
         raise DatasetUnavailable(f"file {file_id} does not exist")
-    records = read_jsonl(artifacts.resolve(settings, artifacts.file_path(file_id)), file_id)
-    return records, {"type": "file", "file_id": file_id, "sha256": row.sha256, "records": len(records)}
+    records = read_stored_jsonl(ArtifactStore.from_settings(settings), key, file_id)
+    return records, {"type": "file", "file_id": file_id, "sha256": sha256, "records": len(records)}
 
 
 def load_hub(spec: HubDataset, seed: int, settings: Settings) -> tuple[list[Record], dict[str, Any]]:

@@ -5,8 +5,10 @@ loss of the base -> train (a callback checks cancel, renews the lease, writes pr
 checkpoints) -> validation loss of the adapter -> adapter + manifest -> fine-tuned model row + succeeded.
 
 The parts live in modules named for their job: worker/trainer_setup.py (base model and trainer),
-worker/progress_callback.py (the Trainer-to-job callback), worker/checkpoints.py (what to resume from),
-worker/adapter_publishing.py (adapter, manifest, model row, success), worker/guarded_writes.py (ClaimLost).
+worker/progress_callback.py (the Trainer-to-job callback), worker/checkpoints.py (checkpoints sealed into the
+artifact store; what to resume from), worker/adapter_publishing.py (adapter, manifest, model row, success),
+worker/guarded_writes.py (ClaimLost). Nothing here reads another host's disk: data, checkpoints and the
+adapter go through the artifact store; the Trainer's own files live in a local scratch folder.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from sqlalchemy.orm import Session
 
-from shared import artifacts, job_states
+from shared import job_states
+from shared.artifacts import ArtifactStore
 from shared.db import get_sessionmaker
 from shared.fine_tuning import ResolvedHyperparameters
 from shared.job_states import Claim
@@ -30,7 +37,7 @@ from shared.notify import publish_finished
 from shared.settings import Settings
 from worker.adapter_publishing import TrainedAdapter, publish_adapter
 from worker.alpaca_data import DatasetUnavailable, load_training_data
-from worker.checkpoints import last_complete_checkpoint, step_of, trained_tokens_at
+from worker.checkpoints import fetch_checkpoint, last_sealed_checkpoint, step_of, trained_tokens_at
 from worker.guarded_writes import ClaimLost, add_event, renew_lease
 from worker.leases import lease_keeper
 from worker.progress_callback import JobCallback
@@ -108,43 +115,62 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
     renew_lease(session, claim, settings)
     add_event(session, claim, f"Loaded base model {job.base_model} ({hp.quantization}) on {loaded.device.type}.")
 
-    # Each attempt writes its own checkpoints; it resumes from the newest complete one of any attempt.
-    output_dir = artifacts.resolve(settings, artifacts.checkpoints_dir(job.id, claim.attempt))
-    trainer = build_trainer(loaded, data, hp, seed, output_dir=output_dir)
-    callback = JobCallback(session, claim, settings, trainer)
-    trainer.add_callback(callback)
+    # The Trainer writes into a local scratch folder of this host; the callback seals each checkpoint into the
+    # store (the attempt's own folder there), and a resume fetches the newest sealed one of any attempt.
+    with scratch_folder(settings, job.id) as scratch:
+        trainer = build_trainer(loaded, data, hp, seed, output_dir=scratch / "checkpoints")
+        callback = JobCallback(session, claim, settings, trainer)
+        trainer.add_callback(callback)
 
-    metrics: dict[str, Any] = {}
-    if data.validation:
-        metrics["base_val_loss"] = callback.evaluate("base_val_loss", "Validation loss of the base model")
-    resume = _resume_point(session, claim, settings, trainer)
-    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        metrics: dict[str, Any] = {}
+        if data.validation:
+            metrics["base_val_loss"] = callback.evaluate("base_val_loss", "Validation loss of the base model")
+        resume = _resume_point(session, claim, settings, trainer, scratch / "resume")
+        output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
-    if callback.stop_reason == "claim_lost":
-        raise ClaimLost(claim.job_id)
-    if callback.stop_reason == "cancelled":
-        _finish_cancelled(session, claim, callback)
-        return
+        if callback.stop_reason == "claim_lost":
+            raise ClaimLost(claim.job_id)
+        if callback.stop_reason == "cancelled":
+            _finish_cancelled(session, claim, callback)
+            return
 
-    if data.validation:
-        metrics["val_loss"] = _final_val_loss(callback)
-    metrics.update(
-        train_loss=output.training_loss,
-        final_train_loss=callback.last_loss,
-        trained_tokens=trainer.trained_tokens,
-        steps=trainer.state.global_step,
-        runtime_seconds=round(time.monotonic() - started, 3),
-        train_tokens_per_second=callback.tokens_per_second(),
-    )
-    publish_adapter(session, claim, settings, TrainedAdapter(trainer.model, loaded, data, hp, seed, metrics))
+        if data.validation:
+            metrics["val_loss"] = _final_val_loss(callback)
+        metrics.update(
+            train_loss=output.training_loss,
+            final_train_loss=callback.last_loss,
+            trained_tokens=trainer.trained_tokens,
+            steps=trainer.state.global_step,
+            runtime_seconds=round(time.monotonic() - started, 3),
+            train_tokens_per_second=callback.tokens_per_second(),
+        )
+        adapter = TrainedAdapter(trainer.model, loaded, data, hp, seed, metrics)
+        publish_adapter(session, claim, settings, adapter, scratch / "adapter")
 
 
-def _resume_point(session: Session, claim: Claim, settings: Settings, trainer: Any) -> Path | None:
-    """The newest complete checkpoint of any attempt (its token count set on the trainer), or None."""
-    resume = last_complete_checkpoint(artifacts.resolve(settings, artifacts.job_dir(claim.job.id)))
-    if resume is not None:
-        trainer.trained_tokens = trained_tokens_at(resume)
-        add_event(session, claim, f"Resuming from the checkpoint at step {step_of(resume)}.")
+@contextmanager
+def scratch_folder(settings: Settings, job_id: str) -> Iterator[Path]:
+    """A new local folder for one attempt's training run (checkpoints as the Trainer writes them, a fetched
+    resume point, the adapter before upload), removed afterwards. A host that dies leaves it behind; the
+    store, not this folder, is what another host resumes from."""
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{job_id}-", dir=settings.scratch_dir))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _resume_point(session: Session, claim: Claim, settings: Settings, trainer: Any, into: Path) -> Path | None:
+    """The newest sealed checkpoint of any attempt, fetched from the store into a local folder (its token
+    count set on the trainer), or None."""
+    store = ArtifactStore.from_settings(settings)
+    key = last_sealed_checkpoint(store, claim.job.id)
+    if key is None:
+        return None
+    resume = fetch_checkpoint(store, key, into)
+    trainer.trained_tokens = trained_tokens_at(resume)
+    add_event(session, claim, f"Resuming from the checkpoint at step {step_of(key)}.")
     return resume
 
 

@@ -17,11 +17,12 @@ from typing import Any
 from sqlalchemy.orm import Session
 from transformers import TrainerCallback
 
-from shared import artifacts, job_states
+from shared import job_states
+from shared.artifacts import CHECKPOINT_SEAL, ArtifactStore
 from shared.job_states import Claim
 from shared.models import utcnow
 from shared.settings import Settings
-from worker.checkpoints import TRAINER_STATE
+from worker.checkpoints import drop_rotated, is_complete, store_checkpoint
 from worker.guarded_writes import add_event
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class JobCallback(TrainerCallback):
         self.session = session
         self.claim = claim
         self.settings = settings
+        self.store = ArtifactStore.from_settings(settings)
         self.trainer = trainer
         self.lease_seconds = settings.lease_seconds
         self.heartbeat_every = min(HEARTBEAT_EVERY_SECONDS, settings.lease_seconds / 4)
@@ -92,9 +94,9 @@ class JobCallback(TrainerCallback):
         if not ok:
             self._lost(control)
 
-    def _on_disk(self, path: str) -> bool:
-        """Whether a recorded checkpoint's folder is still there (save_total_limit deletes older ones)."""
-        return artifacts.resolve(self.settings, path).is_dir()
+    def _stored(self, key: str) -> bool:
+        """Whether a recorded checkpoint is still sealed in the store (rotated-out ones are removed)."""
+        return self.store.is_sealed(key, CHECKPOINT_SEAL)
 
     # -- rates --------------------------------------------------------------------------------------------
 
@@ -207,11 +209,14 @@ class JobCallback(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.stop_reason == "claim_lost":
             return
-        # Called after the Trainer wrote the whole checkpoint (trainer_state.json last) and rotated old ones.
+        # Called after the Trainer wrote the whole checkpoint locally (trainer_state.json last) and rotated old
+        # ones: copy it into the store and seal it, then mirror the rotation there.
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if not (folder / TRAINER_STATE).is_file():
+        if not is_complete(folder):
             log.warning("checkpoint %s is incomplete; not recorded", folder)
             return
+        path = store_checkpoint(self.store, folder, self.claim.job_id, self.claim.attempt)
+        drop_rotated(self.store, self.claim.job_id, self.claim.attempt, Path(args.output_dir))
         metrics: dict[str, Any] = {
             "step": state.global_step,
             "train_loss": self.last_loss,
@@ -219,10 +224,9 @@ class JobCallback(TrainerCallback):
         }
         if self.val_loss_step == state.global_step:
             metrics["val_loss"] = self.val_loss
-        path = artifacts.relative(self.settings, folder)
         self.last_checkpoint = {"step": state.global_step, "path": path, "metrics": metrics}
         recorded = job_states.add_checkpoint(
-            self.session, self.claim, state.global_step, path, metrics, on_disk=self._on_disk
+            self.session, self.claim, state.global_step, path, metrics, on_disk=self._stored
         )
         self._write(recorded, control)
         if self.stop_reason is None:

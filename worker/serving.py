@@ -11,20 +11,21 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from shared import artifacts, job_states
+from shared import job_states
+from shared.artifacts import ArtifactStore
 from shared.db import get_sessionmaker
 from shared.job_states import Claim, Outcome
 from shared.logging import job_context
 from shared.models import FineTunedModel, Job
 from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
+from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.leases import lease_keeper
@@ -62,7 +63,8 @@ class ModelHolder:
         if self._loaded is None:
             s = self.settings
             self._loaded = load_base_model(s.base_model, s.base_model_revision, s.quantization, s.device)
-            self._adapters = AdapterCache(self._loaded, s.max_loaded_adapters)
+            disk = AdapterDiskCache(ArtifactStore.from_settings(s), s.adapter_cache_dir, s.adapter_cache_bytes)
+            self._adapters = AdapterCache(self._loaded, s.max_loaded_adapters, disk)
         return self._loaded
 
     @property
@@ -262,13 +264,14 @@ def _prompts_of(job: Job) -> list[Any]:
     return prompts if isinstance(prompts, list) else []
 
 
-def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, Path | None]:
-    """Adapter folder of every fine-tuned model these jobs name (None where the model is unknown)."""
+def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, StoredAdapter | None]:
+    """Where every fine-tuned model these jobs name is in the store (None where the model is unknown)."""
     wanted = {c.job.model for c in claims} - {settings.base_model}
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.id.in_(wanted))).all() if wanted else []
-    folders: dict[str, Path | None] = dict.fromkeys(wanted)
+    folders: dict[str, StoredAdapter | None] = dict.fromkeys(wanted)
     for row in rows:
-        folders[row.id] = artifacts.resolve(settings, row.path)
+        files = row.manifest.get("files") if isinstance(row.manifest, dict) else None
+        folders[row.id] = StoredAdapter(key=row.path, files=files)
     return folders
 
 
