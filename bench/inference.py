@@ -448,16 +448,19 @@ def register_adapters(db_url: str, base_model: str, data: Path, folders: list[Pa
     from sqlalchemy import update
     from sqlalchemy.orm import Session
 
-    from shared import job_states
+    from shared import artifacts, job_states
+    from shared.artifacts import ADAPTER_SEAL, ArtifactStore
     from shared.db import make_engine
     from shared.models import FineTunedModel, Job, utcnow
+    from shared.settings import Settings
 
     engine = make_engine(db_url)
+    store = ArtifactStore.from_settings(Settings(data_dir=data))
     ids = []
     with Session(engine) as session:
         for i, folder in enumerate(folders):
-            relative = f"adapters/bench{i}"
-            shutil.copytree(folder, data / "artifacts" / relative)
+            relative = artifacts.adapter_key(f"bench{i}", 1)
+            files = store.put_sealed(folder, relative, ADAPTER_SEAL, {"bench": True})
             job = job_states.create_job(
                 session, kind="train", model=base_model, base_model=base_model, params={"bench": True}, max_attempts=1
             )
@@ -471,7 +474,7 @@ def register_adapters(db_url: str, base_model: str, data: Path, folders: list[Pa
             model_id = f"ft:gpt2:bench{i}:{job.id}"
             session.add(
                 FineTunedModel(
-                    id=model_id, job_id=job.id, base_model=base_model, path=relative, manifest={"bench": True}
+                    id=model_id, job_id=job.id, base_model=base_model, path=relative, manifest={"bench": True, "files": files}
                 )
             )
             ids.append(model_id)

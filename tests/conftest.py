@@ -15,8 +15,11 @@ import psycopg
 import pytest
 import redis
 
+from tests.s3_server import S3Server
 from tests.servers import TEST_DATABASE_URL, TEST_REDIS_URL, admin_dsn, redis_db
-from tests.systems import System, start_system
+from tests.systems import System, free_port, start_system
+
+S3_BUCKET = "llmq-test"
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +51,26 @@ def quiet_redis_url() -> str:
     url = redis_db(13)
     redis.Redis.from_url(url).flushdb()
     return url
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3-protocol server (moto's server mode) on a free loopback port, with an empty bucket."""
+    server = S3Server("127.0.0.1", free_port(), tmp_path_factory.mktemp("s3") / "moto.log")
+    server.start()
+    server.create_bucket(S3_BUCKET)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["file", "s3"])
+def artifact_settings(request: pytest.FixtureRequest) -> dict[str, str]:
+    """LLMQ_* settings of an artifact store: the default folder under data_dir, or a fresh prefix of the S3
+    server's bucket (the server starts only for the s3 case)."""
+    if request.param == "file":
+        return {}
+    server: S3Server = request.getfixturevalue("s3_server")
+    return server.env(f"s3://{S3_BUCKET}/{secrets.token_hex(6)}")
 
 
 @pytest.fixture(scope="session")

@@ -19,10 +19,16 @@ SAMPLE = Path(__file__).resolve().parent.parent / "worker" / "data" / "alpaca_sa
 
 @pytest.fixture
 def client(
-    postgres_url: str, quiet_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str,
+    quiet_redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    artifact_settings: dict[str, str],
 ) -> Iterator[TestClient]:
+    """The gateway in process; its artifact store a folder under tmp_path or a prefix of an S3 bucket."""
     configure(
         monkeypatch,
+        **{k.removeprefix("LLMQ_").lower(): v for k, v in artifact_settings.items()},
         database_url=postgres_url,
         broker_url=quiet_redis_url,
         base_model=BASE,
@@ -47,9 +53,14 @@ def upload(client: TestClient, content: bytes, name: str = "data.jsonl") -> obje
     return client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": (name, content)})
 
 
-def stored_files(tmp_path: Path) -> list[Path]:
-    folder = tmp_path / "artifacts" / "files"
-    return sorted(folder.iterdir()) if folder.exists() else []
+def stored_files(tmp_path: Path) -> list[str]:
+    """Keys of the uploaded files in the store; asserts that no upload left anything in the local scratch."""
+    from shared.artifacts import ArtifactStore
+    from shared.settings import get_settings
+
+    scratch = get_settings().scratch_dir
+    assert not scratch.exists() or list(scratch.iterdir()) == [], list(scratch.iterdir())
+    return ArtifactStore.from_settings(get_settings()).glob("files/*")
 
 
 def test_upload_of_jsonl_validates_and_describes_the_file(client: TestClient, tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from sqlalchemy import select, update
 
 from shared import artifacts, job_states
+from shared.artifacts import ADAPTER_SEAL, CHECKPOINT_SEAL, ArtifactStore
 from shared.db import get_sessionmaker
 from shared.fine_tuning import Hyperparameters, ResolvedHyperparameters
 from shared.migrate import upgrade
@@ -39,7 +40,7 @@ from worker.alpaca_data import (
     split_validation,
     to_examples,
 )
-from worker.checkpoints import TRAINER_STATE, last_complete_checkpoint
+from worker.checkpoints import TRAINER_STATE, last_sealed_checkpoint
 from worker.guarded_writes import ClaimLost
 from worker.model_loading import load_base_model
 
@@ -65,9 +66,7 @@ def add_file(settings: Settings, source: Path = SAMPLE) -> str:
     """Stores source as an uploaded file (row + JSONL in the store); its id."""
     content = source.read_bytes()
     file_id = new_id("file")
-    path = artifacts.resolve(settings, artifacts.file_path(file_id))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(content)
+    ArtifactStore.from_settings(settings).put_file(source, artifacts.file_key(file_id))
     with get_sessionmaker()() as session:
         session.add(
             File(
@@ -77,11 +76,24 @@ def add_file(settings: Settings, source: Path = SAMPLE) -> str:
                 bytes=len(content),
                 records=len(content.splitlines()),
                 sha256=hashlib.sha256(content).hexdigest(),
-                path=artifacts.file_path(file_id),
+                path=artifacts.file_key(file_id),
             )
         )
         session.commit()
     return file_id
+
+
+def fetched(settings: Settings, key: str, seal: str, into: Path) -> Path:
+    """A local copy of a sealed folder of the store (as another host would fetch it), checked against its seal."""
+    store = ArtifactStore.from_settings(settings)
+    folder = into / key.replace("/", "__")
+    store.get_sealed(key, store.read_seal(key, seal)["files"], folder)
+    return folder
+
+
+def sealed_files(settings: Settings, key: str, seal: str) -> set[str]:
+    """The files a stored folder's seal lists (ArtifactMissing when it is not sealed)."""
+    return set(ArtifactStore.from_settings(settings).read_seal(key, seal)["files"])
 
 
 def add_job(model: str, *, training_file: str | None = None, dataset: Any = None, **hyper: Any) -> str:
@@ -222,7 +234,7 @@ def greedy(model: Any, tokenizer: Any, prompt: str) -> list[int]:
 
 @pytest.mark.slow
 def test_fine_tune_learns_and_leaves_a_servable_adapter(
-    store: Settings, tiny_model: Path, captured: dict[str, Any]
+    store: Settings, tiny_model: Path, captured: dict[str, Any], tmp_path: Path
 ) -> None:
     file_id = add_file(store)
     job_id = add_job(str(tiny_model), training_file=file_id, n_epochs=2, save_every_steps=45, **FAST)
@@ -270,11 +282,12 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
             assert torch.equal(param.data.detach().float(), captured["before"][name]), name
 
     # The adapter: safetensors with LoRA tensors only, a manifest, a model row, servable at once.
-    adapter = artifacts.resolve(store, result["adapter_path"])
+    adapter = fetched(store, result["adapter_path"], ADAPTER_SEAL, tmp_path)
     weights = load_file(adapter / "adapter_model.safetensors")
     assert weights and all("lora_" in key for key in weights)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
-    manifest = json.loads((adapter / "manifest.json").read_text())
+    manifest = ArtifactStore.from_settings(store).read_seal(result["adapter_path"], ADAPTER_SEAL)
+    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
     assert manifest["base_model"] == str(tiny_model)
     assert manifest["dataset"]["train"]["sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
     assert manifest["prompt_template"] == TEMPLATE
@@ -292,7 +305,7 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
     # Checkpoints: every save_every_steps, recorded after they were complete.
     assert [c.step for c in checkpoints(job_id)] == [45, 90]
     for checkpoint in checkpoints(job_id):
-        assert (artifacts.resolve(store, checkpoint.path) / "trainer_state.json").is_file()
+        assert TRAINER_STATE in sealed_files(store, checkpoint.path, CHECKPOINT_SEAL)
 
     # Greedy generation with the adapter differs from the base model's.
     base = load_base_model(str(tiny_model), "main", "fp32", "cpu")
@@ -362,8 +375,7 @@ def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
     (checkpoint,) = checkpoints(job_id)
     assert checkpoint.step == stopped and checkpoint.metrics["trained_tokens"] == result["trained_tokens"]
     assert checkpoint.path == f"jobs/{job_id}/attempt-1/checkpoints/checkpoint-{stopped}"
-    assert (artifacts.resolve(store, checkpoint.path) / "adapter_model.safetensors").is_file()
-    assert (artifacts.resolve(store, checkpoint.path) / "trainer_state.json").is_file()
+    assert {"adapter_model.safetensors", TRAINER_STATE} <= sealed_files(store, checkpoint.path, CHECKPOINT_SEAL)
     assert any("cancelled" in e.message for e in events(job_id))
 
     # A later attempt (as after a lost worker: the reaper requeues the job) resumes from that checkpoint.
@@ -386,24 +398,32 @@ def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
     assert (job.result or {})["trained_tokens"] > result["trained_tokens"]
     # Attempt 2 read attempt 1's checkpoint but wrote only into its own folders.
     assert (job.result or {})["adapter_path"] == f"adapters/{job_id}/attempt-2"
-    assert not artifacts.resolve(store, f"adapters/{job_id}/attempt-1").exists()
-    assert (artifacts.resolve(store, checkpoint.path) / "trainer_state.json").is_file()
+    assert not ArtifactStore.from_settings(store).exists(artifacts.adapter_key(job_id, 1))
+    assert TRAINER_STATE in sealed_files(store, checkpoint.path, CHECKPOINT_SEAL)
 
 
-def test_resume_takes_the_newest_complete_checkpoint_of_any_attempt(tmp_path: Path) -> None:
-    def checkpoint(attempt: int, step: int, *, complete: bool = True) -> Path:
-        folder = tmp_path / f"attempt-{attempt}" / "checkpoints" / f"checkpoint-{step}"
-        folder.mkdir(parents=True)
-        if complete:
-            (folder / TRAINER_STATE).write_text("{}")
-        return folder
+def test_resume_takes_the_newest_sealed_checkpoint_of_any_attempt(tmp_path: Path) -> None:
+    stored = ArtifactStore((tmp_path / "store").as_uri(), {"auto_mkdir": True})
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / TRAINER_STATE).write_text("{}")
 
-    assert last_complete_checkpoint(tmp_path) is None
+    def checkpoint(attempt: int, step: int, *, sealed: bool = True) -> str:
+        key = artifacts.checkpoint_key("ftjob-1", attempt, step)
+        if sealed:
+            stored.put_sealed(local, key, CHECKPOINT_SEAL)
+        else:  # the host died while copying it: files, no seal
+            stored.put_file(local / TRAINER_STATE, f"{key}/{TRAINER_STATE}")
+        return key
+
+    assert last_sealed_checkpoint(stored, "ftjob-1") is None
     checkpoint(1, 4)
     newest = checkpoint(1, 8)
-    checkpoint(2, 12, complete=False)  # the attempt died while writing it
+    checkpoint(2, 12, sealed=False)
     checkpoint(3, 6)
-    assert last_complete_checkpoint(tmp_path) == newest
+    checkpoint(1, 40)
+    stored.unseal(artifacts.checkpoint_key("ftjob-1", 1, 40), CHECKPOINT_SEAL)  # rotated out
+    assert last_sealed_checkpoint(stored, "ftjob-1") == newest
 
 
 @pytest.mark.slow
@@ -416,10 +436,9 @@ def test_listed_checkpoints_are_the_ones_left_on_disk(store: Settings, tiny_mode
     assert job_row(job_id).status == "succeeded", job_row(job_id).error
     recorded = checkpoints(job_id)
     assert [c.step for c in recorded] == [4, 6]  # save_total_limit 2 deleted checkpoint-2; so was its row
-    for row in recorded:
-        assert (artifacts.resolve(store, row.path) / "trainer_state.json").is_file()
-    folder = artifacts.resolve(store, f"jobs/{job_id}/attempt-1/checkpoints")
-    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    stored = ArtifactStore.from_settings(store)
+    assert stored.sealed(artifacts.checkpoint_pattern(job_id), CHECKPOINT_SEAL) == [row.path for row in recorded]
+    assert not stored.exists(artifacts.checkpoint_key(job_id, 1, 2))  # removed from the store, not only unsealed
 
 
 class FakeAdapter:
@@ -433,7 +452,9 @@ class FakeAdapter:
         (folder / "adapter_model.safetensors").write_text(self.who)
 
 
-def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_that_succeeded(store: Settings) -> None:
+def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_that_succeeded(
+    store: Settings, tmp_path: Path
+) -> None:
     job_id = add_job("base", training_file="file-x")
     hp = ResolvedHyperparameters.model_validate(job_row(job_id).params["hyperparameters"])
     loaded: Any = SimpleNamespace(
@@ -443,7 +464,7 @@ def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_tha
 
     def succeed(session: Any, claim: job_states.Claim, who: str) -> None:
         adapter = adapter_publishing.TrainedAdapter(FakeAdapter(who), loaded, data, hp, 7, {"trained_tokens": 1})
-        adapter_publishing.publish_adapter(session, claim, store, adapter)
+        adapter_publishing.publish_adapter(session, claim, store, adapter, tmp_path / who.replace(" ", "-"))
 
     with get_sessionmaker()() as session:
         stale = job_states.claim(session, job_id, worker="a", lease_seconds=60)
@@ -461,10 +482,10 @@ def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_tha
     with get_sessionmaker()() as session:
         row = session.get(FineTunedModel, result["fine_tuned_model"])
         assert row is not None and row.path == result["adapter_path"]
-        folder = artifacts.resolve(store, row.path)
+        folder = fetched(store, row.path, ADAPTER_SEAL, tmp_path / "fetched")
         assert (folder / "adapter_model.safetensors").read_text() == "attempt 2"
-        assert json.loads((folder / "manifest.json").read_text()) == row.manifest
-    assert not artifacts.resolve(store, f"adapters/{job_id}/attempt-1").exists()  # the stale one cleaned up
+        assert ArtifactStore.from_settings(store).read_seal(row.path, ADAPTER_SEAL) == row.manifest
+    assert not ArtifactStore.from_settings(store).exists(artifacts.adapter_key(job_id, 1))  # the stale one cleaned up
 
 
 # ----------------------------------------------------------------------------------------------------------
