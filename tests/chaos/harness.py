@@ -66,16 +66,18 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 class RedisServer:
-    """A redis-server of our own: no persistence, so a restart comes back empty."""
+    """A redis-server of our own: no persistence, so a restart comes back empty. It binds host (loopback
+    unless a test gives it another address of its own, as the multi-host test does)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, host: str = "127.0.0.1") -> None:
         self.folder = folder
+        self.host = host
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2)
@@ -86,7 +88,7 @@ class RedisServer:
             pytest.skip("redis-server is not installed")
         log = open(self.folder / "redis.log", "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            [binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
              "--daemonize", "no", "--dir", str(self.folder), "--protected-mode", "no"],
             stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
@@ -126,10 +128,12 @@ class RedisServer:
 
 
 class PostgresCluster:
-    """A Postgres cluster of our own (initdb in a temporary folder); may be crashed and restarted."""
+    """A Postgres cluster of our own (initdb in a temporary folder); may be crashed and restarted. It listens
+    on host (loopback unless a test gives it another address of its own)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, host: str = "127.0.0.1") -> None:
         self.root = root
+        self.host = host
         self.data = root / "data"
         self.sockets = root / "sockets"
         self.port = free_port()
@@ -138,10 +142,10 @@ class PostgresCluster:
         self.user = "postgres" if os.geteuid() == 0 else None
 
     def dsn(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres@{self.host}:{self.port}/{database}"
 
     def url(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql+psycopg://postgres@{self.host}:{self.port}/{database}"
 
     def _run(self, *args: str) -> None:
         subprocess.run(
@@ -158,6 +162,9 @@ class PostgresCluster:
         self._run(
             str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"
         )
+        if self.host != "127.0.0.1":  # initdb trusts loopback only; also trust the hosts on this address's subnet
+            with (self.data / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
 
     def start(self) -> None:
         log = open(self.root / "postgres.log", "ab")  # noqa: SIM115 (the child owns it)
@@ -165,7 +172,7 @@ class PostgresCluster:
             shutil.chown(self.root / "postgres.log", self.user, self.user)
         self.proc = subprocess.Popen(
             [str(PG_BIN / "postgres"), "-D", str(self.data), "-p", str(self.port),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.sockets}",
+             "-c", f"listen_addresses={self.host}", "-c", f"unix_socket_directories={self.sockets}",
              "-c", "fsync=off", "-c", "full_page_writes=off", "-c", "max_connections=300"],
             user=self.user, cwd=self.root, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
