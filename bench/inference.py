@@ -474,7 +474,11 @@ def register_adapters(db_url: str, base_model: str, data: Path, folders: list[Pa
             model_id = f"ft:gpt2:bench{i}:{job.id}"
             session.add(
                 FineTunedModel(
-                    id=model_id, job_id=job.id, base_model=base_model, path=relative, manifest={"bench": True, "files": files}
+                    id=model_id,
+                    job_id=job.id,
+                    base_model=base_model,
+                    path=relative,
+                    manifest={"bench": True, "files": files},
                 )
             )
             ids.append(model_id)

@@ -9,8 +9,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     LLMQ_DATA_DIR=/data
 
-# The same uid/gid as the worker image: both mount the shared `artifacts` volume at /data, and a
-# fresh named volume takes the owner of the image's /data when it is first mounted.
+# The same uid/gid as the worker image. /data is the container's own (upload spools); artifacts go to
+# the S3 store (LLMQ_ARTIFACT_URL), never to a disk shared with other services.
 RUN groupadd --system --gid 10001 llmq \
     && useradd --system --uid 10001 --gid llmq --create-home --home-dir /home/llmq llmq \
     && mkdir -p /data \

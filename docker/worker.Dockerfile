@@ -13,7 +13,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# Same uid/gid as the gateway image (see there): both write to the shared /data volume.
+# Same uid/gid as the gateway image. /data is the container's own (training scratch, the adapter
+# cache); compose mounts only the hub's download cache at /data/hf, and a fresh named volume takes
+# the owner of the image's folder when it is first mounted.
 RUN groupadd --system --gid 10001 llmq \
     && useradd --system --uid 10001 --gid llmq --create-home --home-dir /home/llmq llmq \
     && mkdir -p /data/hf \

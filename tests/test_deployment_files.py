@@ -2,7 +2,8 @@
 
 Docker does not run where this project is built, so these tests read the files and check what a broken
 deployment would get wrong: start order, durability of the broker, GPU reservations, scalability of the
-generate workers, the shared artifact volume, and that every command names code that exists in the repo.
+generate workers, an artifact store that no two services share a disk for, and that every command names code
+that exists in the repo.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ GATEWAY_DOCKERFILE = REPO / "docker" / "gateway.Dockerfile"
 WORKER_DOCKERFILE = REPO / "docker" / "worker.Dockerfile"
 CI_WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 
-SERVICES = {"postgres", "redis", "migrate", "gateway", "worker-generate", "worker-train"}
+SERVICES = {"postgres", "redis", "minio", "minio-bucket", "migrate", "gateway", "worker-generate", "worker-train"}
 APP_SERVICES = ("migrate", "gateway", "worker-generate", "worker-train")
 WORKERS = ("worker-generate", "worker-train")
 
@@ -204,7 +205,8 @@ def test_postgres_and_redis_keep_data_in_named_volumes(compose: dict[str, Any]) 
     services = compose["services"]
     assert _mounts(services["postgres"]).get("pgdata") == "/var/lib/postgresql/data"
     assert _mounts(services["redis"]).get("redisdata") == "/data"
-    assert {"pgdata", "redisdata", "artifacts"} <= set(compose["volumes"])
+    assert {"pgdata", "redisdata", "miniodata"} <= set(compose["volumes"])
+    assert _mounts(services["minio"]).get("miniodata") == "/data"
 
 
 def test_migrate_runs_once_after_postgres_is_healthy(services: dict[str, Any]) -> None:
@@ -261,15 +263,34 @@ def test_each_worker_consumes_its_own_queue_one_task_at_a_time(services: dict[st
     assert argv[argv.index("--concurrency") + 1] == "1"
 
 
-def test_artifacts_volume_is_mounted_at_the_data_dir_in_gateway_and_workers(services: dict[str, Any]) -> None:
-    paths = {name: _mounts(services[name]).get("artifacts") for name in ("gateway", *WORKERS)}
-    assert None not in paths.values(), f"artifacts volume missing from {paths}"
-    assert len(set(paths.values())) == 1, f"artifacts mounted at different paths: {paths}"
-    mount = paths["gateway"]
-    for name in ("gateway", *WORKERS):
-        assert services[name]["environment"]["LLMQ_DATA_DIR"] == mount
-        # The hub cache lives on the shared volume, so a model is fetched once for all workers.
-        assert services[name]["environment"]["HF_HOME"].startswith(f"{mount}/")
+def test_gateway_and_workers_share_no_disk_for_artifacts(compose: dict[str, Any], services: dict[str, Any]) -> None:
+    assert "artifacts" not in compose["volumes"]
+    assert _mounts(services["gateway"]) == {}
+    for name in WORKERS:
+        env = services[name]["environment"]
+        # Only the hub's download cache of the base model is a volume; the data dir (scratch, adapter cache)
+        # is the container's own.
+        assert list(_mounts(services[name]).values()) == [env["HF_HOME"]]
+        assert env["HF_HOME"] != env["LLMQ_DATA_DIR"]
+
+
+def test_app_services_keep_artifacts_in_the_minio_bucket_that_the_one_shot_creates(services: dict[str, Any]) -> None:
+    env = services["gateway"]["environment"]
+    url = urlsplit(env["LLMQ_ARTIFACT_URL"])
+    assert url.scheme == "s3" and url.path.strip("/")
+    assert urlsplit(env["LLMQ_S3_ENDPOINT_URL"]).hostname == "minio"
+    assert env["LLMQ_S3_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
+    assert env["LLMQ_S3_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    assert "LLMQ_ADAPTER_CACHE_BYTES" in env  # the generate workers' local cache is sized on purpose
+    bucket = services["minio-bucket"]
+    assert f"mc mb --ignore-existing store/{url.hostname}" in " ".join(_argv(bucket["command"]))
+    assert _depends_on(bucket) == {"minio": "service_healthy"} and bucket.get("restart") == "no"
+    assert "ready" in _argv(services["minio"]["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("name", ["gateway", *WORKERS])
+def test_gateway_and_workers_start_once_the_bucket_exists(services: dict[str, Any], name: str) -> None:
+    assert _depends_on(services[name]).get("minio-bucket") == "service_completed_successfully"
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
@@ -350,7 +371,7 @@ def test_images_run_as_the_same_non_root_user(dockerfile: Path) -> None:
     instructions = _dockerfile_instructions(dockerfile)
     users = [args for keyword, args in instructions if keyword == "USER"]
     assert users and users[-1] not in ("root", "0"), f"{dockerfile.name} runs as root"
-    # Same uid in both images: they write to the one shared artifacts volume.
+    # Same uid in both images, so either may run any one-shot that writes under /data.
     assert any("--uid 10001" in args for keyword, args in instructions if keyword == "RUN")
 
 

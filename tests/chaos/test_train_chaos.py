@@ -13,6 +13,9 @@ import httpx
 import psycopg
 import pytest
 
+from shared import artifacts
+from shared.artifacts import CHECKPOINT_SEAL, ArtifactStore
+from shared.settings import Settings
 from tests.chaos.harness import ChaosSystem, record_recovery, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.e2e, pytest.mark.slow]
@@ -21,12 +24,12 @@ SAMPLE = Path(__file__).resolve().parents[2] / "worker" / "data" / "alpaca_sampl
 MAX_STEPS, SAVE_EVERY = 16, 4
 
 
-def complete_checkpoints(folder: Path) -> list[int]:
-    """Steps of the checkpoint folders the Trainer finished writing (trainer_state.json is written last)."""
-    if not folder.is_dir():
-        return []
-    complete = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return sorted(int(p.name.split("-")[1]) for p in complete)
+def complete_checkpoints(system: ChaosSystem, job_id: str, attempt: int) -> list[int]:
+    """Steps of one attempt's checkpoints sealed in the artifact store (the seal is written last)."""
+    settings = Settings(data_dir=Path(system.env["LLMQ_DATA_DIR"]))
+    store = ArtifactStore.from_settings(settings)
+    keys = store.sealed(artifacts.checkpoint_pattern(job_id, attempt), CHECKPOINT_SEAL)
+    return sorted(int(key.rsplit("-", 1)[1]) for key in keys)
 
 
 def progress_steps(system: ChaosSystem, job_id: str, attempt: int) -> list[int]:
@@ -67,8 +70,6 @@ def test_train_worker_killed_mid_training_resumes_from_its_last_checkpoint(
     )
     assert created.status_code == 200, created.text
     job_id = created.json()["id"]
-    job_dir = Path(system.env["LLMQ_DATA_DIR"]) / "artifacts" / "jobs" / job_id
-    checkpoint_dir = job_dir / "attempt-1" / "checkpoints"  # each attempt writes its own checkpoints
 
     def recorded() -> list[int]:
         answer = httpx.get(f"{api}/v1/fine_tuning/jobs/{job_id}/checkpoints", timeout=10).json()
@@ -76,7 +77,7 @@ def test_train_worker_killed_mid_training_resumes_from_its_last_checkpoint(
 
     wait_for(recorded, 300, "the first checkpoint", interval=0.05)
     killed_at = system.kill(first)
-    recorded_at_kill, on_disk_at_kill = recorded(), complete_checkpoints(checkpoint_dir)
+    recorded_at_kill, on_disk_at_kill = recorded(), complete_checkpoints(system, job_id, 1)
     first_attempt = progress_steps(system, job_id, 1)
     assert max(on_disk_at_kill) < MAX_STEPS, "training finished before the kill"
     system.start_worker("train")
@@ -105,12 +106,12 @@ def test_train_worker_killed_mid_training_resumes_from_its_last_checkpoint(
     assert reached - resumed <= SAVE_EVERY
     assert job["result_files"] or job["fine_tuned_model"], job
     # Attempt 2 read attempt 1's checkpoint but wrote its own; the adapter is in attempt 2's folder.
-    assert complete_checkpoints(job_dir / "attempt-2" / "checkpoints")[-1] == MAX_STEPS
+    assert complete_checkpoints(system, job_id, 2)[-1] == MAX_STEPS
     assert all(f.startswith(f"adapters/{job_id}/attempt-2/") for f in job["result_files"]), job["result_files"]
-    # Every listed checkpoint is on disk (rotated-out ones are no longer listed), and attempt 2's are listed.
+    # Every listed checkpoint is in the store (rotated-out ones are no longer listed), and attempt 2's are listed.
     listed = {c["step_number"] for c in httpx.get(f"{api}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]}
-    second_on_disk = set(complete_checkpoints(job_dir / "attempt-2" / "checkpoints"))
-    assert second_on_disk <= listed <= second_on_disk | set(complete_checkpoints(checkpoint_dir)), listed
+    second_on_disk = set(complete_checkpoints(system, job_id, 2))
+    assert second_on_disk <= listed <= second_on_disk | set(complete_checkpoints(system, job_id, 1)), listed
     print(f"attempt 1 reached step >= {reached}; attempt 2 resumed at {resumed} and trained to {MAX_STEPS}")
 
     # A late duplicate of the job's message (a redelivery) finds it finished and changes nothing.

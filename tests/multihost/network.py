@@ -113,6 +113,10 @@ class Network:
     def command(self, host: str, disk: Path, copy: dict[str, Path], command: list[str]) -> list[str]:
         """command run on a host: in its namespace, with a fresh private tmpfs at disk, where copy's sources
         are first copied (name -> source), as a host would have its own copy of the base model."""
-        copies = " && ".join(f"cp -r {shlex.quote(str(src))} {shlex.quote(str(disk / name))}" for name, src in copy.items())
-        script = f'mount -t tmpfs -o size=4g llmq-host "$0" && mkdir "$0/tmp" "$0/home" && {copies or "true"} && exec "$@"'
+        copies = " && ".join(
+            f"cp -r {shlex.quote(str(src))} {shlex.quote(str(disk / name))}" for name, src in copy.items()
+        )
+        script = (
+            f'mount -t tmpfs -o size=4g llmq-host "$0" && mkdir "$0/tmp" "$0/home" && {copies or "true"} && exec "$@"'
+        )
         return ["ip", "netns", "exec", self.ns(host), "sh", "-c", script, str(disk), *command]

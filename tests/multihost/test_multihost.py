@@ -248,7 +248,9 @@ def test_fine_tune_and_serve_across_hosts_that_share_no_disk_resuming_on_another
         )
         assert uploaded.status_code == 200, uploaded.text
         file_id = uploaded.json()["id"]
-        assert client.get(f"{gw2}/v1/files/{file_id}").json()["sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+        assert (
+            client.get(f"{gw2}/v1/files/{file_id}").json()["sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
+        )
 
         # 1. Trained on a, served by name on b; submitted on one gateway, followed on the other.
         first = fine_tune(client, gw1, file_id, model, max_steps=4, save_every=2)
@@ -287,7 +289,11 @@ def test_fine_tune_and_serve_across_hosts_that_share_no_disk_resuming_on_another
         assert job["status"] == "succeeded", job
         step = timed("fine-tune 2 resumed and finished on c", killed)
         events = client.get(f"{gw1}/v1/fine_tuning/jobs/{second}/events?limit=1000").json()["data"]
-        resumed = [int(m.group(1)) for e in events if (m := re.fullmatch(r"Resuming from the checkpoint at step (\d+)\.", e["message"]))]
+        resumed = [
+            int(m.group(1))
+            for e in events
+            if (m := re.fullmatch(r"Resuming from the checkpoint at step (\d+)\.", e["message"]))
+        ]
         assert len(resumed) == 1 and 0 < resumed[0] < 24, [e["message"] for e in events]
         fetched = [m for m in cluster.messages("train-c") if "fetched checkpoint" in m]
         assert fetched and f"jobs/{second}/attempt-1/checkpoints/checkpoint-{resumed[0]} " in fetched[0] + " ", fetched
