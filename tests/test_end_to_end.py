@@ -100,3 +100,34 @@ def test_model_that_fails_to_load_fails_the_job_and_the_worker_keeps_serving(
         system.children.check_alive()
     finally:
         system.children.stop_all()
+
+
+def test_a_job_submitted_on_one_gateway_is_polled_and_waited_for_on_another(production_system: System) -> None:
+    from cli.processes import gateway_command, wait_ready
+    from tests.systems import free_port
+
+    port = free_port()
+    production_system.children.start("gateway-2", gateway_command("127.0.0.1", port))
+    other = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(other, production_system.children)
+        body = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0}
+        submitted = httpx.post(f"{production_system.base_url}/v1/generations", json=body, timeout=10)
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["id"]
+        assert httpx.get(f"{other}/v1/generations/{job_id}", timeout=10).json()["status"] in ("queued", "running")
+        # The other gateway's ?wait= wakes on the worker's job-finished notification (Redis), not its own work.
+        started = time.monotonic()
+        waited = httpx.get(f"{other}/v1/generations/{job_id}", params={"wait": 30}, timeout=40).json()
+        assert waited["status"] == "succeeded", waited
+        assert time.monotonic() - started < 25
+        polled = httpx.get(f"{production_system.base_url}/v1/generations/{job_id}", timeout=10).json()
+        assert polled["outputs"] == waited["outputs"]
+        # A streamed completion on the other gateway gets the worker's deltas through Redis too.
+        model = production_system.env["LLMQ_BASE_MODEL"]
+        stream_body = {"model": model, "prompt": "Hello", "max_tokens": 4, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{other}/v1/completions", json=stream_body, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]", lines
+    finally:
+        production_system.children.stop("gateway-2")
