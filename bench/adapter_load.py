@@ -71,7 +71,7 @@ class MotoServer:
 
 
 def store_for(kind: str, work: Path, server: Any) -> Any:
-    from shared.artifacts import ArtifactStore, storage_options
+    from shared.artifacts import ArtifactStore
     from shared.settings import Settings
 
     if kind == "file":

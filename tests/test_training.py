@@ -521,7 +521,9 @@ def test_a_queued_job_naming_a_folder_as_its_dataset_fails_without_reading_it(
 ) -> None:
     # Jobs queued before the gateway checked dataset.name (or under other settings) are stopped by the worker.
     other_tenants_file = add_file(store)
-    uploads = artifacts.resolve(store, artifacts.file_path(other_tenants_file)).parent
+    stored = ArtifactStore.from_settings(store)
+    assert stored.exists(artifacts.file_key(other_tenants_file))
+    uploads = Path(stored.root) / "files"  # the file:// store's folder of every tenant's uploads
     if where == "store":
         name = str(uploads)  # every tenant's uploads, by absolute path
     else:
