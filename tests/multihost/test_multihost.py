@@ -122,8 +122,8 @@ class Cluster:
 
     def start(self, name: str, host: str, command: list[str]) -> None:
         assert self.children is not None
-        model = {"model": self.tiny_model} if host != "api" else {}
-        self.children.start(name, self.net.command(host, self.disk, model, command))
+        # Each host has its own copy of the base model (the gateway reads its config.json to check LoRA targets).
+        self.children.start(name, self.net.command(host, self.disk, {"model": self.tiny_model}, command))
 
     def start_gateway(self, name: str, port: int) -> str:
         self.start(name, "api", gateway_command(self.net.address("api"), port))
