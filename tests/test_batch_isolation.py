@@ -21,7 +21,7 @@ from cli.processes import worker_command
 from tests.process_settings import configure
 from tests.servers import redis_db
 from tests.systems import start_system
-from tests.test_adapters import make_adapter
+from tests.test_adapters import make_adapter, publish
 
 BAD_PROMPT = "__test: the tokenizer refuses this prompt__"
 
@@ -91,23 +91,28 @@ def test_job_whose_row_cannot_be_prepared_fails_alone_in_the_same_pass(worker_se
 
 def test_one_broken_adapter_fails_only_the_jobs_that_name_it(worker_settings: Any, tmp_path: Path) -> None:
     from shared import job_states
+    from shared.artifacts import ADAPTER_SEAL, ArtifactStore
     from shared.db import get_sessionmaker
     from shared.models import FineTunedModel
     from worker.serving import ModelHolder, serve_waiting_jobs
 
     base = worker_settings.base_model
-    make_adapter(Path(base), worker_settings.artifacts_dir / "adapters" / "good", seed=1)
-    broken = worker_settings.artifacts_dir / "adapters" / "broken"
+    make_adapter(Path(base), tmp_path / "local" / "good", seed=1)
+    broken = tmp_path / "local" / "broken"
     broken.mkdir(parents=True)
     (broken / "adapter_config.json").write_text('{"peft_type": "LORA"}')
     (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    store = ArtifactStore.from_settings(worker_settings)
+    files = {name: store.put_sealed(tmp_path / "local" / name, f"adapters/{name}", ADAPTER_SEAL, {})
+             for name in ("good", "broken")}  # fmt: skip
     with get_sessionmaker()() as session:
         for name in ("good", "broken"):
             owner = job_states.create_job(session, kind="train", model=base, base_model=base, params={},
                                           max_attempts=1, tenant="alice")  # fmt: skip
             session.flush()
             session.add(FineTunedModel(id=f"ft:tiny:{name}:{owner.id}", tenant="alice", job_id=owner.id,
-                                       base_model=base, path=f"adapters/{name}", manifest={}))  # fmt: skip
+                                       base_model=base, path=f"adapters/{name}",
+                                       manifest={"files": files[name]}))  # fmt: skip
         session.commit()
         good_model, broken_model = (session.scalars(select(FineTunedModel.id).where(FineTunedModel.path == p)).one()
                                     for p in ("adapters/good", "adapters/broken"))  # fmt: skip
@@ -125,13 +130,17 @@ def test_one_broken_adapter_fails_only_the_jobs_that_name_it(worker_settings: An
 
 
 def test_decoding_failure_is_narrowed_down_to_the_job_that_causes_it(tiny_model: Path, tmp_path: Path) -> None:
+    from shared.artifacts import ArtifactStore
+    from worker.adapter_cache import AdapterDiskCache
     from worker.adapters import AdapterCache
     from worker.generation import Request, SamplingParams, generate
     from worker.model_loading import load_base_model
     from worker.serving import PreparedJob, decode_isolating
 
     loaded = load_base_model(str(tiny_model), "main", "fp32", "cpu")
-    names = AdapterCache(loaded, capacity=2).ensure({"ft:a": make_adapter(tiny_model, tmp_path / "a", seed=3)})
+    store = ArtifactStore((tmp_path / "store").as_uri(), {"auto_mkdir": True})
+    cache = AdapterCache(loaded, capacity=2, disk=AdapterDiskCache(store, tmp_path / "cache", 2**30))
+    names = cache.ensure({"ft:a": publish(store, make_adapter(tiny_model, tmp_path / "a", seed=3), "a")})
     greedy = SamplingParams(max_new_tokens=5, temperature=0)
     prompts = ["Hello", "The quick brown fox", "Below is", "Reverse", "One", "Two", "Three"]
     jobs = [PreparedJob(i, f"job{i}", [Request(p, greedy, adapter=names["ft:a"] if i % 2 else None)], [None])

@@ -126,9 +126,10 @@ def hyper(**values: Any) -> dict[str, Any]:
 def test_a_dataset_name_that_is_a_path_is_refused_and_nothing_is_queued(
     client: TestClient, tenant: dict[str, str], tiny_model: Path, quiet_redis_url: str, name: str
 ) -> None:
+    from shared.artifacts import ArtifactStore
     from shared.settings import get_settings
 
-    name = name.format(store=get_settings().artifacts_dir)
+    name = name.format(store=ArtifactStore.from_settings(get_settings()).root)  # the file:// store's folder
     messages = queued_messages(quiet_redis_url)
     response = fine_tune(client, tenant, tiny_model, dataset={"name": name})
     refused(response, "body", "dataset", "name")
