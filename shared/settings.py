@@ -186,6 +186,14 @@ class Settings(BaseSettings):
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
 
+    @field_validator("artifact_url")
+    @classmethod
+    def _file_or_s3(cls, value: str | None) -> str | None:
+        # Refused at start-up rather than at the first upload (GCS and R2 speak S3: s3:// with their endpoint).
+        if value is not None and not value.startswith(("file:///", "s3://")):
+            raise ValueError(f"artifact_url: {value!r} is neither file:///absolute/path nor s3://bucket/prefix")
+        return value
+
     @field_validator("allowed_datasets")
     @classmethod
     def _hub_ids_only(cls, value: list[str]) -> list[str]:

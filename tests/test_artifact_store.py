@@ -50,6 +50,12 @@ def test_default_store_is_the_artifacts_folder_under_data_dir(tmp_path: Path) ->
     assert (tmp_path / "artifacts" / "files" / "x.json").is_file()
 
 
+@pytest.mark.parametrize("url", ["gs://bucket/x", "relative/folder", "file://host/x", "https://minio:9000/llmq"])
+def test_an_artifact_url_that_is_neither_a_folder_nor_s3_is_refused_at_start(url: str) -> None:
+    with pytest.raises(ValueError, match="neither file:///absolute/path nor s3://bucket/prefix"):
+        Settings(artifact_url=url)
+
+
 def test_file_larger_than_a_chunk_goes_in_and_comes_out_byte_identical(store: ArtifactStore, tmp_path: Path) -> None:
     content = os.urandom(3 * artifacts.CHUNK + 17)
     source = tmp_path / "big.bin"
