@@ -38,8 +38,9 @@ VALIDATION_FILE = DATA_DIR / "alpaca_sample_val.jsonl"
 HELD_OUT_LINES = (0, 3, 5)
 MAX_TOKENS = 48  # enough for every answer in the sample; the base model runs on to this limit
 SEED = 0
-# Chosen by measurement on the pretrained small GPT-2 (tests/test_demo_fine_tune.py pins what they achieve):
-# nf4 QLoRA as the service trains by default, a high LoRA learning rate and one pass over the sample.
+# Measured on the pretrained small GPT-2 (tests/test_demo_fine_tune.py pins what they achieve): nf4 QLoRA as
+# the service trains by default, one pass over the sample (50 steps). Validation loss 4.00 -> 2.56 at this
+# learning rate, 2.59 at 6e-3; answers end with EOS at both.
 HYPERPARAMETERS: dict[str, Any] = {
     "n_epochs": 1,
     "batch_size": 8,
