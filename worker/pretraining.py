@@ -64,11 +64,11 @@ class PretrainConfig:
     vocab_size: int = 4096  # upper bound on the BPE (the shipped text supports about this many merges)
     dropout: float = 0.1  # residual, attention and embedding dropout while pretraining (saved config: none)
     # Optimisation
-    steps: int = 2500
+    steps: int = 1200
     batch_size: int = 8  # windows per step
     block_size: int = 128  # tokens per window
-    learning_rate: float = 1.5e-3  # peak; cosine decay to a tenth of it
-    warmup_steps: int = 100
+    learning_rate: float = 2e-3  # peak; cosine decay to a tenth of it
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     seed: int = 0
     # Bookkeeping
