@@ -143,7 +143,7 @@ def up() -> None:
 
 @app.command()
 def demo() -> None:
-    """Start everything on the embedded default, run one generation job, print it, stop."""
+    """Start everything on the embedded default and show a fine-tune change what the model answers."""
     from cli.demo import run_demo
 
     raise typer.Exit(run_demo(get_settings(), console))
@@ -152,15 +152,23 @@ def demo() -> None:
 @app.command("make-model")
 def make_model(
     out_dir: Path,
+    pretrained: Annotated[
+        bool, typer.Option("--pretrained", help="4 layers x 256 wide, pretrained on shipped English: it learns.")
+    ] = False,
     full_size: Annotated[bool, typer.Option("--full-size", help="GPT-2 124M architecture, random weights.")] = False,
-    tiny: Annotated[bool, typer.Option("--tiny", help="A 2-layer, 128-wide GPT-2 (the default).")] = False,
+    tiny: Annotated[bool, typer.Option("--tiny", help="2 layers x 128 wide, random weights (the default).")] = False,
 ) -> None:
     """Build a GPT-2 offline (tokenizer trained on shipped text) into OUT_DIR."""
-    if tiny and full_size:
-        raise typer.BadParameter("give --tiny or --full-size, not both")
-    from worker.model_factory import build_full_size_gpt2, build_tiny_gpt2
+    if tiny + full_size + pretrained > 1:
+        raise typer.BadParameter("give one of --tiny, --pretrained or --full-size")
+    from worker.model_factory import build_full_size_gpt2, build_tiny_gpt2, install_pretrained_gpt2
 
-    path = build_full_size_gpt2(out_dir) if full_size else build_tiny_gpt2(out_dir)
+    if pretrained:
+        path = install_pretrained_gpt2(out_dir)
+    elif full_size:
+        path = build_full_size_gpt2(out_dir)
+    else:
+        path = build_tiny_gpt2(out_dir)
     console.print(str(path))
 
 

@@ -1,4 +1,4 @@
-"""Fixtures: real Postgres and Redis (from LLMQ_TEST_* env or the local defaults), a tiny GPT-2,
+"""Fixtures: real Postgres and Redis (from LLMQ_TEST_* env or the local defaults), a tiny and a pretrained GPT-2,
 and whole systems (gateway + Celery worker processes) started for a test session.
 
 Only fixtures live here; tests import helpers from tests/servers.py, tests/process_settings.py and
@@ -79,6 +79,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from worker.model_factory import build_tiny_gpt2
 
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2")
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llmq's small GPT-2 pretrained on shipped English: the model for tests that need one that learns."""
+    from worker.model_factory import install_pretrained_gpt2
+
+    return install_pretrained_gpt2(tmp_path_factory.mktemp("models") / "small-gpt2")
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,13 @@
 """Offline GPT-2 models the project builds itself (no machine that builds or tests llmq can reach a hub).
 
-Two kinds, both saved with ``save_pretrained`` so that every loader stays a real ``from_pretrained(path)``:
+Three kinds, all saved with ``save_pretrained`` so that every loader stays a real ``from_pretrained(path)``:
 
-- :func:`build_tiny_gpt2`: 2 layers, 128 wide, a ~2K-token byte-level BPE. Builds, saves and reloads in well
-  under a second; the model for tests and the offline demo.
+- :func:`install_pretrained_gpt2`: 4 layers, 256 wide, a 4K-token byte-level BPE, pretrained on English the
+  project ships (worker/pretraining.py wrote the committed weights in worker/data/pretrained_gpt2/). It has
+  learned some English, so a fine-tune visibly teaches it: the model of the demo and of the tests that
+  need a model that learns.
+- :func:`build_tiny_gpt2`: 2 layers, 128 wide, a ~2K-token byte-level BPE, random weights. Builds, saves and
+  reloads in well under a second; the model for tests that need speed only.
 - :func:`build_full_size_gpt2`: the GPT-2 124M architecture (``GPT2Config()`` defaults, vocab 50257) with
   random weights. It costs exactly what the real model costs, so it is the model for speed figures.
 
@@ -15,7 +19,8 @@ with the same arguments (recorded in ``llmq_build.json``, written last) is retur
 written to a temporary sibling directory first and then moved into place, so concurrent builders and
 interrupted builds never leave a directory that looks complete but is not.
 
-CLI: ``python -m worker.model_factory OUT_DIR [--tiny | --full-size] [--seed N]`` prints the directory.
+CLI: ``python -m worker.model_factory OUT_DIR [--tiny | --pretrained | --full-size] [--seed N]`` prints the
+directory.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "build_full_size_gpt2",
     "build_tiny_gpt2",
     "corpus_paths",
+    "install_pretrained_gpt2",
     "is_built",
     "main",
     "train_tokenizer",
@@ -50,6 +56,7 @@ EOS_TOKEN = "<|endoftext|>"
 BUILD_MARKER = "llmq_build.json"
 # Bump when the build procedure changes in a way that should invalidate existing builds.
 FACTORY_VERSION = 1
+PRETRAINED_DIR = DATA_DIR / "pretrained_gpt2"  # committed weights, written by worker/pretraining.py
 FULL_SIZE_TOKENIZER_VOCAB = 8192  # an upper bound: the shipped corpus supports fewer merges than this
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -263,6 +270,34 @@ def build_tiny_gpt2(
     )
 
 
+def install_pretrained_gpt2(out_dir: Path) -> Path:
+    """The small pretrained GPT-2 that ships with llmq, copied into ``out_dir``; returns ``out_dir``.
+
+    A copy rather than the package's own folder, so that a model id names a directory the caller owns
+    (``ft:<its name>:...``) and nothing ever writes into the installed package. Idempotent like the builds:
+    an up-to-date copy (same weights, by sha256) is left untouched.
+    """
+    out_dir = Path(out_dir)
+    weights = hashlib.sha256((PRETRAINED_DIR / "model.safetensors").read_bytes()).hexdigest()
+    expected = {"factory_version": FACTORY_VERSION, "kind": "pretrained", "params": {"weights_sha256": weights}}
+    if is_built(out_dir, expected):
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        for item in PRETRAINED_DIR.iterdir():
+            if item.is_file():
+                shutil.copyfile(item, tmp / item.name)
+        (tmp / BUILD_MARKER).write_text(json.dumps(expected, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        for item in tmp.iterdir():
+            item.chmod(0o644)
+        tmp.chmod(0o755)
+        _move_into_place(tmp, out_dir, expected)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
 def build_full_size_gpt2(out_dir: Path, seed: int = 0) -> Path:
     """The GPT-2 124M architecture with random weights and a corpus-trained tokenizer in ``out_dir``.
 
@@ -291,12 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     kind = parser.add_mutually_exclusive_group()
     kind.add_argument("--tiny", action="store_const", const="tiny", dest="kind", help="2 layers x 128 wide (default)")
     kind.add_argument(
+        "--pretrained",
+        action="store_const",
+        const="pretrained",
+        dest="kind",
+        help="4 layers x 256 wide, pretrained on shipped English (committed weights)",
+    )
+    kind.add_argument(
         "--full-size", action="store_const", const="full-size", dest="kind", help="GPT-2 124M architecture"
     )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.kind == "full-size":
         path = build_full_size_gpt2(args.out_dir, seed=args.seed)
+    elif args.kind == "pretrained":
+        path = install_pretrained_gpt2(args.out_dir)
     else:
         path = build_tiny_gpt2(args.out_dir, seed=args.seed)
     print(path)
