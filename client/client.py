@@ -39,9 +39,9 @@ from shared.schemas import (
     ModelObject,
     Readiness,
 )
+from shared.statuses import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 LONG_POLL_SECONDS = 30.0  # one ?wait= request of a generation wait (the gateway caps it at max_wait_seconds)
 EVENTS_PAGE = 100
 

@@ -221,13 +221,12 @@ def test_metrics_count_messages_of_the_embedded_file_broker(tmp_path: Path, monk
     monkeypatch.delenv("LLMQ_BROKER_URL", raising=False)
     configure(monkeypatch, data_dir=str(tmp_path))
     from gateway.metrics import broker_messages
-    from shared.settings import get_settings
 
     folder = tmp_path / "broker" / "queue"
     folder.mkdir(parents=True)
     for name in ("1_a.generate.msg", "2_b.generate.msg", "3_c.train.msg", ".4_d.generate.msg.tmp"):
         (folder / name).write_text("{}")
-    assert broker_messages(get_settings()) == {"generate": 2, "train": 1}
+    assert broker_messages() == {"generate": 2, "train": 1}
 
 
 def test_metrics_never_show_prompts_or_outputs(client: TestClient) -> None:

@@ -53,21 +53,20 @@ def client(postgres_url: str, quiet_redis_url: str, monkeypatch: pytest.MonkeyPa
 def test_generated_text_with_nul_is_stored_so_get_lists_and_metrics_read_it(client: TestClient) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import GenerationOutput, GenerationParams, GenerationResult, Usage
 
     with get_sessionmaker()() as session:
         job = job_states.create_job(
-            session, kind="generate", model=BASE, base_model=BASE, params={"prompts": ["hi"]}, max_attempts=3
-        )
+            session, kind="generate", model=BASE, base_model=BASE, params=GenerationParams(prompts=["hi"]),
+            max_attempts=3,
+        )  # fmt: skip
         session.commit()
         claim = job_states.claim(session, job.id, worker="w:1", lease_seconds=30)
         assert claim is not None
-        output = {"index": 0, "text": "a\x00b\ud800", "finish_reason": "length", "prompt_tokens": 1}
-        result = {
-            "outputs": [output | {"completion_tokens": 3}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
-            "batch_size": 1,
-            "seconds": float("nan"),  # JSON has no NaN: stored as null
-        }
+        output = GenerationOutput(index=0, text="a\x00b\ud800", finish_reason="length", prompt_tokens=1,
+                                  completion_tokens=3)  # fmt: skip
+        usage = Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4)
+        result = GenerationResult(outputs=[output], usage=usage, batch_size=1)
         assert job_states.finish_batch(session, [(claim, (result, None))]) == [True]
     got = client.get(f"/v1/generations/{job.id}")
     assert got.status_code == 200 and got.json()["outputs"][0]["text"] == "a\ufffdb\ufffd"
@@ -80,16 +79,23 @@ def test_generated_text_with_nul_is_stored_so_get_lists_and_metrics_read_it(clie
 def test_a_worker_message_quoting_a_nul_is_stored_as_an_event(client: TestClient) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import ErrorCode, FineTuneParams, FineTuneResult
 
     with get_sessionmaker()() as session:
         job = job_states.create_job(
-            session, kind="train", model=BASE, base_model=BASE, params={}, max_attempts=3, tenant="default"
-        )
+            session, kind="train", model=BASE, base_model=BASE, params=FineTuneParams(hyperparameters={}),
+            max_attempts=3, tenant="default",
+        )  # fmt: skip
         session.commit()
         claim = job_states.claim(session, job.id, worker="w:1", lease_seconds=30)
         assert claim is not None
+        # A diverged loss: JSON has no NaN, so it is stored (and shown) as null.
+        diverged = FineTuneResult(step=1, total_steps=2, train_loss=float("nan"))
+        assert job_states.record_progress(session, claim, diverged)
+        progress = client.get("/metrics").text
+        assert f'llmq_train_step{{job_id="{job.id}",model="{BASE}"}} 1.0' in progress
         assert job_states.add_event(session, claim, "tokenizer failed on 'a\x00b'", data={"val_loss": float("inf")})
-        assert job_states.fail(session, claim, "training_failed", "bad text 'a\x00b'")
+        assert job_states.fail(session, claim, ErrorCode.TRAINING_FAILED, "bad text 'a\x00b'")
     events = client.get(f"/v1/fine_tuning/jobs/{job.id}/events").json()["data"]
     assert events[0]["message"] == "tokenizer failed on 'a\ufffdb'" and events[0]["data"] == {"val_loss": None}
 

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from shared import job_states
 from shared.artifacts import CHECKPOINT_SEAL, ArtifactStore
+from shared.job_data import CheckpointNote, Figures, FineTuneResult
 from shared.job_states import Claim
 from shared.models import utcnow
 from shared.settings import Settings
@@ -64,7 +65,7 @@ class JobCallback(TrainerCallback):
         self.last_loss: float | None = None
         self.val_loss: float | None = None
         self.val_loss_step: int | None = None
-        self.last_checkpoint: dict[str, Any] | None = None
+        self.last_checkpoint: CheckpointNote | None = None
         self._window = _Window()
         self._last_heartbeat = time.monotonic()
         self._last_progress = 0.0
@@ -177,14 +178,10 @@ class JobCallback(TrainerCallback):
         }
         message = f"Step {step}/{total}: training loss={train_loss:.4f}"
         self._write(job_states.add_event(self.session, self.claim, message, type="metrics", data=figures), control)
-        finish = (utcnow() + timedelta(seconds=eta)).isoformat() if eta is not None else None
-        progress = {
-            "trained_tokens": tokens,
-            "step": step,
-            "total_steps": total,
-            "train_loss": train_loss,
-            "estimated_finish": finish,
-        }
+        finish = utcnow() + timedelta(seconds=eta) if eta is not None else None
+        progress = FineTuneResult(
+            trained_tokens=tokens, step=step, total_steps=total, train_loss=train_loss, estimated_finish=finish
+        )
         self._write(job_states.record_progress(self.session, self.claim, progress), control)
 
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -217,14 +214,14 @@ class JobCallback(TrainerCallback):
             return
         path = store_checkpoint(self.store, folder, self.claim.job_id, self.claim.attempt)
         drop_rotated(self.store, self.claim.job_id, self.claim.attempt, Path(args.output_dir))
-        metrics: dict[str, Any] = {
+        metrics: Figures = {
             "step": state.global_step,
             "train_loss": self.last_loss,
             "trained_tokens": self.trainer.trained_tokens,
         }
         if self.val_loss_step == state.global_step:
             metrics["val_loss"] = self.val_loss
-        self.last_checkpoint = {"step": state.global_step, "path": path, "metrics": metrics}
+        self.last_checkpoint = CheckpointNote(step=state.global_step, path=path, metrics=metrics)
         recorded = job_states.add_checkpoint(
             self.session, self.claim, state.global_step, path, metrics, on_disk=self._stored
         )
