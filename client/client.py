@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from client.errors import LlmqError, UnreachableError, WaitTimeout, error_from_response, retry_after_seconds
 from client.retries import RetryPolicy
 from client.sse import json_events
+from shared.job_data import JobKind
 from shared.schemas import (
     FileDeleted,
     FileList,
@@ -32,7 +33,6 @@ from shared.schemas import (
     FineTuningJob,
     FineTuningJobList,
     GenerationJob,
-    JobKind,
     JobList,
     JobSummary,
     ModelList,

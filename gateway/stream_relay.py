@@ -139,7 +139,8 @@ async def relay_job(
                 with contextlib.suppress(Exception):
                     await run_in_threadpool(cancel_if_queued, job_id)
             if pubsub is not None:
-                await close_within(pubsub.aclose(), f"the stream subscription of {job_id}")
+                close = pubsub.aclose()  # type: ignore[no-untyped-call]
+                await close_within(close, f"the stream subscription of {job_id}")
 
         await asyncio.shield(clean_up())  # runs to its end even when the stream's task is cancelled
 

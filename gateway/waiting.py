@@ -67,7 +67,7 @@ class FinishedJobs:
                 # Whoever waits may have missed a message: let them re-read their row.
                 for job_id in list(self._waiters):
                     self._wake(job_id)
-                await close_within(pubsub.aclose(), "the job-finished subscription")
+                await close_within(pubsub.aclose(), "the job-finished subscription")  # type: ignore[no-untyped-call]
                 await close_within(client.aclose(), "the job-finished Redis client")
             await asyncio.sleep(1.0)
 

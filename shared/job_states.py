@@ -230,14 +230,14 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> bool:
         update(Job).where(_holds(claim)).values(lease_expires_at=now + timedelta(seconds=lease_seconds))
     )
     session.commit()
-    return renewed.rowcount == 1  # type: ignore[attr-defined]
+    return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def record_progress(session: Session, claim: Claim, result: JobResult) -> bool:
     """Replaces the running job's partial result (progress figures) and commits; False if lost."""
     done = session.execute(update(Job).where(_holds(claim)).values(result=stored(result), updated_at=utcnow()))
     session.commit()
-    return done.rowcount == 1  # type: ignore[attr-defined]
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def cancel_requested(session: Session, claim: Claim) -> bool:
@@ -278,7 +278,7 @@ def add_event(
         insert(JobEvent).from_select(columns, guarded), execution_options={"preserve_rowcount": True}
     )
     session.commit()
-    return done.rowcount == 1  # type: ignore[attr-defined]
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def note(session: Session, job: Job, message: str, *, level: str = "info") -> None:

@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from sqlalchemy.orm import Session
@@ -41,7 +40,7 @@ from worker.guarded_writes import ClaimLost, add_event, renew_lease
 from worker.identity import worker_id
 from worker.leases import lease_keeper
 from worker.progress_callback import JobCallback
-from worker.trainer_setup import ModelLoadFailed, build_trainer, load_trainable_base
+from worker.trainer_setup import CountingSFTTrainer, ModelLoadFailed, build_trainer, load_trainable_base
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,9 @@ def scratch_folder(settings: Settings, job_id: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _resume_point(session: Session, claim: Claim, settings: Settings, trainer: Any, into: Path) -> Path | None:
+def _resume_point(
+    session: Session, claim: Claim, settings: Settings, trainer: CountingSFTTrainer, into: Path
+) -> Path | None:
     """The newest sealed checkpoint of any attempt, fetched from the store into a local folder (its token
     count set on the trainer), or None."""
     store = ArtifactStore.from_settings(settings)

@@ -11,8 +11,9 @@ from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep
 from gateway.errors import V1_ERRORS, documented
+from shared.job_data import JobKind
 from shared.models import Job
-from shared.schemas import JobKind, JobList, JobSummary
+from shared.schemas import JobList, JobSummary
 from shared.statuses import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
