@@ -104,4 +104,3 @@ async def succeeded_job(request: Request, settings: Settings, job_id: str) -> Jo
     if job.status != JobStatus.SUCCEEDED:
         return failure_answer(job)
     return job
-

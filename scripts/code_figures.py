@@ -20,7 +20,8 @@ def _mentions_any(annotation: ast.expr | None) -> bool:
     if annotation is None:
         return False
     return any(
-        (isinstance(node, ast.Name) and node.id == "Any") or (isinstance(node, ast.Attribute) and node.attr == "Any")
+        (isinstance(node, ast.Name) and node.id == "Any")
+        or (isinstance(node, ast.Attribute) and node.attr == "Any")
         or (isinstance(node, ast.Constant) and isinstance(node.value, str) and "Any" in node.value)
         for node in ast.walk(annotation)
     )

@@ -96,9 +96,7 @@ class File(Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(
-        String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True
-    )
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(Integer)
@@ -142,9 +140,7 @@ class FineTunedModel(Base):
     __tablename__ = "fine_tuned_models"
 
     id: Mapped[str] = mapped_column(String(512), primary_key=True)
-    tenant: Mapped[str] = mapped_column(
-        String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True
-    )
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     base_model: Mapped[str] = mapped_column(String(512))
     path: Mapped[str] = mapped_column(String(1024))  # adapter folder, relative to the artifact store
