@@ -1,9 +1,10 @@
 """Size figures of the code: lines per module, the largest functions, and `Any` in function signatures.
 
-    python scripts/code_figures.py [--top N] [package ...]     (default: shared gateway worker cli client)
+    python scripts/code_figures.py [--top N] [--root DIR] [package ...]   (default: shared gateway worker cli client)
 
-Reads the source with `ast` only (nothing is imported), so it runs on any checkout: compare two by running it
-in each. A function's lines run from its `def` (decorators excluded) to its last line.
+Reads the source with `ast` only (nothing is imported), so it runs on any checkout: compare two with --root
+(e.g. a `git worktree add /tmp/before main`). A function's lines run from its `def` (decorators excluded) to its
+last line.
 """
 
 from __future__ import annotations
@@ -37,14 +38,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("packages", nargs="*", default=list(DEFAULT_PACKAGES))
     parser.add_argument("--top", type=int, default=10, help="how many modules and functions to list")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout to measure (default: this one)")
     args = parser.parse_args()
 
     modules: list[tuple[int, str]] = []
     functions: list[tuple[int, str]] = []
     with_any = total_functions = 0
     for package in args.packages:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            name = str(path.relative_to(ROOT))
+        for path in sorted((args.root / package).rglob("*.py")):
+            name = str(path.relative_to(args.root))
             source = path.read_text()
             modules.append((len(source.splitlines()), name))
             for node in ast.walk(ast.parse(source)):
