@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, select
 
+from shared.statuses import is_terminal
 from tests.process_settings import configure
 from tests.systems import System
 
@@ -278,7 +279,7 @@ def wait_done(system: System, job_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         job = httpx.get(f"{system.base_url}/v1/generations/{job_id}", params={"wait": 10}, timeout=20).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if is_terminal(job["status"]):
             return dict(job)
         time.sleep(0.05)
     raise AssertionError(f"{job_id} did not finish")
