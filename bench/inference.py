@@ -59,9 +59,9 @@ from measure import machine as machine_cpu
 from systems import System, fresh_database, postgres_backends, start_system  # bench/systems.py
 
 from shared.prompts import alpaca_prompt  # the repo root is on sys.path once bench/systems.py is imported
+from shared.statuses import TERMINAL
 
 REDIS = os.environ.get("LLMQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
-TERMINAL = {"succeeded", "failed", "cancelled"}
 BATCH_LINE = re.compile(r"batch of (\d+) jobs, (\d+) prompts in ([\d.]+) s")  # worker.serving's INFO line
 RECEIVED_LINE = re.compile(r"Task llmq\.generate\[[^\]]+\] received")  # Celery's INFO line, one per message
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from client.errors import LlmqError, UnreachableError, WaitTimeout, error_from_response, retry_after_seconds
 from client.retries import RetryPolicy
 from client.sse import json_events
+from shared.job_data import JobKind
 from shared.schemas import (
     FileDeleted,
     FileList,
@@ -32,16 +33,15 @@ from shared.schemas import (
     FineTuningJob,
     FineTuningJobList,
     GenerationJob,
-    JobKind,
     JobList,
     JobSummary,
     ModelList,
     ModelObject,
     Readiness,
 )
+from shared.statuses import TERMINAL
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 LONG_POLL_SECONDS = 30.0  # one ?wait= request of a generation wait (the gateway caps it at max_wait_seconds)
 EVENTS_PAGE = 100
 

@@ -134,7 +134,7 @@ def _tenant_of(authorization: str, address: str, settings: Settings) -> str:
 def needs_key(scope: Scope) -> bool:
     """Whether a request must carry an API key (when keys are required): every /v1 request but OPTIONS,
     whose answer (the methods a path allows) the public OpenAPI schema states anyway."""
-    path = scope["path"]
+    path: str = scope["path"]
     return (path == "/v1" or path.startswith("/v1/")) and scope["method"] != "OPTIONS"
 
 

@@ -60,7 +60,7 @@ class BodyLimit:
 
 async def _too_large(send: Send, limit: int) -> None:
     body = json.dumps(
-        error_body(413, "payload_too_large", f"request body larger than {limit} bytes", "invalid_request_error")
+        error_body("payload_too_large", f"request body larger than {limit} bytes", "invalid_request_error")
     ).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 413, "headers": headers})

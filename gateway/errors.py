@@ -18,7 +18,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException
 
 from gateway.methods import allowed_methods
-from shared.schemas import ErrorResponse, ValidationErrorResponse
+from shared.schemas import ApiErrorObject, ErrorResponse, ValidationErrorResponse
 from shared.storable import scrub
 
 
@@ -109,21 +109,26 @@ V1_ERRORS = documented(401, 413, 422, 429, 503)
 BODY_ERRORS = documented(400)
 
 
-def error_body(status_code: int, code: str, message: str, type_: str) -> dict[str, object]:
-    """The JSON body of an error answer."""
-    return {"detail": message, "error": {"message": message, "type": type_, "code": code}}
+def error_object(code: str, message: str, type_: str, param: str | None = None) -> dict[str, object]:
+    """The OpenAI-style `error` of an answer or a stream's error event (ApiErrorObject; param only when set)."""
+    return ApiErrorObject(message=message, type=type_, code=code, param=param).model_dump(exclude_none=True)
+
+
+def error_body(code: str, message: str, type_: str) -> dict[str, object]:
+    """The JSON body of an error answer (ErrorResponse)."""
+    return {"detail": message, "error": error_object(code, message, type_)}
 
 
 def api_error_response(exc: ApiError) -> JSONResponse:
     """The answer to an ApiError."""
-    body = error_body(exc.status_code, exc.code, exc.message, exc.type)
+    body = error_body(exc.code, exc.message, exc.type)
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def database_down_response() -> JSONResponse:
     """The answer while the database is unreachable."""
     return JSONResponse(
-        error_body(503, "database_unavailable", "database unavailable", "server_error"),
+        error_body("database_unavailable", "database unavailable", "server_error"),
         status_code=503,
         headers={"Retry-After": "1"},
     )
@@ -158,9 +163,8 @@ def _validation_answer(issues: Sequence[Any], echo_inputs: bool) -> JSONResponse
     first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(part) for part in first["loc"] if not _union_member(part))
     message = f"{where}: {first['msg']}" if where else str(first["msg"])
-    body = {"detail": errors, "error": {"message": message, "type": "invalid_request_error",
-                                        "code": "invalid_request", "param": where or None}}  # fmt: skip
-    return JSONResponse(body, status_code=422)
+    error = ApiErrorObject(message=message, type="invalid_request_error", code="invalid_request", param=where or None)
+    return JSONResponse({"detail": errors, "error": error.model_dump()}, status_code=422)
 
 
 def install(app: FastAPI) -> None:
@@ -189,13 +193,13 @@ def install(app: FastAPI) -> None:
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method of the path, not only those of the first route that matched
             headers["Allow"] = ", ".join(allowed_methods(app.router, request.scope))
-        return JSONResponse(error_body(exc.status_code, code, message, type_), exc.status_code, headers=headers)
+        return JSONResponse(error_body(code, message, type_), exc.status_code, headers=headers)
 
     @app.exception_handler(DataError)
     async def _unstorable(_request: Request, _exc: DataError) -> JSONResponse:
         # Postgres refuses some values outright (a NUL character in a text value): the request is at fault.
         message = "request holds a value the database cannot store (such as a NUL character)"
-        return JSONResponse(error_body(422, "invalid_request", message, "invalid_request_error"), status_code=422)
+        return JSONResponse(error_body("invalid_request", message, "invalid_request_error"), status_code=422)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:

@@ -17,28 +17,24 @@ max() across them).
 from __future__ import annotations
 
 import logging
-import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any
 
-import redis
-from kombu.transport.redis import PRIORITY_STEPS
-from kombu.transport.redis import Channel as RedisChannel
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from shared.celery_app import QUEUES
+from shared.celery_app import QUEUES, waiting_messages
 from shared.db import get_sessionmaker
+from shared.job_data import FineTuneResult
 from shared.models import Job, JobEvent, utcnow
-from shared.notify import redis_url
 from shared.settings import Settings, get_settings
 from shared.statuses import JobStatus
 
@@ -84,7 +80,7 @@ class Training:
 
     job_id: str
     model: str
-    progress: dict[str, Any]
+    progress: FineTuneResult
     val_loss: float | None
 
 
@@ -154,18 +150,22 @@ def read_snapshot(session: Session, settings: Settings, now: datetime) -> Snapsh
     ).all()
     val_losses = _latest_val_losses(session, [row.id for row in running])
     snapshot.training = [
-        Training(
-            job_id=row.id,
-            model=row.model,
-            progress=row.result if isinstance(row.result, dict) else {},
-            val_loss=val_losses.get(row.id),
-        )
+        Training(row.id, row.model, progress=_progress(row.id, row.result), val_loss=val_losses.get(row.id))
         for row in running
     ]
     return snapshot
 
 
-def _count(job_id: str, name: str, value: Any) -> int | None:
+def _progress(job_id: str, result: object) -> FineTuneResult:
+    """A running fine-tune's progress figures; none (logged) when its row holds something else."""
+    try:
+        return FineTuneResult.model_validate(result) if result is not None else FineTuneResult()
+    except ValidationError:
+        log.warning("metrics: job %s has a result that is not a fine-tune's progress; left out", job_id)
+        return FineTuneResult()
+
+
+def _count(job_id: str, name: str, value: object) -> int | None:
     """A job's recorded count, or None (logged) when the row holds something else there."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
@@ -199,37 +199,9 @@ def _latest_val_losses(session: Session, job_ids: Sequence[str]) -> dict[str, fl
 # --------------------------------------------------------------------------------------------------------
 
 
-@lru_cache
-def _redis(url: str) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
-
-
-def broker_messages(settings: Settings) -> dict[str, int]:
+def broker_messages() -> dict[str, int]:
     """Messages waiting in the broker per queue, not yet handed to a worker (raises when it is unreachable)."""
-    url = redis_url()
-    if url is not None:
-        # kombu keeps one Redis list per queue and priority step: "generate", "generate\x06\x163", ...
-        names = {
-            queue: [queue if p == 0 else f"{queue}{RedisChannel.sep}{p}" for p in PRIORITY_STEPS]
-            for queue in QUEUES.values()
-        }
-        pipe = _redis(url).pipeline(transaction=False)
-        for lists in names.values():
-            for name in lists:
-                pipe.llen(name)
-        lengths = iter(pipe.execute())
-        return {queue: sum(next(lengths) for _ in lists) for queue, lists in names.items()}
-    if settings.broker_url is None:
-        # The embedded file broker: one file per message, named <time>_<uuid>.<queue>.msg.
-        folder = settings.broker_dir / "queue"
-        counts = dict.fromkeys(QUEUES.values(), 0)
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                queue = entry.name.rsplit(".", 2)[-2] if entry.name.endswith(".msg") else None
-                if queue in counts and not entry.name.startswith("."):
-                    counts[queue] += 1
-        return counts
-    return {}  # another transport: not counted
+    return {queue: waiting_messages(kind) for kind, queue in QUEUES.items()}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -239,7 +211,7 @@ def broker_messages(settings: Settings) -> dict[str, int]:
 
 def _histogram(
     name: str, documentation: str, labels: Sequence[str], bounds: Sequence[float]
-) -> tuple[GaugeHistogramMetricFamily, Any]:
+) -> tuple[GaugeHistogramMetricFamily, Callable[[Sequence[str], Sequence[float]], None]]:
     """A gauge histogram and a function that adds one label set's observations to it."""
     family = GaugeHistogramMetricFamily(name, documentation, labels=list(labels))
 
@@ -355,8 +327,8 @@ def _training_families(snapshot: Snapshot) -> Iterator[Metric]:
     for training in snapshot.training:
         labels = [training.job_id, training.model]
         for key, family in families.items():
-            value = training.progress.get(key)
-            if isinstance(value, int | float):
+            value = getattr(training.progress, key)
+            if value is not None:
                 family.add_metric(labels, value)
         if training.val_loss is not None:
             val_loss.add_metric(labels, training.val_loss)
@@ -388,8 +360,8 @@ class ServiceCollector(Collector):
                 *_training_families(snapshot),
             ]
         try:
-            messages = broker_messages(settings)
-        except (redis.RedisError, OSError) as exc:
+            messages = broker_messages()
+        except Exception as exc:  # whatever the transport raises: redis, kombu, OSError
             log.warning("metrics: broker unreadable: %s", exc)
             up.add_metric(["broker"], 0)
         else:

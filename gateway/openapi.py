@@ -38,6 +38,25 @@ def _variants(node: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
 def state_caps(schema: dict[str, Any], settings: Settings) -> None:
     """Writes the settings' caps into an OpenAPI schema of the gateway."""
     models = schema["components"]["schemas"]
+    _state_generation_caps(models, settings)
+    _state_training_caps(models, settings)
+    for path in schema["paths"].values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["name"] == "wait":
+                    parameter["description"] = (
+                        f"Seconds to wait for a terminal status; longer waits end after {settings.max_wait_seconds} s."
+                    )
+    upload = next(m for n, m in models.items() if n.startswith("Body_upload_file"))
+    upload["properties"]["file"]["description"] = (
+        f"Alpaca records as JSON Lines or one JSON array: at most {settings.max_upload_bytes} bytes and "
+        f"{settings.max_records} records; instruction, input and output each at most {settings.max_field_chars} "
+        "characters."
+    )
+
+
+def _state_generation_caps(models: dict[str, Any], settings: Settings) -> None:
+    """The generation caps (gateway/submission.py) on the bodies of generations and completions."""
     prompt = {"minLength": 1, "maxLength": settings.max_prompt_chars}
     for name in ("GenerationRequest", "CompletionRequest"):
         fields = models[name]["properties"]
@@ -59,20 +78,6 @@ def state_caps(schema: dict[str, Any], settings: Settings) -> None:
             f"Outputs per prompt (output i*n+j is choice j of prompt i); prompts x n at most "
             f"{settings.max_prompts_per_job}."
         )
-    _state_training_caps(models, settings)
-    for path in schema["paths"].values():
-        for operation in path.values():
-            for parameter in operation.get("parameters", []):
-                if parameter["name"] == "wait":
-                    parameter["description"] = (
-                        f"Seconds to wait for a terminal status; longer waits end after {settings.max_wait_seconds} s."
-                    )
-    upload = next(m for n, m in models.items() if n.startswith("Body_upload_file"))
-    upload["properties"]["file"]["description"] = (
-        f"Alpaca records as JSON Lines or one JSON array: at most {settings.max_upload_bytes} bytes and "
-        f"{settings.max_records} records; instruction, input and output each at most {settings.max_field_chars} "
-        "characters."
-    )
 
 
 def _state_training_caps(models: dict[str, Any], settings: Settings) -> None:

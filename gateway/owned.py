@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
+from gateway.errors import FileNotFound, JobNotFound
+from shared.job_data import JobKind
 from shared.models import File, FineTunedModel, Job
 
+# How a 404 names a job it did not find, by the kind the route serves.
+JOB_NOUN: dict[JobKind | None, str] = {None: "job", "generate": "generation job", "train": "fine-tuning job"}
 
-def job(session: Session, tenant: str, job_id: str, kind: str | None = None) -> Job | None:
+
+def job(session: Session, tenant: str, job_id: str, kind: JobKind | None = None) -> Job | None:
     """The tenant's job with this id (of this kind, if given), or None."""
     row = session.get(Job, job_id)
     if row is None or row.tenant != tenant or (kind is not None and row.kind != kind):
@@ -15,10 +20,26 @@ def job(session: Session, tenant: str, job_id: str, kind: str | None = None) -> 
     return row
 
 
+def job_or_404(session: Session, tenant: str, job_id: str, kind: JobKind | None = None) -> Job:
+    """The tenant's job with this id (of this kind, if given); JobNotFound (404) otherwise."""
+    row = job(session, tenant, job_id, kind)
+    if row is None:
+        raise JobNotFound(f"{JOB_NOUN[kind]} {job_id!r} not found")
+    return row
+
+
 def file(session: Session, tenant: str, file_id: str) -> File | None:
     """The tenant's file with this id, or None."""
     row = session.get(File, file_id)
     return row if row is not None and row.tenant == tenant else None
+
+
+def file_or_404(session: Session, tenant: str, file_id: str) -> File:
+    """The tenant's file with this id; FileNotFound (404) otherwise."""
+    row = file(session, tenant, file_id)
+    if row is None:
+        raise FileNotFound(f"file {file_id!r} not found")
+    return row
 
 
 def fine_tuned_model(session: Session, tenant: str, model_id: str) -> FineTunedModel | None:

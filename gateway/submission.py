@@ -1,11 +1,10 @@
-"""Turning a validated generation request into a job: caps, the row, the commit, the message."""
+"""Turning a validated request into a job: caps, the tenant's quota, the row, the commit, the message."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import func, select
@@ -14,6 +13,7 @@ from sqlalchemy.orm import Session
 from gateway.errors import RateLimited
 from shared import job_states
 from shared.celery_app import enqueue_after_commit
+from shared.job_data import JobKind, JobParams
 from shared.models import Job
 from shared.settings import Settings
 from shared.statuses import JobStatus
@@ -109,24 +109,29 @@ def submit(
     session: Session,
     settings: Settings,
     *,
+    kind: JobKind,
     model: str,
     base_model: str,
-    params: dict[str, Any],
+    params: JobParams,
     tenant: str,
     job_id: str | None = None,
+    event: str | None = None,
 ) -> Job:
-    """Writes the queued generation job, commits, then publishes its id (429 over the tenant's quota)."""
+    """Writes the queued job (and its first event, if given), commits, then publishes its id (429 over the
+    tenant's quota)."""
     with quota_reserved(session, settings, tenant):
         job = job_states.create_job(
             session,
             tenant=tenant,
-            kind="generate",
+            kind=kind,
             model=model,
             base_model=base_model,
             params=params,
             max_attempts=settings.max_attempts,
             job_id=job_id,
         )
+        if event is not None:
+            job_states.note(session, job, event)
         session.commit()
-    enqueue_after_commit("generate", job.id)
+    enqueue_after_commit(kind, job.id)
     return job

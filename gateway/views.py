@@ -5,23 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from shared.job_data import FineTuneParams, FineTuneResult, GenerationParams, GenerationResult, JobError
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.schemas import (
-    ErrorInfo,
     FileObject,
     FineTuningCheckpoint,
     FineTuningEvent,
     FineTuningJob,
+    FineTuningJobError,
     FineTuningJobHyperparameters,
     FineTuningJobProgress,
     GenerationJob,
-    GenerationOutput,
     JobSummary,
-    OpenAIError,
-    Usage,
 )
+from shared.statuses import JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +46,15 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 6)
 
 
+def job_error(job: Job) -> JobError | None:
+    """The error a failed job's worker wrote, if any."""
+    return JobError.model_validate(job.error) if job.error is not None else None
+
+
 def generation_job(job: Job) -> GenerationJob:
     """A generation job row as the client sees it."""
-    result = job.result or {}
-    outputs = [GenerationOutput(**o) for o in result["outputs"]] if "outputs" in result else None
+    params = GenerationParams.model_validate(job.params)
+    result = GenerationResult.model_validate(job.result) if job.result is not None else None
     return GenerationJob(
         id=job.id,
         status=job.status,
@@ -61,10 +65,10 @@ def generation_job(job: Job) -> GenerationJob:
         queue_seconds=_seconds(job.created_at, job.started_at),
         run_seconds=_seconds(job.started_at, job.finished_at),
         attempt=job.attempt,
-        request=job.params,
-        outputs=outputs,
-        usage=Usage(**result["usage"]) if "usage" in result else None,
-        error=ErrorInfo(**job.error) if job.error else None,
+        request=params.model_dump(exclude_unset=True),
+        outputs=result.outputs if result is not None else None,
+        usage=result.usage if result is not None else None,
+        error=job_error(job),
     )
 
 
@@ -79,19 +83,12 @@ def job_summary(job: Job) -> JobSummary:
         started_at=job.started_at,
         finished_at=job.finished_at,
         attempt=job.attempt,
-        error=ErrorInfo(**job.error) if job.error else None,
+        error=job_error(job),
     )
 
 
 def _unix(moment: datetime | None) -> int | None:
     return int(moment.timestamp()) if moment is not None else None
-
-
-def _unix_seconds(value: object) -> int | None:
-    """Unix seconds from what the worker wrote: an ISO time or a number."""
-    if isinstance(value, str):
-        return int(datetime.fromisoformat(value).timestamp())
-    return int(value) if isinstance(value, int | float) else None
 
 
 def file_object(row: File) -> FileObject:
@@ -109,44 +106,40 @@ def file_object(row: File) -> FileObject:
 
 def fine_tuning_job(job: Job) -> FineTuningJob:
     """A train job row in OpenAI's fine-tuning job shape, with progress while it runs."""
-    params, result = job.params, job.result or {}
-    hp = params["hyperparameters"]
-    estimated = _unix_seconds(result.get("estimated_finish"))
+    params = FineTuneParams.model_validate(job.params)
+    result = FineTuneResult.model_validate(job.result) if job.result is not None else FineTuneResult()
+    hp = params.hyperparameters
+    running = job.status == JobStatus.RUNNING
+    error = job_error(job)
     return FineTuningJob(
         id=job.id,
         created_at=int(job.created_at.timestamp()),
         finished_at=_unix(job.finished_at),
         model=job.model,
-        fine_tuned_model=result.get("fine_tuned_model"),
+        fine_tuned_model=result.fine_tuned_model,
         status=job.status,
-        training_file=params["training_file"],
-        validation_file=params["validation_file"],
-        hyperparameters=FineTuningJobHyperparameters(
-            n_epochs=hp["n_epochs"],
-            batch_size=hp["batch_size"],
-            learning_rate_multiplier=hp["learning_rate_multiplier"],
-        ),
+        training_file=params.training_file,
+        validation_file=params.validation_file,
+        hyperparameters=FineTuningJobHyperparameters.model_validate(hp),
         method={"type": "supervised", "supervised": {"hyperparameters": hp}},
-        result_files=result.get("result_files", []),
-        trained_tokens=result.get("trained_tokens"),
-        estimated_finish=estimated if job.status == "running" else None,
-        error=OpenAIError(**job.error) if job.error else None,
-        seed=params["seed"],
-        user_provided_suffix=params["suffix"],
-        metadata=params["metadata"],
-        dataset=params["dataset"],
-        metrics=result.get("metrics"),
-        progress=_progress(result) if job.status == "running" else None,
+        result_files=result.result_files,
+        trained_tokens=result.trained_tokens,
+        estimated_finish=_unix(result.estimated_finish) if running else None,
+        error=FineTuningJobError(code=error.code, message=error.message) if error is not None else None,
+        seed=params.seed,
+        user_provided_suffix=params.suffix,
+        metadata=params.metadata,
+        dataset=params.dataset,
+        metrics=result.metrics,
+        progress=_progress(result) if running else None,
     )
 
 
-def _progress(result: dict[str, Any]) -> FineTuningJobProgress | None:
+def _progress(result: FineTuneResult) -> FineTuningJobProgress | None:
     """The progress figures the worker writes on a running job's row (job_states.record_progress), if any."""
-    if "step" not in result or "total_steps" not in result:
+    if result.step is None or result.total_steps is None:
         return None
-    return FineTuningJobProgress(
-        step=result["step"], total_steps=result["total_steps"], train_loss=result.get("train_loss")
-    )
+    return FineTuningJobProgress(step=result.step, total_steps=result.total_steps, train_loss=result.train_loss)
 
 
 EVENT_PREFIX = "ftevent-"

@@ -2,7 +2,7 @@
 
 One Redis subscription per gateway process receives the id of every job a worker finishes and wakes
 the requests waiting on it. Without Redis (the embedded default) waiters re-read the row at a short
-interval instead.
+interval instead. Routes wait through until_terminal.
 """
 
 from __future__ import annotations
@@ -14,9 +14,14 @@ from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
 
 from gateway.closing import CLOSE_TIMEOUT_SECONDS, close_within
+from shared.db import get_sessionmaker
+from shared.models import Job
 from shared.notify import CHANNEL
+from shared.statuses import is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,7 @@ class FinishedJobs:
                 # Whoever waits may have missed a message: let them re-read their row.
                 for job_id in list(self._waiters):
                     self._wake(job_id)
-                await close_within(pubsub.aclose(), "the job-finished subscription")
+                await close_within(pubsub.aclose(), "the job-finished subscription")  # type: ignore[no-untyped-call]
                 await close_within(client.aclose(), "the job-finished Redis client")
             await asyncio.sleep(1.0)
 
@@ -92,3 +97,37 @@ class FinishedJobs:
                 waiters.discard(event)
                 if not waiters:
                     del self._waiters[job_id]
+
+
+def read_job(job_id: str) -> Job | None:
+    """The job row as it stands now (any tenant's: for a job the caller itself just submitted)."""
+    with get_sessionmaker()() as session:
+        return session.get(Job, job_id)
+
+
+async def until_terminal(
+    request: Request,
+    job_id: str,
+    timeout: float,
+    *,
+    read: Callable[[], Job | None] | None = None,
+    until_disconnected: bool = False,
+) -> Job | None:
+    """The job as last read once it is terminal, or as it stood when timeout seconds passed (or, with
+    until_disconnected, when the client went away); None when there is no such job.
+
+    read reads the row (in a worker thread): by default read_job; a route that answers for a tenant passes
+    its own (gateway.owned), so another tenant's job reads as None.
+    """
+    latest: Job | None = None
+
+    async def finished() -> bool:
+        nonlocal latest
+        latest = await run_in_threadpool(read or (lambda: read_job(job_id)))
+        if latest is None or is_terminal(latest.status):
+            return True
+        return until_disconnected and await request.is_disconnected()
+
+    finished_jobs: FinishedJobs = request.app.state.finished_jobs
+    await finished_jobs.wait(job_id, timeout, finished)
+    return latest

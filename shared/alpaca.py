@@ -2,12 +2,14 @@
 
 Every record is checked (UTF-8, an object, required string fields, no unknown keys, length caps, text a row
 and an answer can hold, a record-count cap); the first bad record is reported with its line (JSONL) or index
-(array).
+(array). The one definition of a valid record: the gateway checks uploads with it (under the operator's caps),
+the train worker the stored file and hub dataset rows it trains on (uncapped: the caps are the upload's).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,9 @@ from shared.storable import unstorable
 
 REQUIRED = ("instruction", "output")
 OPTIONAL = ("input",)
+FIELDS = ("instruction", "input", "output")  # a checked record's keys, in this order
+
+Record = dict[str, str]  # {instruction, input, output}; input "" when the record has none
 
 
 class BadRecord(ValueError):
@@ -34,34 +39,39 @@ class Limits:
     max_field_chars: int
 
 
-def check_record(record: object, where: str, limits: Limits) -> dict[str, str]:
+UNCAPPED = Limits(max_records=sys.maxsize, max_field_chars=sys.maxsize)
+
+
+def check_record(record: object, where: str, limits: Limits) -> Record:
     """The record as {instruction, input, output}; BadRecord naming where and why otherwise."""
     if not isinstance(record, dict):
         raise BadRecord(where, f"expected a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - set(REQUIRED) - set(OPTIONAL))
+    unknown = sorted(set(record) - set(FIELDS))
     if unknown:
         raise BadRecord(where, f"unknown field {unknown[0]!r} (allowed: instruction, input, output)")
     for name in REQUIRED:
         if name not in record:
             raise BadRecord(where, f"missing required field {name!r}")
-    clean = {}
-    for name in (*REQUIRED[:1], *OPTIONAL, *REQUIRED[1:]):
-        value = record.get(name, "")
-        if value is None and name in OPTIONAL:
-            value = ""
-        if not isinstance(value, str):
-            raise BadRecord(where, f"field {name!r} must be a string, got {type(value).__name__}")
-        if len(value) > limits.max_field_chars:
-            raise BadRecord(where, f"field {name!r} is longer than {limits.max_field_chars} characters")
-        reason = unstorable(value)
-        if reason is not None:
-            raise BadRecord(where, f"field {name!r} {reason}")
-        clean[name] = value
-    if not clean["instruction"].strip():
-        raise BadRecord(where, "field 'instruction' is empty")
-    if not clean["output"].strip():
-        raise BadRecord(where, "field 'output' is empty")
+    clean = {name: _field(record, name, where, limits) for name in FIELDS}
+    for name in REQUIRED:
+        if not clean[name].strip():
+            raise BadRecord(where, f"field {name!r} is empty")
     return clean
+
+
+def _field(record: dict[object, object], name: str, where: str, limits: Limits) -> str:
+    """One field's text ("" for a missing or null optional one); BadRecord otherwise."""
+    value = record.get(name, "")
+    if value is None and name in OPTIONAL:
+        value = ""
+    if not isinstance(value, str):
+        raise BadRecord(where, f"field {name!r} must be a string, got {type(value).__name__}")
+    if len(value) > limits.max_field_chars:
+        raise BadRecord(where, f"field {name!r} is longer than {limits.max_field_chars} characters")
+    reason = unstorable(value)
+    if reason is not None:
+        raise BadRecord(where, f"field {name!r} {reason}")
+    return value
 
 
 def _text(raw: bytes, where: str) -> str:
@@ -81,7 +91,8 @@ def _parse(text: str, where: str | None) -> object:
         raise BadRecord(where or "file", "a number with more than 4300 digits") from None
 
 
-def _jsonl(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
+def jsonl_records(stream: IO[bytes], limits: Limits) -> Iterator[Record]:
+    """Every record of JSON Lines read from stream, validated; BadRecord at the first bad one."""
     count = 0
     for number, raw in enumerate(stream, start=1):
         where = f"line {number}"
@@ -95,7 +106,7 @@ def _jsonl(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
         yield check_record(record, where, limits)
 
 
-def _array(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
+def _array(stream: IO[bytes], limits: Limits) -> Iterator[Record]:
     records = _parse(_text(stream.read(), "file"), None)
     if not isinstance(records, list):
         raise BadRecord("file", "expected a JSON array of records or JSON Lines")
@@ -105,12 +116,12 @@ def _array(stream: IO[bytes], limits: Limits) -> Iterator[dict[str, str]]:
         yield check_record(record, f"record {index}", limits)
 
 
-def read_records(path: Path, limits: Limits) -> Iterator[dict[str, str]]:
+def read_records(path: Path, limits: Limits) -> Iterator[Record]:
     """Every record of a JSONL file or a JSON-array file, validated; BadRecord at the first bad one."""
     with path.open("rb") as stream:
         head = stream.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
         stream.seek(0)
         if stream.read(3) != b"\xef\xbb\xbf":
             stream.seek(0)
-        reader = _array if head.startswith(b"[") else _jsonl
+        reader = _array if head.startswith(b"[") else jsonl_records
         yield from reader(stream, limits)

@@ -47,7 +47,7 @@ def revoke_key(session: Session, key_id: str) -> bool:
         update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
     )
     session.commit()
-    return done.rowcount == 1  # type: ignore[attr-defined]
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def list_keys(session: Session) -> list[ApiKey]:

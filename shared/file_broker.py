@@ -27,7 +27,7 @@ class Channel(filesystem.Channel):
         temporary = os.path.join(self.data_folder_out, f".{name}.tmp")
         try:
             with open(temporary, "wb") as f:
-                f.write(str_to_bytes(dumps(payload)))
+                f.write(str_to_bytes(dumps(payload)))  # type: ignore[no-untyped-call]
             os.replace(temporary, final)
         except OSError as exc:
             raise ChannelError(f"Cannot add message file {final!r}") from exc
@@ -35,7 +35,7 @@ class Channel(filesystem.Channel):
 
 class Transport(filesystem.Transport):
     Channel = Channel
-    global_state = filesystem.virtual.BrokerState()
+    global_state = filesystem.virtual.BrokerState()  # type: ignore[no-untyped-call]
 
 
 def register() -> None:

@@ -11,14 +11,14 @@ expired and whose job was claimed again can no longer change it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
-from sqlalchemy import delete, exists, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
+from shared.job_data import ErrorCode, Figures, GenerationResult, JobError, JobParams, JobResult
 from shared.models import DEFAULT_TENANT, Checkpoint, Job, JobEvent, new_id, utcnow
 from shared.statuses import JobStatus
 from shared.storable import scrub
@@ -41,7 +41,7 @@ def create_job(
     kind: str,
     model: str,
     base_model: str,
-    params: dict[str, Any],
+    params: JobParams,
     max_attempts: int,
     tenant: str = DEFAULT_TENANT,
     job_id: str | None = None,
@@ -55,7 +55,7 @@ def create_job(
         status=JobStatus.QUEUED,
         model=model,
         base_model=base_model,
-        params=params,
+        params=stored(params),
         attempt=0,
         max_attempts=max_attempts,
         created_at=now,
@@ -111,7 +111,12 @@ def claim(session: Session, job_id: str, *, worker: str, lease_seconds: float) -
     return claims[0] if claims else None
 
 
-def _claim_where(session: Session, worker: str, lease_seconds: float, condition: Any) -> list[Claim]:
+def stored(data: JobParams | JobResult | JobError) -> dict[str, object]:
+    """The JSON a row stores for one of shared.job_data's models: the fields its writer set, nothing more."""
+    return data.model_dump(mode="json", exclude_unset=True)
+
+
+def _claim_where(session: Session, worker: str, lease_seconds: float, condition: ColumnElement[bool]) -> list[Claim]:
     now = utcnow()
     claimed = session.execute(
         update(Job)
@@ -134,7 +139,7 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
 
-def _guarded_finish(session: Session, claim: Claim, status: JobStatus, **values: Any) -> bool:
+def _guarded_finish(session: Session, claim: Claim, status: JobStatus, **values: object) -> bool:
     """The terminal UPDATE, only while the claim is current (no commit); whether it changed the row."""
     now = utcnow()
     done = session.execute(
@@ -145,7 +150,7 @@ def _guarded_finish(session: Session, claim: Claim, status: JobStatus, **values:
     return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def _finish(session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: Any) -> bool:
+def _finish(session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: object) -> bool:
     if not _guarded_finish(session, claim, status, **values):
         session.rollback()
         return False
@@ -155,7 +160,7 @@ def _finish(session: Session, claim: Claim, status: JobStatus, *, add: Sequence[
 
 
 # What a worker ends a claimed job with: (result, None) to succeed it, (None, (code, message)) to fail it.
-Outcome = tuple[dict[str, Any] | None, tuple[str, str] | None]
+Outcome = tuple[GenerationResult | None, tuple[ErrorCode, str] | None]
 
 
 def finish_batch(session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) -> list[bool]:
@@ -164,31 +169,33 @@ def finish_batch(session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) ->
     written = []
     for claim, (result, error) in outcomes:
         if error is None:
-            written.append(_guarded_finish(session, claim, JobStatus.SUCCEEDED, result=result or {}))
+            assert result is not None
+            written.append(_guarded_finish(session, claim, JobStatus.SUCCEEDED, result=stored(result)))
         else:
             code, message = error
-            written.append(_guarded_finish(session, claim, JobStatus.FAILED, error={"code": code, "message": message}))
+            failure = stored(JobError(code=code, message=message))
+            written.append(_guarded_finish(session, claim, JobStatus.FAILED, error=failure))
     session.commit()
     return written
 
 
-def succeed(session: Session, claim: Claim, result: dict[str, Any], *, add: Sequence[object] = ()) -> bool:
+def succeed(session: Session, claim: Claim, result: JobResult, *, add: Sequence[object] = ()) -> bool:
     """Marks a claimed job succeeded with its result; False when the claim is no longer current.
 
     Rows in add (e.g. the fine-tuned model a fine-tune produced) are inserted in the same transaction,
     and only when the claim is still current, so a result and its rows appear together or not at all.
     """
-    return _finish(session, claim, JobStatus.SUCCEEDED, add=add, result=result)
+    return _finish(session, claim, JobStatus.SUCCEEDED, add=add, result=stored(result))
 
 
-def fail(session: Session, claim: Claim, code: str, message: str) -> bool:
+def fail(session: Session, claim: Claim, code: ErrorCode, message: str) -> bool:
     """Marks a claimed job failed with a readable error; False when the claim is no longer current."""
-    return _finish(session, claim, JobStatus.FAILED, error={"code": code, "message": message})
+    return _finish(session, claim, JobStatus.FAILED, error=stored(JobError(code=code, message=message)))
 
 
-def finish_cancelled(session: Session, claim: Claim, result: dict[str, Any] | None = None) -> bool:
+def finish_cancelled(session: Session, claim: Claim, result: JobResult | None = None) -> bool:
     """Marks a claimed job whose cancel was requested as cancelled, keeping any partial result."""
-    return _finish(session, claim, JobStatus.CANCELLED, result=result)
+    return _finish(session, claim, JobStatus.CANCELLED, result=stored(result) if result is not None else None)
 
 
 def cancel(session: Session, job_id: str) -> Job | None:
@@ -211,7 +218,7 @@ def cancel(session: Session, job_id: str) -> Job | None:
     return session.get(Job, job_id, populate_existing=True)
 
 
-def _holds(claim: Claim) -> Any:
+def _holds(claim: Claim) -> ColumnElement[bool]:
     """SQL condition: the claim is still the job's current, running attempt."""
     return (Job.id == claim.job_id) & (Job.attempt == claim.attempt) & (Job.status == JobStatus.RUNNING)
 
@@ -223,14 +230,14 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> bool:
         update(Job).where(_holds(claim)).values(lease_expires_at=now + timedelta(seconds=lease_seconds))
     )
     session.commit()
-    return renewed.rowcount == 1  # type: ignore[attr-defined]
+    return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def record_progress(session: Session, claim: Claim, result: dict[str, Any]) -> bool:
+def record_progress(session: Session, claim: Claim, result: JobResult) -> bool:
     """Replaces the running job's partial result (progress figures) and commits; False if lost."""
-    done = session.execute(update(Job).where(_holds(claim)).values(result=result, updated_at=utcnow()))
+    done = session.execute(update(Job).where(_holds(claim)).values(result=stored(result), updated_at=utcnow()))
     session.commit()
-    return done.rowcount == 1  # type: ignore[attr-defined]
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def cancel_requested(session: Session, claim: Claim) -> bool:
@@ -249,7 +256,7 @@ def add_event(
     *,
     level: str = "info",
     type: str = "message",
-    data: dict[str, Any] | None = None,
+    data: Mapping[str, object] | None = None,
 ) -> bool:
     """Appends an event to the claimed job's history (only while the claim is current) and commits."""
     values = {
@@ -259,7 +266,7 @@ def add_event(
         "level": level,
         "type": type,
         "message": scrub(message)[:2000],  # may quote a prompt or an exception: text a row can hold
-        "data": data,
+        "data": dict(data) if data is not None else None,
     }
     columns = list(values)
     guarded = select(*[literal(v, type_=JobEvent.__table__.c[k].type) for k, v in values.items()]).where(
@@ -271,7 +278,7 @@ def add_event(
         insert(JobEvent).from_select(columns, guarded), execution_options={"preserve_rowcount": True}
     )
     session.commit()
-    return done.rowcount == 1  # type: ignore[attr-defined]
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def note(session: Session, job: Job, message: str, *, level: str = "info") -> None:
@@ -294,7 +301,7 @@ def add_checkpoint(
     claim: Claim,
     step: int,
     path: str,
-    metrics: dict[str, Any],
+    metrics: Figures,
     *,
     on_disk: Callable[[str], bool] | None = None,
 ) -> bool:
@@ -351,11 +358,13 @@ def fail_exhausted(session: Session) -> list[str]:
             finished_at=now,
             updated_at=now,
             lease_expires_at=None,
-            error={
-                "code": "max_attempts_exceeded",
-                "message": "the worker running this job stopped answering on every attempt "
-                "(the job may crash its worker)",
-            },
+            error=stored(
+                JobError(
+                    code=ErrorCode.MAX_ATTEMPTS_EXCEEDED,
+                    message="the worker running this job stopped answering on every attempt "
+                    "(the job may crash its worker)",
+                )
+            ),
         )
         .returning(Job.id)
     ).all()

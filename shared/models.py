@@ -10,7 +10,10 @@ from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, Integer, Stri
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-DEFAULT_TENANT = "default"  # the tenant of every request when API keys are not required
+# The tenant of every request when API keys are not required. Migration 0004 made it the tenant columns' server
+# default too (the rows that existed then got it); the models say so, so that they and the migrated schema agree
+# (tests/test_schema_agreement.py).
+DEFAULT_TENANT = "default"
 
 
 def utcnow() -> datetime:
@@ -53,7 +56,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT)
     kind: Mapped[str] = mapped_column(String(16))  # "generate" | "train"
     status: Mapped[str] = mapped_column(String(16))  # see shared.statuses.JobStatus
     model: Mapped[str] = mapped_column(String(512))  # what the client asked for (base or fine-tuned id)
@@ -93,7 +96,7 @@ class File(Base):
     __tablename__ = "files"
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(Integer)
@@ -137,7 +140,7 @@ class FineTunedModel(Base):
     __tablename__ = "fine_tuned_models"
 
     id: Mapped[str] = mapped_column(String(512), primary_key=True)
-    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT, index=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
     base_model: Mapped[str] = mapped_column(String(512))
     path: Mapped[str] = mapped_column(String(1024))  # adapter folder, relative to the artifact store

@@ -8,13 +8,21 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from shared.fine_tuning import HubDataset, Hyperparameters
+from shared.job_data import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    Figures,
+    GenerationOutput,
+    JobError,
+    JobKind,
+    Usage,
+)
 from shared.request_fields import Name, RequestModel, Text
 from shared.statuses import JobStatus
 
-JobKind = Literal["generate", "train"]
 
-
-def _stop_as_list(value: Any) -> Any:
+def _stop_as_list(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
@@ -31,11 +39,6 @@ StopStrings = Annotated[
     BeforeValidator(_stop_as_list, json_schema_input_type=Text | list[Text] | None),
     AfterValidator(_stop_not_empty),
 ]
-
-
-class ErrorInfo(BaseModel):
-    code: str
-    message: str
 
 
 # --- Error answers (every status the API answers on purpose, documented in the OpenAPI schema) ---
@@ -76,9 +79,9 @@ class GenerationRequest(RequestModel):
     model: Name | None = Field(None, min_length=1, max_length=512, description="Model id; default: the base model.")
     prompt: Text | None = Field(None, description="A single prompt (or use prompts).")
     prompts: list[Text] | None = Field(None, min_length=1, description="Several prompts, one output each.")
-    max_tokens: int = Field(16, ge=1, description="Most new tokens per prompt.")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 means greedy decoding.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, description="Most new tokens per prompt.")
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0, description="0 means greedy decoding.")
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: StopStrings = Field(None, max_length=4, description="Up to 4 strings that end the text.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible per prompt.")
     n: int = Field(1, ge=1, description="Outputs per prompt (output i*n+j is choice j of prompt i).")
@@ -92,20 +95,6 @@ class GenerationRequest(RequestModel):
     def prompt_list(self) -> list[str]:
         """The prompts as a list, whichever field carried them."""
         return [self.prompt] if self.prompt is not None else list(self.prompts or [])
-
-
-class GenerationOutput(BaseModel):
-    index: int
-    text: str
-    finish_reason: Literal["stop", "length"]
-    prompt_tokens: int
-    completion_tokens: int
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class GenerationJob(BaseModel):
@@ -124,7 +113,7 @@ class GenerationJob(BaseModel):
     request: dict[str, Any]
     outputs: list[GenerationOutput] | None
     usage: Usage | None
-    error: ErrorInfo | None
+    error: JobError | None
 
 
 class JobSummary(BaseModel):
@@ -136,7 +125,7 @@ class JobSummary(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     attempt: int
-    error: ErrorInfo | None
+    error: JobError | None
 
 
 class JobList(BaseModel):
@@ -228,9 +217,9 @@ class FineTuningJobRequest(RequestModel):
         return self.hyperparameters or Hyperparameters()
 
 
-class OpenAIError(BaseModel):
-    code: str
-    message: str
+class FineTuningJobError(JobError):
+    """A failed job's error in OpenAI's fine-tuning shape, which adds `param` (null: no field was at fault)."""
+
     param: str | None = None
 
 
@@ -264,13 +253,13 @@ class FineTuningJob(BaseModel):
     result_files: list[str]
     trained_tokens: int | None
     estimated_finish: int | None
-    error: OpenAIError | None
+    error: FineTuningJobError | None
     seed: int
     user_provided_suffix: str | None
     metadata: dict[str, str] | None
     integrations: list[Any] = Field(default_factory=list)
     dataset: dict[str, Any] | None = Field(description="llmq extension: the hub dataset, if any.")
-    metrics: dict[str, Any] | None = Field(description="llmq extension: losses and throughput so far.")
+    metrics: Figures | None = Field(description="llmq extension: losses and throughput so far.")
     progress: FineTuningJobProgress | None = Field(
         default=None, description="llmq extension: the current step and training loss while the job runs; else null."
     )
@@ -345,9 +334,9 @@ class CompletionRequest(RequestModel):
 
     model: Name = Field(min_length=1, max_length=512)
     prompt: Text | list[Text] = Field(description="A prompt or a list of prompts (token arrays not supported).")
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1)
+    temperature: float = Field(DEFAULT_TEMPERATURE, ge=0.0, le=2.0)
+    top_p: float = Field(DEFAULT_TOP_P, gt=0.0, le=1.0)
     n: int = Field(1, ge=1)
     stop: StopStrings = Field(None, max_length=4)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from cli.processes import worker_command
@@ -45,12 +45,19 @@ def worker_settings(postgres_url: str, quiet_redis_url: str, own_base: str, tmp_
 
 
 def add_job(base: str, tenant: str, params: dict[str, Any], model: str | None = None) -> str:
+    """A queued generation job; params are stored as given (a row of the wrong shape too, as an older gateway
+    or a hand-written row can leave one)."""
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import GenerationParams
+    from shared.models import Job
 
     with get_sessionmaker()() as session:
-        job = job_states.create_job(session, kind="generate", model=model or base, base_model=base, params=params,
-                                    max_attempts=3, tenant=tenant)  # fmt: skip
+        job = job_states.create_job(session, kind="generate", model=model or base, base_model=base,
+                                    params=GenerationParams(prompts=["placeholder"]), max_attempts=3,
+                                    tenant=tenant)  # fmt: skip
+        session.flush()
+        session.execute(update(Job).where(Job.id == job.id).values(params=params))
         session.commit()
         time.sleep(0.002)  # distinct created_at: the claim takes the oldest first
         return job.id
@@ -86,13 +93,14 @@ def test_job_whose_row_cannot_be_prepared_fails_alone_in_the_same_pass(worker_se
     assert {found[i].result["batch_size"] for i in good} == {12}
     assert found[bad].status == "failed" and found[bad].attempt == 1
     assert found[bad].error["code"] == "preparation_failed"
-    assert "TypeError" in found[bad].error["message"]
+    assert "max_tokens" in found[bad].error["message"]
 
 
 def test_one_broken_adapter_fails_only_the_jobs_that_name_it(worker_settings: Any, tmp_path: Path) -> None:
     from shared import job_states
     from shared.artifacts import ADAPTER_SEAL, ArtifactStore
     from shared.db import get_sessionmaker
+    from shared.job_data import FineTuneParams
     from shared.models import FineTunedModel
     from worker.serving import ModelHolder, serve_waiting_jobs
 
@@ -107,8 +115,9 @@ def test_one_broken_adapter_fails_only_the_jobs_that_name_it(worker_settings: An
              for name in ("good", "broken")}  # fmt: skip
     with get_sessionmaker()() as session:
         for name in ("good", "broken"):
-            owner = job_states.create_job(session, kind="train", model=base, base_model=base, params={},
-                                          max_attempts=1, tenant="alice")  # fmt: skip
+            owner = job_states.create_job(session, kind="train", model=base, base_model=base,
+                                          params=FineTuneParams(hyperparameters={}), max_attempts=1,
+                                          tenant="alice")  # fmt: skip
             session.flush()
             session.add(FineTunedModel(id=f"ft:tiny:{name}:{owner.id}", tenant="alice", job_id=owner.id,
                                        base_model=base, path=f"adapters/{name}",
@@ -160,6 +169,7 @@ def test_decoding_failure_is_narrowed_down_to_the_job_that_causes_it(tiny_model:
 def test_result_the_database_refuses_fails_only_its_job(worker_settings: Any) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import GenerationResult, Usage
     from worker.serving import _write_back
 
     base = worker_settings.base_model
@@ -167,11 +177,13 @@ def test_result_the_database_refuses_fails_only_its_job(worker_settings: Any) ->
     with get_sessionmaker()() as session:
         claims = job_states.claim_batch(session, kind="generate", base_model=base, worker="test", lease_seconds=30,
                                         limit=10)  # fmt: skip
-        ok = {"outputs": [], "usage": {"prompt_tokens": 1, "completion_tokens": 0, "total_tokens": 1}}
+        ok = GenerationResult(outputs=[], usage=Usage(prompt_tokens=1, completion_tokens=0, total_tokens=1))
         # A value the JSON column cannot serialize (NUL, surrogates and NaN are scrubbed on the way in since
-        # migration 0006): a real value-level refusal of one job's result, raised while writing.
-        outcomes = [(ok, None), ({"outputs": [], "score": {1, 2}}, None), (ok, None)]
-        _write_back(session, claims, outcomes)  # type: ignore[arg-type]
+        # migration 0006): an integer of more than 4300 digits, which Python's JSON encoder refuses. A real
+        # value-level refusal of one job's result, raised while writing.
+        huge = ok.model_copy(update={"batch_size": 10**5000})
+        outcomes = [(ok, None), (huge, None), (ok, None)]
+        _write_back(session, claims, outcomes)
     found = rows(ids)
     refused = claims[1].job_id
     assert found[refused].status == "failed" and found[refused].error["code"] == "result_not_storable"

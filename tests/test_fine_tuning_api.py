@@ -158,18 +158,19 @@ def test_fine_tuning_job_is_queued_with_resolved_hyperparameters(client: TestCli
 def test_running_fine_tune_shows_its_progress(client: TestClient) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import FineTuneResult
 
     job = create_job(client).json()  # type: ignore[attr-defined]
     assert job["progress"] is None
     with get_sessionmaker()() as session:
         claim = job_states.claim(session, job["id"], worker="w", lease_seconds=60)
         assert claim is not None
-        figures = {"trained_tokens": 640, "step": 5, "total_steps": 20, "train_loss": 2.5, "estimated_finish": None}
+        figures = FineTuneResult(trained_tokens=640, step=5, total_steps=20, train_loss=2.5, estimated_finish=None)
         assert job_states.record_progress(session, claim, figures)
         running = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
         assert running["status"] == "running" and running["trained_tokens"] == 640
         assert running["progress"] == {"step": 5, "total_steps": 20, "train_loss": 2.5}
-        assert job_states.succeed(session, claim, {"fine_tuned_model": "ft:x", "trained_tokens": 2560})
+        assert job_states.succeed(session, claim, FineTuneResult(fine_tuned_model="ft:x", trained_tokens=2560))
     assert client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["progress"] is None
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared import job_states
 from shared.db import make_engine
+from shared.job_data import ErrorCode, GenerationOutput, GenerationParams, GenerationResult, Usage
 from shared.job_states import Claim
 from shared.migrate import upgrade
 from shared.models import Checkpoint, Job, JobEvent
@@ -43,13 +44,18 @@ def add_jobs(factory: sessionmaker[Session], n: int, base_model: str = "m") -> l
                 kind="generate",
                 model=base_model,
                 base_model=base_model,
-                params={"i": i},
+                params=GenerationParams(prompts=[f"prompt {i}"]),
                 max_attempts=3,
             )
             for i in range(n)
         ]
         session.commit()
         return [j.id for j in jobs]
+
+
+def result(text: str) -> GenerationResult:
+    output = GenerationOutput(index=0, text=text, finish_reason="length", prompt_tokens=1, completion_tokens=1)
+    return GenerationResult(outputs=[output], usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))
 
 
 def claim_all(factory: sessionmaker[Session], worker: str, out: list[str]) -> None:
@@ -114,11 +120,12 @@ def test_stale_attempt_cannot_finish_a_job_claimed_again(sessions: sessionmaker[
         session.commit()
         fresh = job_states.claim(session, job_id, worker="b", lease_seconds=60)
         assert fresh is not None and fresh.attempt == 2
-        assert not job_states.succeed(session, stale_attempt, {"who": "stale"})
+        assert not job_states.succeed(session, stale_attempt, result("stale"))
         assert not job_states.add_event(session, stale_attempt, "stale event")
-        assert job_states.succeed(session, fresh, {"who": "fresh"})
+        assert job_states.succeed(session, fresh, result("fresh"))
         job = session.get(Job, job_id, populate_existing=True)
-        assert job is not None and job.status == JobStatus.SUCCEEDED and job.result == {"who": "fresh"}
+        assert job is not None and job.status == JobStatus.SUCCEEDED
+        assert GenerationResult.model_validate(job.result) == result("fresh")
         assert session.query(JobEvent).filter_by(job_id=job_id).count() == 0
 
 
@@ -161,14 +168,14 @@ def test_a_batch_writes_its_outcomes_together_and_drops_only_the_stale_ones(
         session.commit()
         by_id = {c.job_id: c for c in claims}
         outcomes = [
-            (by_id[ids[0]], ({"text": "ok"}, None)),
-            (by_id[ids[1]], (None, ("generation_failed", "boom"))),
-            (stale, ({"text": "late"}, None)),
+            (by_id[ids[0]], (result("ok"), None)),
+            (by_id[ids[1]], (None, (ErrorCode.GENERATION_FAILED, "boom"))),
+            (stale, (result("late"), None)),
         ]
         assert job_states.finish_batch(session, outcomes) == [True, True, False]
     with sessions() as session:
         rows = {j.id: j for j in session.query(Job).filter(Job.id.in_(ids))}
-    assert rows[ids[0]].status == JobStatus.SUCCEEDED and rows[ids[0]].result == {"text": "ok"}
+    assert rows[ids[0]].status == JobStatus.SUCCEEDED and rows[ids[0]].result == job_states.stored(result("ok"))
     assert rows[ids[1]].status == JobStatus.FAILED and rows[ids[1]].error == {
         "code": "generation_failed",
         "message": "boom",
@@ -181,8 +188,8 @@ def test_terminal_jobs_do_not_change_again(sessions: sessionmaker[Session]) -> N
     with sessions() as session:
         claim = job_states.claim(session, job_id, worker="a", lease_seconds=60)
         assert claim is not None
-        assert job_states.fail(session, claim, "boom", "it broke")
-        assert not job_states.succeed(session, claim, {})
+        assert job_states.fail(session, claim, ErrorCode.GENERATION_FAILED, "it broke")
+        assert not job_states.succeed(session, claim, result("late"))
         assert job_states.cancel(session, job_id).status == JobStatus.FAILED  # type: ignore[union-attr]
 
 

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, select
 
+from shared.statuses import is_terminal
 from tests.process_settings import configure
 from tests.systems import System
 
@@ -221,13 +222,12 @@ def test_metrics_count_messages_of_the_embedded_file_broker(tmp_path: Path, monk
     monkeypatch.delenv("LLMQ_BROKER_URL", raising=False)
     configure(monkeypatch, data_dir=str(tmp_path))
     from gateway.metrics import broker_messages
-    from shared.settings import get_settings
 
     folder = tmp_path / "broker" / "queue"
     folder.mkdir(parents=True)
     for name in ("1_a.generate.msg", "2_b.generate.msg", "3_c.train.msg", ".4_d.generate.msg.tmp"):
         (folder / name).write_text("{}")
-    assert broker_messages(get_settings()) == {"generate": 2, "train": 1}
+    assert broker_messages() == {"generate": 2, "train": 1}
 
 
 def test_metrics_never_show_prompts_or_outputs(client: TestClient) -> None:
@@ -279,7 +279,7 @@ def wait_done(system: System, job_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         job = httpx.get(f"{system.base_url}/v1/generations/{job_id}", params={"wait": 10}, timeout=20).json()
-        if job["status"] in ("succeeded", "failed", "cancelled"):
+        if is_terminal(job["status"]):
             return dict(job)
         time.sleep(0.05)
     raise AssertionError(f"{job_id} did not finish")

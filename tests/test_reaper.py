@@ -13,6 +13,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.orm import Session
 
 from shared import job_states
+from shared.job_data import FineTuneParams, FineTuneResult, GenerationParams, JobKind
 from shared.models import Job, utcnow
 from shared.statuses import JobStatus
 from tests.process_settings import configure, reset_caches
@@ -37,11 +38,9 @@ def queued_ids(url: str, queue: str) -> list[str]:
     return [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in messages]
 
 
-def new_job(session: Session, kind: str = "generate", max_attempts: int = 3) -> str:
-    job = job_states.create_job(
-        session, kind=kind, model="m", base_model="m", params={"prompts": ["x"], "max_tokens": 1},
-        max_attempts=max_attempts,
-    )  # fmt: skip
+def new_job(session: Session, kind: JobKind = "generate", max_attempts: int = 3) -> str:
+    params = GenerationParams(prompts=["x"], max_tokens=1) if kind == "generate" else FineTuneParams(hyperparameters={})
+    job = job_states.create_job(session, kind=kind, model="m", base_model="m", params=params, max_attempts=max_attempts)
     session.commit()
     return job.id
 
@@ -72,7 +71,7 @@ def test_expired_lease_returns_the_job_to_the_queue_and_resends_its_message(
     assert queued_ids(quiet_redis_url, "train") == [job_id]
     again = job_states.claim(session, job_id, worker="alive", lease_seconds=60)
     assert again is not None and again.attempt == 2
-    assert not job_states.succeed(session, claim, {"from": "the dead worker"})
+    assert not job_states.succeed(session, claim, FineTuneResult(fine_tuned_model="from the dead worker"))
 
 
 def test_live_lease_is_left_alone(session: Session) -> None:

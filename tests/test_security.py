@@ -118,12 +118,14 @@ def test_another_tenants_ids_answer_404_and_lists_show_only_your_own(client: Tes
 def test_another_tenants_fine_tuned_model_does_not_exist_for_you(client: TestClient) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import FineTuneParams
     from shared.models import FineTunedModel
 
     alice, bob = new_key("alice"), new_key("bob")
     with get_sessionmaker()() as session:
+        params = FineTuneParams(hyperparameters={})
         job = job_states.create_job(
-            session, kind="train", model=BASE, base_model=BASE, params={}, max_attempts=1, tenant="alice"
+            session, kind="train", model=BASE, base_model=BASE, params=params, max_attempts=1, tenant="alice"
         )
         session.flush()
         session.add(FineTunedModel(id=f"ft:{BASE}:x:{job.id}", tenant="alice", job_id=job.id, base_model=BASE,

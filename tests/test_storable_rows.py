@@ -53,21 +53,20 @@ def client(postgres_url: str, quiet_redis_url: str, monkeypatch: pytest.MonkeyPa
 def test_generated_text_with_nul_is_stored_so_get_lists_and_metrics_read_it(client: TestClient) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import GenerationOutput, GenerationParams, GenerationResult, Usage
 
     with get_sessionmaker()() as session:
         job = job_states.create_job(
-            session, kind="generate", model=BASE, base_model=BASE, params={"prompts": ["hi"]}, max_attempts=3
-        )
+            session, kind="generate", model=BASE, base_model=BASE, params=GenerationParams(prompts=["hi"]),
+            max_attempts=3,
+        )  # fmt: skip
         session.commit()
         claim = job_states.claim(session, job.id, worker="w:1", lease_seconds=30)
         assert claim is not None
-        output = {"index": 0, "text": "a\x00b\ud800", "finish_reason": "length", "prompt_tokens": 1}
-        result = {
-            "outputs": [output | {"completion_tokens": 3}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4},
-            "batch_size": 1,
-            "seconds": float("nan"),  # JSON has no NaN: stored as null
-        }
+        output = GenerationOutput(index=0, text="a\x00b\ud800", finish_reason="length", prompt_tokens=1,
+                                  completion_tokens=3)  # fmt: skip
+        usage = Usage(prompt_tokens=1, completion_tokens=3, total_tokens=4)
+        result = GenerationResult(outputs=[output], usage=usage, batch_size=1)
         assert job_states.finish_batch(session, [(claim, (result, None))]) == [True]
     got = client.get(f"/v1/generations/{job.id}")
     assert got.status_code == 200 and got.json()["outputs"][0]["text"] == "a\ufffdb\ufffd"
@@ -80,16 +79,23 @@ def test_generated_text_with_nul_is_stored_so_get_lists_and_metrics_read_it(clie
 def test_a_worker_message_quoting_a_nul_is_stored_as_an_event(client: TestClient) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker
+    from shared.job_data import ErrorCode, FineTuneParams, FineTuneResult
 
     with get_sessionmaker()() as session:
         job = job_states.create_job(
-            session, kind="train", model=BASE, base_model=BASE, params={}, max_attempts=3, tenant="default"
-        )
+            session, kind="train", model=BASE, base_model=BASE, params=FineTuneParams(hyperparameters={}),
+            max_attempts=3, tenant="default",
+        )  # fmt: skip
         session.commit()
         claim = job_states.claim(session, job.id, worker="w:1", lease_seconds=30)
         assert claim is not None
+        # A diverged loss: JSON has no NaN, so it is stored (and shown) as null.
+        diverged = FineTuneResult(step=1, total_steps=2, train_loss=float("nan"))
+        assert job_states.record_progress(session, claim, diverged)
+        progress = client.get("/metrics").text
+        assert f'llmq_train_step{{job_id="{job.id}",model="{BASE}"}} 1.0' in progress
         assert job_states.add_event(session, claim, "tokenizer failed on 'a\x00b'", data={"val_loss": float("inf")})
-        assert job_states.fail(session, claim, "training_failed", "bad text 'a\x00b'")
+        assert job_states.fail(session, claim, ErrorCode.TRAINING_FAILED, "bad text 'a\x00b'")
     events = client.get(f"/v1/fine_tuning/jobs/{job.id}/events").json()["data"]
     assert events[0]["message"] == "tokenizer failed on 'a\ufffdb'" and events[0]["data"] == {"val_loss": None}
 
@@ -259,3 +265,48 @@ def _train_params() -> dict[str, Any]:
         "metadata": None,
         "hyperparameters": {"n_epochs": 3, "batch_size": 8, "learning_rate_multiplier": 1.0},
     }
+
+
+# --- Rows written before a field existed --------------------------------------------------------------------
+
+
+def test_rows_an_older_writer_left_read_with_the_defaults_of_the_fields_they_lack(client: TestClient) -> None:
+    from shared.db import get_sessionmaker
+    from shared.job_data import FineTuneResult, GenerationParams
+    from shared.models import Job, utcnow
+
+    now = utcnow()
+    common = {"tenant": "default", "model": BASE, "base_model": BASE, "attempt": 1, "max_attempts": 3,
+              "created_at": now, "started_at": now}  # fmt: skip
+    # A generation stored before n, stop, seed and stream existed, and its result before batch_size did.
+    old_generation = {"prompts": ["a"], "max_tokens": 4, "temperature": 0, "top_p": 1}
+    old_result = {"outputs": [{"index": 0, "text": "b", "finish_reason": "length", "prompt_tokens": 1,
+                               "completion_tokens": 1}],
+                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
+    # A fine-tune stored without seed and metadata, whose progress names its finish in unix seconds and has
+    # neither trained_tokens nor train_loss.
+    old_train = {"training_file": "file-1", "hyperparameters": {"n_epochs": 1, "batch_size": 2,
+                                                                "learning_rate_multiplier": 1.0}}  # fmt: skip
+    old_progress = {"step": 3, "total_steps": 9, "estimated_finish": 4102444800}
+    with get_sessionmaker()() as session:
+        session.add(Job(id="gen-old", kind="generate", status="succeeded", params=old_generation, result=old_result,
+                        finished_at=now, **common))  # fmt: skip
+        session.add(Job(id="ftjob-old", kind="train", status="running", params=old_train, result=old_progress,
+                        **common))  # fmt: skip
+        session.commit()
+
+    generation = client.get("/v1/generations/gen-old")
+    assert generation.status_code == 200, generation.text
+    assert generation.json()["request"] == old_generation and generation.json()["outputs"][0]["text"] == "b"
+    # What the generate worker runs such a row with: the defaults of a request that left those fields out.
+    params = GenerationParams.model_validate(old_generation)
+    assert (params.n, params.stop, params.seed, params.stream) == (1, None, None, False)
+
+    fine_tune = client.get("/v1/fine_tuning/jobs/ftjob-old")
+    assert fine_tune.status_code == 200, fine_tune.text
+    shown = fine_tune.json()
+    assert shown["seed"] == 0 and shown["metadata"] is None and shown["validation_file"] is None
+    assert shown["progress"] == {"step": 3, "total_steps": 9, "train_loss": None}
+    assert shown["estimated_finish"] == 4102444800 and shown["trained_tokens"] is None
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs").json()["data"]] == ["ftjob-old"]
+    assert FineTuneResult.model_validate(old_progress).trained_tokens is None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.routes.completions import Relay
+from gateway.stream_relay import Relay
 from worker.streaming import settled_text
 
 

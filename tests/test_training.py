@@ -26,6 +26,7 @@ from shared import artifacts, job_states
 from shared.artifacts import ADAPTER_SEAL, CHECKPOINT_SEAL, ArtifactStore
 from shared.db import get_sessionmaker
 from shared.fine_tuning import Hyperparameters, ResolvedHyperparameters
+from shared.job_data import FineTuneParams
 from shared.migrate import upgrade
 from shared.models import Checkpoint, File, FineTunedModel, Job, JobEvent, new_id
 from shared.prompts import TEMPLATE, alpaca_prompt
@@ -98,15 +99,15 @@ def sealed_files(settings: Settings, key: str, seal: str) -> set[str]:
 
 def add_job(model: str, *, training_file: str | None = None, dataset: Any = None, **hyper: Any) -> str:
     """A queued train job as the gateway writes it; its id."""
-    params = {
-        "training_file": training_file,
-        "validation_file": None,
-        "dataset": dataset,
-        "suffix": "test",
-        "seed": 7,
-        "metadata": {"case": "test"},
-        "hyperparameters": Hyperparameters(**hyper).resolved().model_dump(),
-    }
+    params = FineTuneParams(
+        training_file=training_file,
+        validation_file=None,
+        dataset=dataset,
+        suffix="test",
+        seed=7,
+        metadata={"case": "test"},
+        hyperparameters=Hyperparameters(**hyper).resolved().model_dump(),
+    )
     with get_sessionmaker()() as session:
         job = job_states.create_job(
             session, kind="train", model=model, base_model=model, params=params, max_attempts=3, tenant="acme"

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from shared import artifacts, job_states
 from shared.artifacts import ADAPTER_SEAL, ArtifactStore
 from shared.fine_tuning import ResolvedHyperparameters
+from shared.job_data import Figures, FineTuneParams, FineTuneResult
 from shared.job_states import Claim
 from shared.models import FineTunedModel, Job, utcnow
 from shared.prompts import TEMPLATE
@@ -40,7 +41,7 @@ class TrainedAdapter:
     data: TrainingData  # data.source: which files or hub dataset, with their sha256
     hp: ResolvedHyperparameters
     seed: int
-    metrics: dict[str, Any]  # at least trained_tokens
+    metrics: Figures  # at least trained_tokens
 
 
 def publish_adapter(
@@ -52,21 +53,23 @@ def publish_adapter(
     Raises ClaimLost (after removing this attempt's stored adapter) when another attempt owns the job.
     """
     job: Job = claim.job
-    model_id = fine_tuned_model_id(job.base_model, job.params.get("suffix"), job.id)
+    params = FineTuneParams.model_validate(job.params)
+    model_id = fine_tuned_model_id(job.base_model, params.suffix, job.id)
     relative_dir = artifacts.adapter_key(job.id, claim.attempt)
     store = ArtifactStore.from_settings(settings)
     adapter.model.save_pretrained(local, safe_serialization=True)
-    manifest = build_manifest(job, settings, adapter, model_id)
+    manifest = build_manifest(job, settings, params, adapter, model_id)
     manifest["files"] = store.put_sealed(local, relative_dir, ADAPTER_SEAL, manifest)
     files = sorted([*manifest["files"], ADAPTER_SEAL])
     metrics = adapter.metrics
-    result = {
-        "fine_tuned_model": model_id,
-        "trained_tokens": metrics["trained_tokens"],
-        "metrics": metrics,
-        "result_files": [f"{relative_dir}/{name}" for name in files],
-        "adapter_path": relative_dir,
-    }
+    trained_tokens = metrics["trained_tokens"]
+    result = FineTuneResult(
+        fine_tuned_model=model_id,
+        trained_tokens=int(trained_tokens) if trained_tokens is not None else None,
+        metrics=metrics,
+        result_files=[f"{relative_dir}/{name}" for name in files],
+        adapter_path=relative_dir,
+    )
     row = FineTunedModel(
         id=model_id,
         tenant=job.tenant,  # the model belongs to whoever trained it
@@ -92,7 +95,9 @@ def fine_tuned_model_id(base_model: str, suffix: str | None, job_id: str) -> str
     return f"ft:{short}:{suffix or 'llmq'}:{job_id}"
 
 
-def build_manifest(job: Job, settings: Settings, adapter: TrainedAdapter, model_id: str) -> dict[str, Any]:
+def build_manifest(
+    job: Job, settings: Settings, params: FineTuneParams, adapter: TrainedAdapter, model_id: str
+) -> dict[str, Any]:
     """The adapter's manifest: base model and revision, data, hyperparameters, metrics, prompt template."""
     return {
         "fine_tuned_model": model_id,
@@ -109,7 +114,7 @@ def build_manifest(job: Job, settings: Settings, adapter: TrainedAdapter, model_
         "response_prefix": RESPONSE_PREFIX,  # the completion starts with it; strip it from generated text
         "eos_token": adapter.loaded.tokenizer.eos_token,
         "versions": _versions(),
-        "metadata": job.params.get("metadata"),
+        "metadata": params.metadata,
         "created_at": utcnow().isoformat(),
     }
 

@@ -1,34 +1,35 @@
 """Training data for a fine-tune: Alpaca records from an uploaded file or a hub dataset, split and formatted.
 
-A record is {"instruction", "input", "output"}. An example is what the trainer sees: the Stanford prompt and
-the completion it must learn, `RESPONSE_PREFIX + output` (the trainer appends EOS and trains it too).
+A record is {"instruction", "input", "output"}, checked by shared.alpaca as the gateway checked the upload. An
+example is what the trainer sees: the Stanford prompt and the completion it must learn, `RESPONSE_PREFIX +
+output` (the trainer appends EOS and trains it too).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 from sqlalchemy.orm import Session
 
+from shared.alpaca import FIELDS, UNCAPPED, BadRecord, Record, check_record, jsonl_records
 from shared.artifacts import ArtifactStore
-from shared.fine_tuning import HubDataset
+from shared.fine_tuning import HubDataset, ResolvedHyperparameters
+from shared.job_data import FineTuneParams
 from shared.models import File
 from shared.prompts import alpaca_prompt
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Record = dict[str, str]
-FIELDS = ("instruction", "input", "output")
+Source = dict[str, JsonValue]  # where training data came from, as the manifest records it
 
 # The prompt ends with "### Response:". A space before the response makes its first word the same
 # space-prefixed BPE token it is everywhere else in GPT-2 text, keeps the tokenized prompt an exact prefix of
@@ -48,7 +49,7 @@ class TrainingData:
 
     train: list[Record]
     validation: list[Record]
-    source: dict[str, Any] = field(default_factory=dict)
+    source: Source = field(default_factory=dict)
 
 
 def completion(output: str) -> str:
@@ -73,19 +74,11 @@ def records_sha256(records: Sequence[Record]) -> str:
     return digest.hexdigest()
 
 
-def _check_record(record: Any, where: str) -> Record:
-    if not isinstance(record, dict) or not all(isinstance(record.get(k, ""), str) for k in FIELDS):
-        raise DatasetUnavailable(f"{where}: expected an object with string instruction, input and output")
-    if not record.get("instruction") or not record.get("output"):
-        raise DatasetUnavailable(f"{where}: instruction and output must not be empty")
-    return {k: record.get(k, "") for k in FIELDS}
-
-
 def read_jsonl(path: Path, name: str) -> list[Record]:
     """The records of a local JSONL file of Alpaca records; DatasetUnavailable when missing or malformed."""
     try:
-        with path.open(encoding="utf-8") as lines:
-            return parse_jsonl(lines, name)
+        with path.open("rb") as stream:
+            return parse_jsonl(stream, name)
     except OSError as exc:
         raise DatasetUnavailable(f"file {name} cannot be read: {exc.strerror or exc}") from exc
 
@@ -94,31 +87,33 @@ def read_stored_jsonl(store: ArtifactStore, key: str, name: str) -> list[Record]
     """The records of a JSONL file in the artifact store, streamed line by line."""
     try:
         with store.open(key) as raw:
-            return parse_jsonl(io.TextIOWrapper(raw, encoding="utf-8"), name)
+            return parse_jsonl(raw, name)
     except OSError as exc:  # ArtifactMissing, or the store not answering
         raise DatasetUnavailable(f"file {name} cannot be read from the artifact store: {exc}") from exc
 
 
-def parse_jsonl(lines: Iterable[str], name: str) -> list[Record]:
-    """The records of JSONL lines; DatasetUnavailable naming the first malformed line, or when there is none."""
-    records = []
+def parse_jsonl(stream: IO[bytes], name: str) -> list[Record]:
+    """The records of JSONL bytes (as the gateway stores uploads), checked as the upload was (shared.alpaca,
+    uncapped: the caps were the upload's); DatasetUnavailable naming the first bad line, or when there is none."""
     try:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DatasetUnavailable(f"file {name}, line {number}: not JSON ({exc.msg})") from exc
-            records.append(_check_record(value, f"file {name}, line {number}"))
-    except UnicodeDecodeError as exc:
-        raise DatasetUnavailable(f"file {name} is not UTF-8 text") from exc
+        records = list(jsonl_records(stream, UNCAPPED))
+    except BadRecord as exc:
+        raise DatasetUnavailable(f"file {name}, {exc}") from exc
     if not records:
         raise DatasetUnavailable(f"file {name} holds no records")
     return records
 
 
-def load_file(session: Session, settings: Settings, file_id: str) -> tuple[list[Record], dict[str, Any]]:
+def _hub_record(row: dict[str, object], where: str) -> Record:
+    """A hub dataset row's record: its instruction, input and output (other columns, such as tatsu-lab/alpaca's
+    `text`, are not part of it)."""
+    try:
+        return check_record({k: row[k] for k in FIELDS if k in row}, where, UNCAPPED)
+    except BadRecord as exc:
+        raise DatasetUnavailable(str(exc)) from exc
+
+
+def load_file(session: Session, settings: Settings, file_id: str) -> tuple[list[Record], Source]:
     """An uploaded file's records and its manifest entry (id, sha256)."""
     row = session.get(File, file_id)
     key, sha256 = (row.path, row.sha256) if row is not None else ("", "")
@@ -129,7 +124,7 @@ def load_file(session: Session, settings: Settings, file_id: str) -> tuple[list[
     return records, {"type": "file", "file_id": file_id, "sha256": sha256, "records": len(records)}
 
 
-def load_hub(spec: HubDataset, seed: int, settings: Settings) -> tuple[list[Record], dict[str, Any]]:
+def load_hub(spec: HubDataset, seed: int, settings: Settings) -> tuple[list[Record], Source]:
     """A hub dataset's records (a seeded sample when sample_size is set) and its manifest entry.
 
     Only an offered hub id that names nothing on this machine reaches the loader (the gateway checked the same;
@@ -159,10 +154,10 @@ def load_hub(spec: HubDataset, seed: int, settings: Settings) -> tuple[list[Reco
         raise DatasetUnavailable(f"dataset {spec.name!r} has no column {', '.join(missing)}")
     if spec.sample_size is not None and spec.sample_size < len(loaded):
         loaded = loaded.shuffle(seed=seed).select(range(spec.sample_size))
-    records = [_check_record(row, f"dataset {spec.name!r} row {i}") for i, row in enumerate(loaded)]
+    records = [_hub_record(row, f"dataset {spec.name!r} row {i}") for i, row in enumerate(loaded)]
     if not records:
         raise DatasetUnavailable(f"dataset {spec.name!r} split {spec.split!r} is empty")
-    source = {
+    source: Source = {
         "type": "hub",
         "name": spec.name,
         "split": spec.split,
@@ -196,33 +191,31 @@ def split_validation(records: list[Record], fraction: float, seed: int) -> tuple
     return train, validation
 
 
-def _hub_dataset(stored: Any) -> HubDataset:
+def _hub_dataset(stored: dict[str, JsonValue]) -> HubDataset:
     try:
         return HubDataset.model_validate(stored)
     except ValidationError:
-        name = stored.get("name") if isinstance(stored, dict) else None
-        raise DatasetUnavailable(f"dataset {name!r} is not a hub dataset id (owner/name)") from None
+        raise DatasetUnavailable(f"dataset {stored.get('name')!r} is not a hub dataset id (owner/name)") from None
 
 
-def load_training_data(session: Session, settings: Settings, params: dict[str, Any]) -> TrainingData:
+def load_training_data(session: Session, settings: Settings, params: FineTuneParams) -> TrainingData:
     """The job's training and validation records, from its files or its hub dataset."""
-    seed = int(params.get("seed") or 0)
-    hyper = params.get("hyperparameters") or {}
-    if params.get("training_file"):
-        records, source = load_file(session, settings, params["training_file"])
-    elif params.get("dataset"):
-        records, source = load_hub(_hub_dataset(params["dataset"]), seed, settings)
+    seed = params.seed
+    if params.training_file:
+        records, source = load_file(session, settings, params.training_file)
+    elif params.dataset:
+        records, source = load_hub(_hub_dataset(params.dataset), seed, settings)
     else:
         raise DatasetUnavailable("the job names neither a training file nor a dataset")
 
-    if params.get("validation_file"):
-        validation, val_source = load_file(session, settings, params["validation_file"])
+    if params.validation_file:
+        validation, val_source = load_file(session, settings, params.validation_file)
         train = records
-        source = {"train": source, "validation": val_source}
+        sources: Source = {"train": source, "validation": val_source}
     else:
-        fraction = float(hyper.get("validation_split", 0.0))
+        fraction = ResolvedHyperparameters.model_validate(params.hyperparameters).validation_split
         train, validation = split_validation(records, fraction, seed)
-        source = {"train": source, "validation": {"type": "split", "fraction": fraction, "seed": seed}}
-    source["train_records"] = len(train)
-    source["validation_records"] = len(validation)
-    return TrainingData(train=train, validation=validation, source=source)
+        sources = {"train": source, "validation": {"type": "split", "fraction": fraction, "seed": seed}}
+    sources["train_records"] = len(train)
+    sources["validation_records"] = len(validation)
+    return TrainingData(train=train, validation=validation, source=sources)

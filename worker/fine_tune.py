@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 from sqlalchemy.orm import Session
@@ -32,6 +29,7 @@ from shared import job_states
 from shared.artifacts import ArtifactStore
 from shared.db import get_sessionmaker
 from shared.fine_tuning import ResolvedHyperparameters
+from shared.job_data import ErrorCode, Figures, FineTuneParams, FineTuneResult
 from shared.job_states import Claim
 from shared.notify import publish_finished
 from shared.settings import Settings
@@ -39,16 +37,12 @@ from worker.adapter_publishing import TrainedAdapter, publish_adapter
 from worker.alpaca_data import DatasetUnavailable, load_training_data
 from worker.checkpoints import fetch_checkpoint, last_sealed_checkpoint, step_of, trained_tokens_at
 from worker.guarded_writes import ClaimLost, add_event, renew_lease
+from worker.identity import worker_id
 from worker.leases import lease_keeper
 from worker.progress_callback import JobCallback
-from worker.trainer_setup import ModelLoadFailed, build_trainer, load_trainable_base
+from worker.trainer_setup import CountingSFTTrainer, ModelLoadFailed, build_trainer, load_trainable_base
 
 log = logging.getLogger(__name__)
-
-
-def worker_id() -> str:
-    """host:pid of this process (read per call: Celery forks workers after import)."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_fine_tune(job_id: str, settings: Settings) -> None:
@@ -78,14 +72,14 @@ def run_fine_tune(job_id: str, settings: Settings) -> None:
     publish_finished([job_id])
 
 
-def _error(exc: Exception) -> tuple[str, str]:
+def _error(exc: Exception) -> tuple[ErrorCode, str]:
     """(code, one-line message) for a failure; the traceback goes to the log, not to the client."""
     if isinstance(exc, DatasetUnavailable):
-        code, message = "dataset_unavailable", str(exc)
+        code, message = ErrorCode.DATASET_UNAVAILABLE, str(exc)
     elif isinstance(exc, ModelLoadFailed):
-        code, message = "model_load_failed", str(exc)
+        code, message = ErrorCode.MODEL_LOAD_FAILED, str(exc)
     else:
-        code, message = "training_failed", f"training failed: {type(exc).__name__}: {exc}"
+        code, message = ErrorCode.TRAINING_FAILED, f"training failed: {type(exc).__name__}: {exc}"
     return code, " ".join(message.split())[:1000]
 
 
@@ -99,11 +93,12 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
     """Trains the claimed job, then publishes its adapter or ends it cancelled; ClaimLost if taken over."""
     job = claim.job
     started = time.monotonic()
-    hp = ResolvedHyperparameters.model_validate(job.params["hyperparameters"])
-    seed = int(job.params.get("seed") or 0)
+    params = FineTuneParams.model_validate(job.params)
+    hp = ResolvedHyperparameters.model_validate(params.hyperparameters)
+    seed = params.seed
     add_event(session, claim, f"Fine-tuning job started (attempt {claim.attempt}).")
 
-    data = load_training_data(session, settings, job.params)
+    data = load_training_data(session, settings, params)
     add_event(
         session,
         claim,
@@ -122,7 +117,7 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
         callback = JobCallback(session, claim, settings, trainer)
         trainer.add_callback(callback)
 
-        metrics: dict[str, Any] = {}
+        metrics: Figures = {}
         if data.validation:
             metrics["base_val_loss"] = callback.evaluate("base_val_loss", "Validation loss of the base model")
         resume = _resume_point(session, claim, settings, trainer, scratch / "resume")
@@ -161,7 +156,9 @@ def scratch_folder(settings: Settings, job_id: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _resume_point(session: Session, claim: Claim, settings: Settings, trainer: Any, into: Path) -> Path | None:
+def _resume_point(
+    session: Session, claim: Claim, settings: Settings, trainer: CountingSFTTrainer, into: Path
+) -> Path | None:
     """The newest sealed checkpoint of any attempt, fetched from the store into a local folder (its token
     count set on the trainer), or None."""
     store = ArtifactStore.from_settings(settings)
@@ -183,12 +180,12 @@ def _final_val_loss(callback: JobCallback) -> float:
 
 def _finish_cancelled(session: Session, claim: Claim, callback: JobCallback) -> None:
     step = callback.trainer.state.global_step
-    result = {
-        "trained_tokens": callback.trainer.trained_tokens,
-        "step": step,
-        "total_steps": callback.trainer.state.max_steps,
-        "checkpoint": callback.last_checkpoint,
-    }
+    result = FineTuneResult(
+        trained_tokens=callback.trainer.trained_tokens,
+        step=step,
+        total_steps=callback.trainer.state.max_steps,
+        checkpoint=callback.last_checkpoint,
+    )
     job_states.add_event(session, claim, f"Fine-tuning cancelled at step {step}.")
     if not job_states.finish_cancelled(session, claim, result):
         raise ClaimLost(claim.job_id)

@@ -12,18 +12,19 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from shared import job_states
 from shared.artifacts import CHECKPOINT_SEAL, ArtifactStore
+from shared.job_data import CheckpointNote, Figures, FineTuneResult
 from shared.job_states import Claim
 from shared.models import utcnow
 from shared.settings import Settings
 from worker.checkpoints import drop_rotated, is_complete, store_checkpoint
 from worker.guarded_writes import add_event
+from worker.trainer_setup import CountingSFTTrainer
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class JobCallback(TrainerCallback):
     checkpoint.
     """
 
-    def __init__(self, session: Session, claim: Claim, settings: Settings, trainer: Any) -> None:
+    def __init__(self, session: Session, claim: Claim, settings: Settings, trainer: CountingSFTTrainer) -> None:
         self.session = session
         self.claim = claim
         self.settings = settings
@@ -64,7 +65,7 @@ class JobCallback(TrainerCallback):
         self.last_loss: float | None = None
         self.val_loss: float | None = None
         self.val_loss_step: int | None = None
-        self.last_checkpoint: dict[str, Any] | None = None
+        self.last_checkpoint: CheckpointNote | None = None
         self._window = _Window()
         self._last_heartbeat = time.monotonic()
         self._last_progress = 0.0
@@ -75,12 +76,12 @@ class JobCallback(TrainerCallback):
 
     # -- guarded writes ---------------------------------------------------------------------------------
 
-    def _lost(self, control: Any) -> None:
+    def _lost(self, control: TrainerControl) -> None:
         self.stop_reason = "claim_lost"
         control.should_training_stop = True
         control.should_save = False
 
-    def _heartbeat(self, control: Any, force: bool = False) -> bool:
+    def _heartbeat(self, control: TrainerControl, force: bool = False) -> bool:
         now = time.monotonic()
         if not force and now - self._last_heartbeat < self.heartbeat_every:
             return True
@@ -90,7 +91,7 @@ class JobCallback(TrainerCallback):
             return False
         return True
 
-    def _write(self, ok: bool, control: Any) -> None:
+    def _write(self, ok: bool, control: TrainerControl) -> None:
         if not ok:
             self._lost(control)
 
@@ -122,7 +123,9 @@ class JobCallback(TrainerCallback):
 
     # -- Trainer events -------------------------------------------------------------------------------------
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         self.in_training = True
         self._train_started = time.monotonic()
         self._start_step = state.global_step
@@ -137,11 +140,15 @@ class JobCallback(TrainerCallback):
             control,
         )
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         self.in_training = False
         self._train_ended = time.monotonic()
 
-    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         if not self._heartbeat(control):
             return
         if job_states.cancel_requested(self.session, self.claim):
@@ -152,7 +159,14 @@ class JobCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True  # keep the work done so far as a checkpoint
 
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: object,
+    ) -> None:
         if not logs or "loss" not in logs or self.stop_reason == "claim_lost":
             return
         self.last_loss = float(logs["loss"])
@@ -177,22 +191,26 @@ class JobCallback(TrainerCallback):
         }
         message = f"Step {step}/{total}: training loss={train_loss:.4f}"
         self._write(job_states.add_event(self.session, self.claim, message, type="metrics", data=figures), control)
-        finish = (utcnow() + timedelta(seconds=eta)).isoformat() if eta is not None else None
-        progress = {
-            "trained_tokens": tokens,
-            "step": step,
-            "total_steps": total,
-            "train_loss": train_loss,
-            "estimated_finish": finish,
-        }
+        finish = utcnow() + timedelta(seconds=eta) if eta is not None else None
+        progress = FineTuneResult(
+            trained_tokens=tokens, step=step, total_steps=total, train_loss=train_loss, estimated_finish=finish
+        )
         self._write(job_states.record_progress(self.session, self.claim, progress), control)
 
-    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object
+    ) -> None:
         self._heartbeat(control)  # an evaluation can take longer than a lease
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        metrics = kwargs.get("metrics") or {}
-        if not self.in_training or "eval_loss" not in metrics:
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: object,
+    ) -> None:
+        if not self.in_training or metrics is None or "eval_loss" not in metrics:
             return  # evaluations before and after training are written by evaluate()
         self.val_loss, self.val_loss_step = float(metrics["eval_loss"]), state.global_step
         self._write(
@@ -206,25 +224,25 @@ class JobCallback(TrainerCallback):
             control,
         )
 
-    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: object) -> None:
         if self.stop_reason == "claim_lost":
             return
         # Called after the Trainer wrote the whole checkpoint locally (trainer_state.json last) and rotated old
         # ones: copy it into the store and seal it, then mirror the rotation there.
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}"
         if not is_complete(folder):
             log.warning("checkpoint %s is incomplete; not recorded", folder)
             return
         path = store_checkpoint(self.store, folder, self.claim.job_id, self.claim.attempt)
-        drop_rotated(self.store, self.claim.job_id, self.claim.attempt, Path(args.output_dir))
-        metrics: dict[str, Any] = {
+        drop_rotated(self.store, self.claim.job_id, self.claim.attempt, Path(str(args.output_dir)))
+        metrics: Figures = {
             "step": state.global_step,
             "train_loss": self.last_loss,
             "trained_tokens": self.trainer.trained_tokens,
         }
         if self.val_loss_step == state.global_step:
             metrics["val_loss"] = self.val_loss
-        self.last_checkpoint = {"step": state.global_step, "path": path, "metrics": metrics}
+        self.last_checkpoint = CheckpointNote(step=state.global_step, path=path, metrics=metrics)
         recorded = job_states.add_checkpoint(
             self.session, self.claim, state.global_step, path, metrics, on_disk=self._stored
         )

@@ -7,12 +7,11 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
@@ -20,6 +19,7 @@ from sqlalchemy.orm import Session
 from shared import job_states
 from shared.artifacts import ArtifactStore
 from shared.db import get_sessionmaker
+from shared.job_data import ErrorCode, GenerationOutput, GenerationParams, GenerationResult, Usage
 from shared.job_states import Claim, Outcome
 from shared.logging import job_context
 from shared.models import FineTunedModel, Job
@@ -28,13 +28,12 @@ from shared.settings import Settings
 from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
+from worker.identity import worker_id
 from worker.leases import lease_keeper
 from worker.model_loading import LoadedModel, load_base_model
 from worker.streaming import DeltaPublisher, StreamRow
 
 log = logging.getLogger(__name__)
-
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 # Fault injection for the chaos tests (tests/chaos): a worker that claims a job with a prompt exactly equal
 # to this value SIGKILLs itself before generating, as a job that crashes its worker (a native-code fault,
@@ -77,77 +76,82 @@ class ModelHolder:
 class JobFailed(Exception):
     """A job cannot run: it fails alone with this error code and message."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message[:2000]
 
 
-def _failure(code: str, exc: BaseException) -> tuple[str, str]:
+def _failure(code: ErrorCode, exc: BaseException) -> tuple[ErrorCode, str]:
     return code, f"{type(exc).__name__}: {exc}"[:2000]
 
 
-def _requests(job: Job, adapter: str | None) -> list[Request]:
+def _params(job: Job) -> GenerationParams | None:
+    """The job's params, or None for a row whose params are not what the gateway writes (it fails alone when
+    prepared)."""
+    try:
+        return GenerationParams.model_validate(job.params)
+    except ValidationError:
+        return None
+
+
+def _requests(p: GenerationParams, adapter: str | None) -> list[Request]:
     """One request per output: each prompt n times, choice j seeded with seed + j.
 
     An unseeded choice gets a random seed here, once, so that a row decoded again (its batch failed and
     is re-run in parts) draws the same tokens it already streamed.
     """
-    p = job.params
-    n, seed = p.get("n", 1), p.get("seed")
     requests = []
-    for prompt in p["prompts"]:
-        for j in range(n):
+    for prompt in p.prompts:
+        for j in range(p.n):
             params = SamplingParams(
-                max_new_tokens=p["max_tokens"],
-                temperature=p["temperature"],
-                top_p=p["top_p"],
-                stop=tuple(p.get("stop") or ()),
-                seed=secrets.randbits(63) if seed is None else seed + j,
+                max_new_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_p=p.top_p,
+                stop=tuple(p.stop or ()),
+                seed=secrets.randbits(63) if p.seed is None else p.seed + j,
             )
             requests.append(Request(prompt=prompt, params=params, adapter=adapter))
     return requests
 
 
-def _result(generations: Sequence[Generation]) -> dict[str, Any]:
+def _result(generations: Sequence[Generation], batch_size: int) -> GenerationResult:
+    """The job's result; batch_size: outputs decoded together (read by GET /metrics for its histogram)."""
     outputs = [
-        {
-            "index": i,
-            "text": g.text,
-            "finish_reason": g.finish_reason,
-            "prompt_tokens": g.prompt_tokens,
-            "completion_tokens": g.completion_tokens,
-        }
+        GenerationOutput(
+            index=i,
+            text=g.text,
+            finish_reason=g.finish_reason,
+            prompt_tokens=g.prompt_tokens,
+            completion_tokens=g.completion_tokens,
+        )
         for i, g in enumerate(generations)
     ]
     prompt_tokens = sum(g.prompt_tokens for g in generations)
     completion_tokens = sum(g.completion_tokens for g in generations)
-    usage = {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-    return {"outputs": outputs, "usage": usage}
+    usage = Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+    return GenerationResult(outputs=outputs, usage=usage, batch_size=batch_size)
 
 
 def _prompt_count(job: Job) -> int:
     """How many prompts a job holds (0 for a row whose params are not what the gateway writes)."""
-    prompts = job.params.get("prompts") if isinstance(job.params, dict) else None
-    return len(prompts) if isinstance(prompts, list) else 0
+    params = _params(job)
+    return len(params.prompts) if params is not None else 0
 
 
-def _budget(settings: Settings) -> Any:
+def _budget(settings: Settings) -> Callable[[Sequence[Job]], list[str]]:
     """Chooses the oldest jobs whose prompts fit max_batch_size and (roughly) max_batch_tokens."""
 
     def cost(job: Job) -> int:
         # A rough token count (4 characters a token) is enough to bound a batch's memory. A row this cannot
         # price costs nothing here: it is claimed and then fails alone while being prepared, instead of
         # stopping every claim behind it.
-        try:
-            prompts = job.params["prompts"]
-            return int(sum(len(p) // 4 + 1 for p in prompts) + len(prompts) * int(job.params["max_tokens"]))
-        except Exception:
+        params = _params(job)
+        if params is None:
             return 0
+        return sum(len(p) // 4 + 1 for p in params.prompts) + len(params.prompts) * params.max_tokens
 
     def pick(candidates: Sequence[Job]) -> list[str]:
         chosen: list[str] = []
@@ -171,7 +175,7 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
             session,
             kind="generate",
             base_model=settings.base_model,
-            worker=WORKER_ID,
+            worker=worker_id(),
             lease_seconds=settings.lease_seconds,
             limit=settings.max_batch_size,
             pick=_budget(settings),
@@ -189,7 +193,8 @@ def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
     ids = [c.job_id for c in claims]
     publish_finished(ids)
     for claim in claims:
-        if isinstance(claim.job.params, dict) and claim.job.params.get("stream"):
+        params = _params(claim.job)
+        if params is not None and params.stream:
             publish_stream_end(claim.job_id)
     prompts = sum(_prompt_count(c.job) for c in claims)
     elapsed = time.perf_counter() - started
@@ -245,7 +250,8 @@ def _write_one(session: Session, claim: Claim, outcome: Outcome) -> tuple[bool, 
     except Exception as exc:
         session.rollback()
         log.exception("the database refused the outcome of %s@%d", claim.job_id, claim.attempt)
-        failed: Outcome = (None, ("result_not_storable", f"the database refused the job's result: {exc}"[:2000]))
+        refused = f"the database refused the job's result: {exc}"[:2000]
+        failed: Outcome = (None, (ErrorCode.RESULT_NOT_STORABLE, refused))
         return job_states.finish_batch(session, [(claim, failed)])[0], (claim, failed)
 
 
@@ -259,9 +265,9 @@ def _fault_injection(claims: Sequence[Claim]) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _prompts_of(job: Job) -> list[Any]:
-    prompts = job.params.get("prompts") if isinstance(job.params, dict) else None
-    return prompts if isinstance(prompts, list) else []
+def _prompts_of(job: Job) -> list[str]:
+    params = _params(job)
+    return params.prompts if params is not None else []
 
 
 def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, StoredAdapter | None]:
@@ -296,7 +302,7 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
     except Exception as exc:
         log.exception("model load failed")
         message = f"could not load model {settings.base_model!r}: {type(exc).__name__}: {exc}"
-        return [(None, ("model_load_failed", message[:2000]))] * len(claims)
+        return [(None, (ErrorCode.MODEL_LOAD_FAILED, message[:2000]))] * len(claims)
 
     outcomes: list[Outcome | None] = [None] * len(claims)
     folders = _adapter_folders(session, settings, claims)
@@ -311,22 +317,21 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
             outcomes[i] = (None, (exc.code, exc.message))
         except Exception as exc:
             log.exception("could not prepare %s", claim.job_id)
-            outcomes[i] = (None, _failure("preparation_failed", exc))
+            outcomes[i] = (None, _failure(ErrorCode.PREPARATION_FAILED, exc))
 
     decoded = decode_isolating(loaded, runnable, settings.max_batch_size)
     for job, done in zip(runnable, decoded, strict=True):
         if isinstance(done, str):
-            outcomes[job.index] = (None, ("generation_failed", done))
+            outcomes[job.index] = (None, (ErrorCode.GENERATION_FAILED, done))
             continue
         generations, batch_size = done
         try:
-            # batch_size: outputs decoded together (read by GET /metrics for its batch-size histogram)
-            result = _result(generations) | {"batch_size": batch_size}
-            json.dumps(result, allow_nan=False)  # what the database will be asked to store
+            result = _result(generations, batch_size)
+            json.dumps(job_states.stored(result), allow_nan=False)  # what the database will be asked to store
             outcomes[job.index] = (result, None)
         except Exception as exc:
             log.exception("could not serialize the result of %s", claims[job.index].job_id)
-            outcomes[job.index] = (None, _failure("result_not_storable", exc))
+            outcomes[job.index] = (None, _failure(ErrorCode.RESULT_NOT_STORABLE, exc))
     written = [o for o in outcomes if o is not None]
     assert len(written) == len(claims)  # every job was either refused while preparing or decoded
     return written
@@ -344,19 +349,20 @@ def _prepare(
     job = claim.job
     if job.model in broken:
         exc = broken[job.model]
-        raise JobFailed("adapter_load_failed", f"could not load adapter {job.model!r}: {type(exc).__name__}: {exc}")
+        message = f"could not load adapter {job.model!r}: {type(exc).__name__}: {exc}"
+        raise JobFailed(ErrorCode.ADAPTER_LOAD_FAILED, message)
     if job.model != settings.base_model and job.model not in names:
-        raise JobFailed("model_not_found", f"no model {job.model!r}")
-    requests = _requests(job, names.get(job.model))
+        raise JobFailed(ErrorCode.MODEL_NOT_FOUND, f"no model {job.model!r}")
+    params = GenerationParams.model_validate(job.params)
+    requests = _requests(params, names.get(job.model))
     for request in requests:
         if FAULT_RAISE_ON_PROMPT is not None and request.prompt == FAULT_RAISE_ON_PROMPT:
             raise InjectedFault(f"fault injection: the tokenizer refuses prompt {request.prompt!r}")
         try:
             check_fits(loaded, encode(loaded, request.prompt), request.params.max_new_tokens)
         except PromptTooLong as exc:
-            raise JobFailed("context_length_exceeded", str(exc)) from None
-    stream = bool(job.params.get("stream"))
-    streams = [StreamRow(claim.job_id, claim.attempt, k, r.params.stop) if stream else None
+            raise JobFailed(ErrorCode.CONTEXT_LENGTH_EXCEEDED, str(exc)) from None
+    streams = [StreamRow(claim.job_id, claim.attempt, k, r.params.stop) if params.stream else None
                for k, r in enumerate(requests)]  # fmt: skip
     return PreparedJob(index, claim.job_id, requests, streams)
 

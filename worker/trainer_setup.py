@@ -79,7 +79,7 @@ def keep_4bit_trainable(model: torch.nn.Module) -> int:
 
 def build_trainer(
     loaded: LoadedModel, data: TrainingData, hp: ResolvedHyperparameters, seed: int, *, output_dir: Path
-) -> Any:
+) -> CountingSFTTrainer:
     """A TRL SFTTrainer for LoRA on the loaded base with completion-only loss, ready to train()."""
     disable_progress_bars()
     model = loaded.model

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import BODY_ERRORS, V1_ERRORS, ApiError, FileNotFound, documented
+from gateway.errors import BODY_ERRORS, V1_ERRORS, ApiError, documented
 from gateway.uploads import store_upload
 from shared.alpaca import BadRecord
 from shared.artifacts import ArtifactStore
@@ -94,18 +94,14 @@ def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
 @router.get("/{file_id}", response_model=FileObject, responses=documented(404))
 def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject:
     """One file's description."""
-    row = owned.file(session, tenant, file_id)
-    if row is None:
-        raise FileNotFound(f"file {file_id!r} not found")
+    row = owned.file_or_404(session, tenant, file_id)
     return views.file_object(row)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=documented(404))
 def delete_file(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> FileDeleted:
     """Deletes a file and its stored records (jobs that already used it keep their results)."""
-    row = owned.file(session, tenant, file_id)
-    if row is None:
-        raise FileNotFound(f"file {file_id!r} not found")
+    row = owned.file_or_404(session, tenant, file_id)
     session.delete(row)
     session.commit()
     ArtifactStore.from_settings(settings).delete(row.path)  # after the commit: a row never names a missing file

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from sqlalchemy import and_, or_, select
-from sqlalchemy.orm import Session
 
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import BODY_ERRORS, V1_ERRORS, JobNotFound, documented
+from gateway.errors import BODY_ERRORS, V1_ERRORS, documented
 from gateway.fine_tuning_checks import check_fine_tuning_request
-from gateway.submission import quota_reserved
+from gateway.submission import submit
 from shared import job_states, statuses
-from shared.celery_app import enqueue_after_commit
+from shared.job_data import FineTuneParams
 from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
     FineTuningCheckpointList,
@@ -29,41 +28,31 @@ from shared.schemas import (
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
 
 
-def _job(session: Session, tenant: str, job_id: str) -> Job:
-    job = owned.job(session, tenant, job_id, kind="train")
-    if job is None:
-        raise JobNotFound(f"fine-tuning job {job_id!r} not found")
-    return job
-
-
 @router.post("", response_model=FineTuningJob, responses=BODY_ERRORS)
 def create_fine_tuning_job(
     body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> FineTuningJob:
     """Queues a fine-tune of the base model on an uploaded file (or a hub dataset)."""
     dataset = check_fine_tuning_request(body, session, settings, tenant)
-    params: dict[str, Any] = {
-        "training_file": body.training_file,
-        "validation_file": body.validation_file,
-        "dataset": dataset.model_dump() if dataset else None,
-        "suffix": body.suffix,
-        "seed": body.seed if body.seed is not None else secrets.randbelow(2**31),
-        "metadata": body.metadata,
-        "hyperparameters": body.chosen_hyperparameters().resolved().model_dump(),
-    }
-    with quota_reserved(session, settings, tenant):
-        job = job_states.create_job(
-            session,
-            kind="train",
-            tenant=tenant,
-            model=body.model,
-            base_model=body.model,
-            params=params,
-            max_attempts=settings.max_attempts,
-        )
-        job_states.note(session, job, "Created fine-tuning job")
-        session.commit()
-    enqueue_after_commit("train", job.id)
+    params = FineTuneParams(
+        training_file=body.training_file,
+        validation_file=body.validation_file,
+        dataset=dataset.model_dump() if dataset else None,
+        suffix=body.suffix,
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        metadata=body.metadata,
+        hyperparameters=body.chosen_hyperparameters().resolved().model_dump(),
+    )
+    job = submit(
+        session,
+        settings,
+        kind="train",
+        model=body.model,
+        base_model=body.model,
+        params=params,
+        tenant=tenant,
+        event="Created fine-tuning job",
+    )
     return views.fine_tuning_job(job)
 
 
@@ -77,7 +66,7 @@ def list_fine_tuning_jobs(
     """Fine-tuning jobs, newest first."""
     query = select(Job).where(Job.kind == "train", Job.tenant == tenant).order_by(Job.created_at.desc(), Job.id.desc())
     if after is not None:
-        cursor = _job(session, tenant, after)
+        cursor = owned.job_or_404(session, tenant, after, kind="train")
         query = query.where(
             or_(
                 Job.created_at < cursor.created_at,
@@ -91,13 +80,13 @@ def list_fine_tuning_jobs(
 @router.get("/{job_id}", response_model=FineTuningJob, responses=documented(404))
 def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
     """One fine-tuning job, with progress while it runs."""
-    return views.fine_tuning_job(_job(session, tenant, job_id))
+    return views.fine_tuning_job(owned.job_or_404(session, tenant, job_id, kind="train"))
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=documented(404))
 def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
     """Cancels a job: a queued one at once, a running one after its current step (keeping its checkpoints)."""
-    job = _job(session, tenant, job_id)
+    job = owned.job_or_404(session, tenant, job_id, kind="train")
     if not statuses.is_terminal(job.status):
         job_states.note(session, job, "Cancellation requested")
     cancelled = job_states.cancel(session, job_id)
@@ -114,7 +103,7 @@ def list_fine_tuning_events(
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
 ) -> FineTuningEventList:
     """The job's events, newest first."""
-    _job(session, tenant, job_id)
+    owned.job_or_404(session, tenant, job_id, kind="train")
     query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc())
     if after is not None:
         query = query.where(JobEvent.id < views.event_number(after))
@@ -131,7 +120,7 @@ def list_fine_tuning_checkpoints(
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> FineTuningCheckpointList:
     """The job's complete checkpoints, newest first."""
-    job = _job(session, tenant, job_id)
+    job = owned.job_or_404(session, tenant, job_id, kind="train")
     query = select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())
     if after is not None:
         cursor = session.get(Checkpoint, after)

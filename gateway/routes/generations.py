@@ -12,10 +12,12 @@ from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import BODY_ERRORS, V1_ERRORS, JobNotFound, documented
+from gateway.errors import BODY_ERRORS, V1_ERRORS, documented
 from gateway.submission import check_caps, submit
-from shared import job_states, statuses
+from gateway.waiting import until_terminal
+from shared import job_states
 from shared.db import get_read_sessionmaker
+from shared.job_data import GenerationParams
 from shared.models import Job
 from shared.schemas import GenerationJob, GenerationRequest
 
@@ -32,15 +34,23 @@ def create_generation(
     field = "prompt" if body.prompt is not None else "prompts"
     check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, body.stop, settings)
     model, base_model = resolve_model(session, settings, tenant, body.model)
-    params = body.model_dump(exclude={"model", "prompt", "prompts"}) | {"prompts": prompts}
-    job = submit(session, settings, model=model, base_model=base_model, params=params, tenant=tenant)
+    params = GenerationParams(
+        max_tokens=body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop,
+        seed=body.seed,
+        n=body.n,
+        prompts=prompts,
+    )
+    job = submit(session, settings, kind="generate", model=model, base_model=base_model, params=params, tenant=tenant)
     return views.generation_job(job)
 
 
-def _load(tenant: str, job_id: str) -> Job | None:
+def _load(tenant: str, job_id: str) -> Job:
     # Autocommit: a poll is one SELECT, not BEGIN + SELECT + ROLLBACK (polls are most of the gateway's traffic).
     with get_read_sessionmaker()() as session:
-        return owned.job(session, tenant, job_id, kind="generate")
+        return owned.job_or_404(session, tenant, job_id, kind="generate")
 
 
 @router.get("/{job_id}", response_model=GenerationJob, responses=documented(404))
@@ -52,27 +62,18 @@ async def get_generation(
     wait: Annotated[float, Query(ge=0, description="Seconds to wait for a terminal status (capped).")] = 0,
 ) -> GenerationJob:
     """The job's status and, once it succeeded, its outputs; ?wait=S returns as soon as it is done."""
-    job = await run_in_threadpool(_load, tenant, job_id)
-    if job is None:
-        raise JobNotFound(f"generation job {job_id!r} not found")
-    if wait > 0 and not statuses.is_terminal(job.status):
-
-        async def finished() -> bool:
-            nonlocal job
-            job = await run_in_threadpool(_load, tenant, job_id)
-            return job is not None and statuses.is_terminal(job.status)
-
-        await request.app.state.finished_jobs.wait(job_id, min(wait, settings.max_wait_seconds), finished)
-        assert job is not None
+    if wait <= 0:
+        return views.generation_job(await run_in_threadpool(_load, tenant, job_id))
+    timeout = min(wait, settings.max_wait_seconds)
+    job = await until_terminal(request, job_id, timeout, read=lambda: _load(tenant, job_id))
+    assert job is not None  # _load raises JobNotFound instead
     return views.generation_job(job)
 
 
 @router.post("/{job_id}/cancel", response_model=GenerationJob, responses=documented(404))
 def cancel_generation(job_id: str, session: SessionDep, tenant: TenantDep) -> GenerationJob:
     """Cancels a queued job; a running batch finishes, since one generate call cannot be split."""
-    job = owned.job(session, tenant, job_id, kind="generate")
-    if job is None:
-        raise JobNotFound(f"generation job {job_id!r} not found")
+    owned.job_or_404(session, tenant, job_id, kind="generate")
     cancelled = job_states.cancel(session, job_id)
     assert cancelled is not None
     return views.generation_job(cancelled)

@@ -10,9 +10,10 @@ from sqlalchemy import and_, or_, select
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep
-from gateway.errors import V1_ERRORS, JobNotFound, documented
+from gateway.errors import V1_ERRORS, documented
+from shared.job_data import JobKind
 from shared.models import Job
-from shared.schemas import JobKind, JobList, JobSummary
+from shared.schemas import JobList, JobSummary
 from shared.statuses import JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=V1_ERRORS)
@@ -34,9 +35,7 @@ def list_jobs(
     if status is not None:
         query = query.where(Job.status == status)
     if after is not None:
-        cursor = owned.job(session, tenant, after)
-        if cursor is None:
-            raise JobNotFound(f"job {after!r} not found (after)")
+        cursor = owned.job_or_404(session, tenant, after)
         query = query.where(
             or_(
                 Job.created_at < cursor.created_at,
@@ -50,7 +49,4 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobSummary, responses=documented(404))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobSummary:
     """One job of any kind."""
-    job = owned.job(session, tenant, job_id)
-    if job is None:
-        raise JobNotFound(f"job {job_id!r} not found")
-    return views.job_summary(job)
+    return views.job_summary(owned.job_or_404(session, tenant, job_id))

@@ -33,10 +33,10 @@ import redis
 from psycopg.rows import dict_row
 
 from cli.processes import Children, gateway_command, wait_ready, worker_command
+from shared.statuses import TERMINAL
 from tests.systems import free_port
 
 PG_BIN = Path(os.environ.get("LLMQ_CHAOS_PG_BIN", "/usr/lib/postgresql/15/bin"))
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 # Recovery times measured by the scenarios, printed at the end of the session (and kept in RELIABILITY.md).
 RECOVERY: list[tuple[str, str, float]] = []

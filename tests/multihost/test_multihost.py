@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 from cli.processes import Children, gateway_command, wait_ready, worker_command
+from shared.statuses import TERMINAL
 from tests.chaos.harness import PostgresCluster, RedisServer, log_messages, wait_for
 from tests.multihost.network import SERVICES, SUBNET, Network, NoNamespaces
 from tests.s3_server import S3Server
@@ -35,7 +36,6 @@ pytestmark = [pytest.mark.multihost, pytest.mark.e2e, pytest.mark.slow]
 SAMPLE = Path(__file__).resolve().parents[2] / "worker" / "data" / "alpaca_sample.jsonl"
 HOSTS = ["api", "a", "b", "c"]
 BUCKET = "llmq"
-TERMINAL = ("succeeded", "failed", "cancelled")
 TIMINGS: list[tuple[str, float]] = []
 
 

@@ -1,0 +1,154 @@
+"""What a job row's JSON columns hold, typed: the one contract between the gateway and the workers.
+
+    params  GenerationParams (kind generate)  written by the routes, read by the generate worker and the views
+            FineTuneParams   (kind train)     written by the fine-tuning route, read by the train worker and views
+    result  GenerationResult (kind generate)  written by the generate worker when a job succeeds
+            FineTuneResult   (kind train)     progress while the job runs, where a cancel stopped it, the model
+                                              and its metrics once it succeeded
+    error   JobError                          written by a worker (or the reaper) when a job fails; its code is
+                                              an ErrorCode, which the completions route maps to HTTP
+
+Every writer builds one of these models and shared.job_states stores its JSON; every reader validates the
+stored JSON with the same model. Reading is tolerant, so rows written before a field existed stay readable:
+unknown keys are ignored and a key an older writer did not write takes its default (a generation's sampling
+settings default to what a request that left them out asked for). A row that still does not validate is of
+the wrong shape: a list leaves it out (gateway.views.readable) and the worker fails that job alone.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+# What a generation request that leaves a sampling setting out asks for (shared.schemas uses the same values).
+DEFAULT_MAX_TOKENS = 16
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_TOP_P = 1.0
+
+
+JobKind = Literal["generate", "train"]  # jobs.kind
+
+
+class StoredData(BaseModel):
+    """Base of what a job row stores: keys this version does not know are ignored on reading."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorCode(StrEnum):
+    """Why a job failed: written by the workers and the reaper, read by the gateway (never free text)."""
+
+    MODEL_LOAD_FAILED = "model_load_failed"  # the base model could not be loaded
+    ADAPTER_LOAD_FAILED = "adapter_load_failed"  # a fine-tuned model's adapter could not be loaded
+    MODEL_NOT_FOUND = "model_not_found"  # the job names a model the worker cannot find
+    CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt + max_tokens do not fit the model
+    PREPARATION_FAILED = "preparation_failed"  # the job's row could not be turned into requests
+    GENERATION_FAILED = "generation_failed"  # decoding the job failed
+    RESULT_NOT_STORABLE = "result_not_storable"  # the database refused the job's result
+    DATASET_UNAVAILABLE = "dataset_unavailable"  # the training or validation data could not be loaded
+    TRAINING_FAILED = "training_failed"  # anything else that stopped a fine-tune
+    MAX_ATTEMPTS_EXCEEDED = "max_attempts_exceeded"  # the job's worker stopped answering on every attempt
+
+
+class JobError(StoredData):
+    """A failed job's error: a stable code and a one-line message for people."""
+
+    code: ErrorCode
+    message: str
+
+
+# --- Generation jobs --------------------------------------------------------------------------------------
+
+
+class GenerationParams(StoredData):
+    """What a generation job runs: its prompts (already templated) and one set of sampling settings."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    stop: list[str] | None = None
+    seed: int | None = None
+    n: int = 1  # outputs per prompt: output i*n+j is choice j of prompt i
+    prompts: list[str]
+    stream: bool = False  # /v1/completions with stream: the worker publishes text deltas
+    user: str | None = None  # /v1/completions' user: stored, never used
+
+
+class GenerationOutput(StoredData):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Usage(StoredData):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class GenerationResult(StoredData):
+    """A succeeded generation job's outputs (one per prompt and choice) and token counts."""
+
+    outputs: list[GenerationOutput]
+    usage: Usage
+    batch_size: int | None = Field(None, description="Outputs decoded together with these (GET /metrics).")
+
+
+# --- Fine-tuning jobs -------------------------------------------------------------------------------------
+
+
+class FineTuneParams(StoredData):
+    """What a fine-tuning job trains on and with (the gateway checked every value against its settings).
+
+    dataset and hyperparameters stay JSON here: the worker validates them with shared.fine_tuning's models
+    when it starts (a stored value those refuse fails the job with its own error code), and the views show
+    them as they were stored.
+    """
+
+    training_file: str | None = None
+    validation_file: str | None = None
+    dataset: dict[str, JsonValue] | None = None  # a shared.fine_tuning.HubDataset
+    suffix: str | None = None
+    seed: int = 0
+    metadata: dict[str, str] | None = None
+    hyperparameters: dict[str, JsonValue]  # shared.fine_tuning.ResolvedHyperparameters
+
+
+Figures = dict[str, int | float | None]  # named training figures (losses, counts, rates); ints stay ints
+
+
+class CheckpointNote(StoredData):
+    """The checkpoint a cancelled fine-tune stopped at."""
+
+    step: int
+    path: str  # relative to the artifact store
+    metrics: Figures
+
+
+class FineTuneResult(StoredData):
+    """A fine-tuning job's result column, which its worker rewrites as the job goes.
+
+    While it runs: the progress figures (step, total_steps, train_loss, trained_tokens, estimated_finish).
+    Cancelled: where it stopped (step, total_steps, trained_tokens, checkpoint).
+    Succeeded: the model it made (fine_tuned_model, trained_tokens, metrics, result_files, adapter_path).
+    """
+
+    step: int | None = None
+    total_steps: int | None = None
+    train_loss: float | None = None  # mean training loss of the steps since the previous progress write
+    trained_tokens: int | None = None
+    estimated_finish: datetime | None = None
+    checkpoint: CheckpointNote | None = None
+    fine_tuned_model: str | None = None
+    metrics: Figures | None = None
+    result_files: list[str] = Field(default_factory=list)
+    adapter_path: str | None = None
+
+
+JobParams = GenerationParams | FineTuneParams
+JobResult = GenerationResult | FineTuneResult
