@@ -26,9 +26,9 @@ from rich.text import Text
 from cli.fine_tune_progress import follow_fine_tune
 from cli.processes import Children, gateway_command, wait_ready, worker_command
 from client import TERMINAL, LlmqClient
+from shared.job_data import GenerationOutput
 from shared.migrate import upgrade
 from shared.prompts import alpaca_prompt
-from shared.schemas import GenerationOutput
 from shared.settings import Settings
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "worker" / "data"
