@@ -26,6 +26,14 @@ the machine's other load falls on both alike. Reported per scenario and gateway:
 ratios new / baseline. Afterwards each gateway's database must hold exactly as many jobs as its broker queue holds
 messages (one message per committed job). --py-spy DIR records raw stacks of the gateways' worker processes
 during the mixed scenario.
+
+--end-to-end adds the scenario **e2e** after the others: each gateway gets a generate worker (Celery, a real
+process, started then) on the tiny GPT-2 (worker.model_factory.build_tiny_gpt2, built once into --cache-dir),
+wrk submits 1-token jobs for --seconds, and the run waits until every job is finished; reported are the jobs
+that succeeded per second from the first job's creation to the last one's end (and the failed ones). The
+gateways then run on the tiny model from the start (LLMQ_BASE_MODEL), so the earlier scenarios' jobs queue for
+it too: the worker starts with that backlog, which the e2e figure leaves out (only jobs created in its window
+count).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import redis
 from measure import cpu_times, cpu_used, loadavg, log, machine, start_py_spy, stop_py_spy  # bench/measure.py
 from systems import free_port, fresh_database  # bench/systems.py
 
-from cli.processes import gateway_command, wait_ready
+from cli.processes import gateway_command, wait_ready, worker_command
 from shared.api_keys import create_key
 from shared.db import make_engine
 
@@ -108,7 +116,10 @@ class Gateway:
     db_url: str
     redis_url: str
     workers: int
+    base_model: str = "load-test-model"
     proc: subprocess.Popen[bytes] | None = None
+    worker: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
     base_url: str = ""
     keys: list[str] = field(default_factory=list)
     polls: list[tuple[int, str]] = field(default_factory=list)  # (key index, 1-based), job id
@@ -117,13 +128,13 @@ class Gateway:
         port = free_port()
         self.base_url = f"http://127.0.0.1:{port}"
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
-        env = {
+        self.env = env = {
             **inherited,
             "PYTHONPATH": str(self.source),
             "LLMQ_DATABASE_URL": self.db_url,
             "LLMQ_BROKER_URL": self.redis_url,
             "LLMQ_DATA_DIR": str(log_dir / self.label),
-            "LLMQ_BASE_MODEL": "load-test-model",
+            "LLMQ_BASE_MODEL": self.base_model,
             "LLMQ_REQUIRE_API_KEYS": "true",
             "LLMQ_REPUBLISH_AFTER_SECONDS": "3600",
             "LLMQ_LOG_FORMAT": "text",
@@ -142,13 +153,28 @@ class Gateway:
         return [self.proc.pid]
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        for proc in (self.worker, self.proc):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+    def start_worker(self, log_dir: Path) -> None:
+        """A generate worker on this gateway's database and broker (same settings as the gateway)."""
+        output = open(log_dir / f"{self.label}-worker.log", "ab")  # noqa: SIM115 (the child owns it)
+        env = {**self.env, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "LLMQ_TORCH_THREADS": "1"}
+        self.worker = subprocess.Popen(
+            worker_command("generate", f"bench-{self.label}@%h"), env=env, cwd=self.source, stdout=output,
+            stderr=output,
+        )  # fmt: skip
+
+    def sql(self, query: str) -> tuple[object, ...]:
+        with psycopg.connect(self.db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+            row = conn.execute(query).fetchone()
+        return tuple(row) if row is not None else ()
 
     def make_keys(self, tenants: int) -> None:
         engine = make_engine(self.db_url)
@@ -230,6 +256,42 @@ def run_wrk(gateway: Gateway, mode: str, args: argparse.Namespace, folder: Path)
     )
 
 
+@dataclass
+class EndToEnd:
+    submitted: int
+    succeeded: int
+    failed: int
+    seconds: float  # first job created -> last job finished
+
+    @property
+    def jobs_per_second(self) -> float:
+        return self.succeeded / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_end_to_end(gateway: Gateway, args: argparse.Namespace, folder: Path) -> EndToEnd:
+    """Cancels the earlier scenarios' backlog, starts the worker and waits for one job through it; then wrk
+    submits 1-token jobs for --seconds, and the run waits until the worker has finished every one of them."""
+    gateway.sql("UPDATE jobs SET status = 'cancelled' WHERE status = 'queued' RETURNING 1")
+    redis.Redis.from_url(gateway.redis_url).delete("generate")
+    gateway.start_worker(folder)
+    with httpx.Client(base_url=gateway.base_url, timeout=120) as client:
+        auth = {"Authorization": f"Bearer {gateway.keys[0]}"}
+        probe = client.post("/v1/generations", json={"prompt": "warm up", "max_tokens": 1}, headers=auth).json()
+        client.get(f"/v1/generations/{probe['id']}", params={"wait": 110}, headers=auth).raise_for_status()
+    (since,) = gateway.sql("SELECT now()")
+    run_wrk(gateway, "submit", args, folder)
+    active = "status IN ('queued', 'running')"
+    deadline = time.monotonic() + args.drain_seconds
+    while gateway.sql(f"SELECT count(*) FROM jobs WHERE {active}")[0] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    window = f"created_at >= '{since}'"
+    submitted, succeeded, failed, seconds = gateway.sql(
+        f"SELECT count(*), count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed'), "
+        f"coalesce(extract(epoch FROM max(finished_at) - min(created_at)), 0) FROM jobs WHERE {window}"
+    )
+    return EndToEnd(int(submitted), int(succeeded), int(failed), float(seconds))  # type: ignore[arg-type]
+
+
 def baseline_source(ref: str, into: Path) -> Path:
     """The tree of a git ref, extracted into a folder."""
     into.mkdir(parents=True)
@@ -249,6 +311,8 @@ def gateways(args: argparse.Namespace, folder: Path) -> Iterator[list[Gateway]]:
         for i, (label, source) in enumerate(sources):
             db_url = stack.enter_context(fresh_database(f"llmq_front_{label}"))
             gateway = Gateway(label, source, db_url, f"{base}/{int(db) + i}", args.gateway_workers)
+            if args.end_to_end:
+                gateway.base_model = str(tiny_model(args.cache_dir))
             redis.Redis.from_url(gateway.redis_url).flushdb()
             stack.callback(redis.Redis.from_url(gateway.redis_url).flushdb)
             gateway.make_keys(args.tenants)
@@ -258,6 +322,23 @@ def gateways(args: argparse.Namespace, folder: Path) -> Iterator[list[Gateway]]:
             started.append(gateway)
             log(f"{label} gateway up at {gateway.base_url} from {source}")
         yield started
+
+
+def tiny_model(cache: Path) -> Path:
+    from worker.model_factory import build_tiny_gpt2
+
+    return build_tiny_gpt2(cache / "tiny-gpt2")
+
+
+def report_end_to_end(runs: dict[str, EndToEnd]) -> None:
+    print("\n| e2e (1-token jobs, one generate worker, tiny GPT-2) | submitted | succeeded | failed | seconds | "
+          "jobs/s completed |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for label, run in runs.items():
+        print(f"| {label} | {run.submitted} | {run.succeeded} | {run.failed} | {run.seconds:.1f} | "
+              f"{run.jobs_per_second:.0f} |")  # fmt: skip
+    if "landed" in runs and runs["landed"].jobs_per_second:
+        print(f"\njobs/s completed new / landed: {runs['new'].jobs_per_second / runs['landed'].jobs_per_second:.1f}x")
 
 
 def report(args: argparse.Namespace, results: dict[tuple[str, str], Result], labels: list[str], load: str) -> None:
@@ -292,6 +373,9 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true", help="measure this gateway only")
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=["submit", "poll", "mixed"])
     parser.add_argument("--py-spy", type=Path, default=None, help="raw py-spy stacks of the mixed runs here")
+    parser.add_argument("--end-to-end", action="store_true", help="add the e2e scenario (a generate worker)")
+    parser.add_argument("--drain-seconds", type=float, default=300.0, help="e2e: longest wait for the backlog")
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/llmq-bench-cache"), help="the tiny model")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install -y wrk)")
@@ -305,7 +389,13 @@ def main() -> None:
                 results[(mode, gateway.label)] = run_wrk(gateway, mode, args, folder)
         time.sleep(2.0)  # requests wrk left in flight finish (a commit, then its message)
         checks = {g.label: g.check() for g in started}
+        end_to_end: dict[str, EndToEnd] = {}
+        for gateway in started if args.end_to_end else []:
+            log(f"e2e on {gateway.label}: starting its worker")
+            end_to_end[gateway.label] = run_end_to_end(gateway, args, folder)
     report(args, results, [g.label for g in started], f"{load_start:.2f} -> {loadavg():.2f}")
+    if end_to_end:
+        report_end_to_end(end_to_end)
     failed = False
     for label, (jobs, messages) in checks.items():
         ok = jobs == messages
