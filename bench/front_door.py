@@ -25,7 +25,7 @@ the machine's other load falls on both alike. Reported per scenario and gateway:
 (wrk's), non-2xx answers and socket errors, and the gateway processes' CPU (psutil) in ms per request; then the
 ratios new / baseline. Afterwards each gateway's database must hold exactly as many jobs as its broker queue holds
 messages (one message per committed job). --py-spy DIR records raw stacks of the gateways' worker processes
-during the mixed scenario.
+during each scenario.
 
 --end-to-end adds the scenario **e2e** after the others: each gateway gets a generate worker (Celery, a real
 process, started then) on the tiny GPT-2 (worker.model_factory.build_tiny_gpt2, built once into --cache-dir),
@@ -233,9 +233,9 @@ def run_wrk(gateway: Gateway, mode: str, args: argparse.Namespace, folder: Path)
         "-s", str(script), gateway.base_url,
     ]  # fmt: skip
     spies = []
-    if args.py_spy is not None and mode == "mixed":
+    if args.py_spy is not None:
         workers = gateway.pids()[1:] or gateway.pids()
-        spies = [start_py_spy(pid, args.py_spy / f"{gateway.label}-{pid}.txt", rate=100) for pid in workers]
+        spies = [start_py_spy(pid, args.py_spy / f"{gateway.label}-{mode}-{pid}.txt", rate=100) for pid in workers]
     before = cpu_times(gateway.pids())
     try:
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
@@ -372,7 +372,7 @@ def main() -> None:
     parser.add_argument("--baseline", default=LANDED, help="git ref of the landed gateway")
     parser.add_argument("--no-baseline", action="store_true", help="measure this gateway only")
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=["submit", "poll", "mixed"])
-    parser.add_argument("--py-spy", type=Path, default=None, help="raw py-spy stacks of the mixed runs here")
+    parser.add_argument("--py-spy", type=Path, default=None, help="raw py-spy stacks of each run here")
     parser.add_argument("--end-to-end", action="store_true", help="add the e2e scenario (a generate worker)")
     parser.add_argument("--drain-seconds", type=float, default=300.0, help="e2e: longest wait for the backlog")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/llmq-bench-cache"), help="the tiny model")

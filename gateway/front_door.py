@@ -87,17 +87,17 @@ class FrontDoor:
         return row["tenant"], key_id
 
     async def count(self, name: str, minute: int) -> int | None:
-        """One more event for name in this minute, counted in Redis in one round trip; how many it has had
+        """One more event for name in this minute, counted in Redis in one round trip (two for the minute's
+        first, which also sets the counter's expiry); how many it has had
         (None when there is no Redis, or it does not answer: the caller counts in this process)."""
         if self.counters is None:
             return None
         key = f"llmq:rate:{name}:{minute}"
         try:
-            async with self.counters.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, 120)
-                hits, _ = await pipe.execute()
-            return int(hits)
+            hits = int(await self.counters.incr(key))
+            if hits == 1:  # the minute's first: the counter goes away after the next minute
+                await self.counters.expire(key, 120)
+            return hits
         except (RedisError, OSError) as exc:
             log.warning("rate counting in Redis failed (%s); counting in this process", exc)
             return None

@@ -123,26 +123,37 @@ def tenant_lock_key(tenant: str) -> int:
 _COUNT_ACTIVE = (
     "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = $1 AND status = ANY($2::varchar[]) LIMIT $3) AS active"
 )
-_INSERT = (
-    "INSERT INTO jobs (id, tenant, kind, status, model, base_model, params, attempt, max_attempts, "
-    "cancel_requested, published_at, created_at, updated_at) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, false, $9, $9, $9)"
+_COLUMNS = "id, tenant, kind, status, model, base_model, params, attempt, max_attempts, cancel_requested, " \
+    "published_at, created_at, updated_at"  # fmt: skip
+_INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, false, $9, $9, $9)"
+# The quota count and the INSERT in one statement (one round trip): the row goes in only while the tenant has
+# fewer than $10 active jobs. The statement's snapshot is taken after the advisory lock was granted (the
+# statement before it), so it sees every job committed by whoever held the lock before.
+_INSERT_UNDER_QUOTA = (
+    f"INSERT INTO jobs ({_COLUMNS}) SELECT $1::varchar, $2::varchar, $3::varchar, $4::varchar, $5::varchar, "
+    "$6::varchar, $7::jsonb, 0, $8::integer, false, $9::timestamptz, $9, $9 "
+    "WHERE (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = $2 AND status = ANY($11::varchar[]) "
+    "LIMIT $10) AS active) < $10"
 )
 
 
 async def insert_job(pool: asyncpg.Pool, job: Job, quota: int) -> None:
     """Inserts a new queued job and commits, under the tenant's advisory lock when there is a quota: 429 when
-    the tenant already has quota jobs queued or running (their count and the insert in one transaction, so that
-    simultaneous submits of one tenant count one after another)."""
+    the tenant already has quota jobs queued or running (their count and the insert in one transaction after
+    the lock, so that simultaneous submits of one tenant count one after another)."""
+    values = (
+        job.id, job.tenant, job.kind, job.status, job.model, job.base_model, job.params, job.max_attempts,
+        job.created_at,
+    )  # fmt: skip
     active_statuses = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
-    async with _answering(), pool.acquire() as connection, connection.transaction():
-        if quota:
+    async with _answering(), pool.acquire() as connection:
+        if not quota:
+            await connection.execute(_INSERT, *values)  # one statement: its own transaction
+            return
+        async with connection.transaction():
             await connection.execute("SELECT pg_advisory_xact_lock($1)", tenant_lock_key(job.tenant))
+            inserted = await connection.execute(_INSERT_UNDER_QUOTA, *values, quota, active_statuses)
+            if inserted == "INSERT 0 1":
+                return
             active = await connection.fetchval(_COUNT_ACTIVE, job.tenant, active_statuses, quota)
-            if active >= quota:
-                raise RateLimited(f"{active} jobs queued or running; at most {quota} at once", retry_after=5)
-        await connection.execute(
-            _INSERT,
-            job.id, job.tenant, job.kind, job.status, job.model, job.base_model, job.params, job.max_attempts,
-            job.created_at,
-        )  # fmt: skip
+        raise RateLimited(f"{active} jobs queued or running; at most {quota} at once", retry_after=5)
