@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Base model the workers load: a hub id or a local model directory.",
     )
     base_model_revision: str = Field("main", description="Hub revision (branch, tag or commit) of base_model.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template of the base model (the tokenizer's apply_chat_template renders it); unset "
+        "means the tokenizer's own, or the Alpaca prompt written as a chat template when it ships none (GPT-2): "
+        "shared/chat_templates.py.",
+    )
     quantization: Quantization = Field(
         "nf4", description="How the worker loads the base model: nf4 or int8 (bitsandbytes), bf16 or fp32."
     )
