@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
+from gateway.chat_jobs import instruction_params
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import BODY_ERRORS, V1_ERRORS, documented
 from gateway.submission import check_caps, submit
@@ -34,7 +35,12 @@ def create_generation(
     field = "prompt" if body.prompt is not None else "prompts"
     check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, body.stop, settings)
     model, base_model = resolve_model(session, settings, tenant, body.model)
+    conversations, template = (
+        instruction_params(session, tenant, model, prompts) if body.template == "model" else (None, None)
+    )
     params = GenerationParams(
+        conversations=conversations,
+        chat_template=template,
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
