@@ -85,6 +85,9 @@ class GenerationRequest(RequestModel):
     stop: StopStrings = Field(None, max_length=4, description="Up to 4 strings that end the text.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible per prompt.")
     n: int = Field(1, ge=1, description="Outputs per prompt (output i*n+j is choice j of prompt i).")
+    template: Literal["raw", "model"] = Field(
+        "raw", description="'model' sends each prompt as a user turn rendered with the model's chat template."
+    )
 
     @model_validator(mode="after")
     def _one_of_prompt_or_prompts(self) -> GenerationRequest:
