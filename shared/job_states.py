@@ -74,15 +74,18 @@ def claim_batch(
     lease_seconds: float,
     limit: int,
     pick: Callable[[Sequence[Job]], Sequence[str]] | None = None,
+    fresh_only: bool = False,
 ) -> list[Claim]:
     """Claims the oldest queued jobs of a kind on a base model (at most limit, narrowed by pick); commits.
 
     pick chooses which of the candidates (oldest first) to take, e.g. to respect a token budget;
-    it must return at least one id when given any candidate.
+    it must return at least one id when given any candidate. fresh_only leaves jobs that ran before
+    (they run alone, see below) for a claim without neighbours.
     """
+    never_ran = [Job.attempt == 0] if fresh_only else []
     candidates = session.scalars(
         select(Job)
-        .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model)
+        .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model, *never_ran)
         .order_by(Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -247,6 +250,21 @@ def cancel_requested(session: Session, claim: Claim) -> bool:
     ).one_or_none()
     session.rollback()
     return row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING
+
+
+def cancels_requested(session: Session, claims: Sequence[Claim]) -> set[str]:
+    """Ids of the claimed jobs that a client asked to cancel or whose claim is no longer current (one query)."""
+    if not claims:
+        return set()
+    attempts = {c.job_id: c.attempt for c in claims}
+    rows = session.execute(
+        select(Job.id, Job.cancel_requested, Job.attempt, Job.status).where(Job.id.in_(attempts))
+    ).all()
+    session.rollback()
+    current = {
+        r.id for r in rows if not r.cancel_requested and r.attempt == attempts[r.id] and r.status == JobStatus.RUNNING
+    }
+    return set(attempts) - current
 
 
 def add_event(
