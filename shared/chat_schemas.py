@@ -20,6 +20,8 @@ from shared.schemas import MetadataKey, MetadataValue, StopStrings, StreamOption
 # max_tokens of a chat request that names neither max_tokens nor max_completion_tokens.
 CHAT_DEFAULT_MAX_TOKENS = 128
 MAX_TOP_LOGPROBS = 20
+MAX_MESSAGES = 256  # messages in one request (their text together is capped by max_prompt_chars)
+MAX_PARTS = 64  # text parts in one message
 
 
 def _unsupported(value: object) -> object:
@@ -54,7 +56,7 @@ class ChatMessage(RequestModel):
     """One message of the conversation. content: a string or a list of text parts (joined)."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_PARTS)]
     name: Name | None = Field(None, max_length=64, description="Accepted and ignored.")
 
     def text(self) -> str:
@@ -70,7 +72,7 @@ class ChatCompletionRequest(RequestModel):
     """POST /v1/chat/completions (OpenAI's shape)."""
 
     model: Name = Field(min_length=1, max_length=512)
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated OpenAI name of max_completion_tokens.")
     max_completion_tokens: int | None = Field(
         None, ge=1, description=f"Most new tokens per choice (default {CHAT_DEFAULT_MAX_TOKENS})."

@@ -85,6 +85,9 @@ class GenerationRequest(RequestModel):
     stop: StopStrings = Field(None, max_length=4, description="Up to 4 strings that end the text.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible per prompt.")
     n: int = Field(1, ge=1, description="Outputs per prompt (output i*n+j is choice j of prompt i).")
+    template: Literal["raw", "model"] = Field(
+        "raw", description="'model' sends each prompt as a user turn rendered with the model's chat template."
+    )
 
     @model_validator(mode="after")
     def _one_of_prompt_or_prompts(self) -> GenerationRequest:
@@ -183,7 +186,12 @@ MetadataValue = Annotated[Text, Field(max_length=512)]
 class FineTuningJobRequest(RequestModel):
     """POST /v1/fine_tuning/jobs (OpenAI's shape; llmq extensions documented per field)."""
 
-    model: Name = Field(min_length=1, max_length=512, description="Base model to fine-tune.")
+    model: Name = Field(
+        min_length=1,
+        max_length=512,
+        description="Base model to fine-tune, or one of your fine-tuned models or checkpoints (ft:...) to continue "
+        "from: training starts from its adapter (whose LoRA rank, alpha and target modules it keeps).",
+    )
     training_file: Name | None = Field(
         None, min_length=1, max_length=64, description="Id of an uploaded file (purpose fine-tune)."
     )
@@ -245,7 +253,7 @@ class FineTuningJob(BaseModel):
     model: str
     fine_tuned_model: str | None
     organization_id: str = "llmq"
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
     training_file: str | None
     validation_file: str | None
     hyperparameters: FineTuningJobHyperparameters
@@ -317,6 +325,12 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
 
 
 # --- /v1/completions (OpenAI's legacy completions shape) ---

@@ -94,6 +94,17 @@ class Settings(BaseSettings):
     )
 
     max_batch_size: int = Field(32, ge=1, description="Most prompts one generate call runs together.")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="How a generate worker batches: continuous lets jobs join a running batch between decoding "
+        "steps and leave when done (worker/scheduler.py); static runs each claimed batch to its longest row.",
+    )
+    batch_poll_seconds: float = Field(
+        0.05,
+        ge=0,
+        description="While a continuous batch decodes, how often (at most) it asks the database for waiting jobs "
+        "and for cancels of its own; 0 asks at every decoding step.",
+    )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")

@@ -86,7 +86,11 @@ def test_stream_without_include_usage_sends_no_usage_chunk(production_system: Sy
     client = openai.OpenAI(base_url=f"{production_system.base_url}/v1", api_key="x")
     chunks = list(
         client.chat.completions.create(
-            model=base_model(production_system), messages=HELLO, max_tokens=4, temperature=0, stream=True  # type: ignore[arg-type]
+            model=base_model(production_system),
+            messages=HELLO,
+            max_tokens=4,
+            temperature=0,
+            stream=True,  # type: ignore[arg-type]
         )
     )
     assert chunks and all(c.choices for c in chunks) and all(c.usage is None for c in chunks)
@@ -116,7 +120,12 @@ def test_stop_cuts_the_answer_before_the_stop_string(production_system: System) 
 def test_chat_logprobs_are_the_chosen_tokens_with_their_top_alternatives(production_system: System) -> None:
     client, model = sdk(production_system), base_model(production_system)
     chat = client.chat.completions.create(
-        model=model, messages=HELLO, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3  # type: ignore[arg-type]
+        model=model,
+        messages=HELLO,
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,  # type: ignore[arg-type]
     )
     choice = chat.choices[0]
     assert choice.logprobs is not None and choice.logprobs.content is not None
@@ -175,3 +184,39 @@ def test_unsupported_or_bad_parameters_raise_bad_request_naming_the_param(
 def test_unknown_model_is_not_found(production_system: System) -> None:
     with pytest.raises(openai.NotFoundError):
         sdk(production_system).chat.completions.create(model="ft:nope", messages=HELLO)  # type: ignore[arg-type]
+
+
+def test_cli_python_client_and_sdk_chat_show_the_model_the_same_conversation(production_system: System) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from client import LlmqClient
+
+    client, model = sdk(production_system), base_model(production_system)
+    system = {"role": "system", "content": "Be brief."}
+    first = [system, {"role": "user", "content": "Name a colour."}]
+    one = client.chat.completions.create(model=model, messages=first, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    answer = one.choices[0].message.content or ""
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "Another."}]
+    two = client.chat.completions.create(model=model, messages=second, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+
+    with LlmqClient(production_system.base_url, api_key="") as llmq:
+        assert llmq.chat(first, model=model, max_tokens=6, temperature=0).choices[0].message.content == answer
+
+    args = ["--url", production_system.base_url, "chat", "--system", "Be brief.", "--max-tokens", "6"]
+    session = CliRunner().invoke(app, [*args, "--temperature", "0"], input="Name a colour.\nAnother.\n")
+    assert session.exit_code == 0, session.output
+    assert session.stdout == f"{answer}\n{two.choices[0].message.content}\n"  # streamed, with its history
+
+
+def test_generate_with_template_renders_the_prompt_as_chat_does(production_system: System) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    client, model = sdk(production_system), base_model(production_system)
+    chat = client.chat.completions.create(model=model, messages=HELLO, max_tokens=6, temperature=0)  # type: ignore[arg-type]
+    args = ["--url", production_system.base_url, "generate", "--template", "--max-tokens", "6", "--temperature", "0"]
+    result = CliRunner().invoke(app, [*args, "Name a colour."])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"{chat.choices[0].message.content}\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from contextvars import Token
 
-from celery.signals import setup_logging, task_postrun, task_prerun, worker_ready
+from celery.signals import setup_logging, task_postrun, task_prerun, worker_ready, worker_shutting_down
 
 from shared.celery_app import TASKS, get_celery
 from shared.logging import bind_job, configure_logging, unbind_job
@@ -64,3 +64,12 @@ def _preload(**_kwargs: object) -> None:
             generate_models().get()
         except Exception:
             log.exception("base model failed to load; generation jobs will fail until it loads")
+
+
+@worker_shutting_down.connect
+def _drain(**_kwargs: object) -> None:
+    # Under steady load a continuous batch never empties: on a warm shutdown it stops claiming, finishes the
+    # rows in flight and returns, so the shutdown waits for those rows only.
+    from worker.scheduler import stop_claiming
+
+    stop_claiming.set()

@@ -28,6 +28,7 @@ from shared.settings import Settings
 from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
 from worker.chat_rendering import with_rendered_prompts
+from worker.checkpoint_models import checkpoint_adapters
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.identity import worker_id
 from worker.leases import lease_keeper
@@ -72,6 +73,10 @@ class ModelHolder:
         self.get()
         assert self._adapters is not None
         return self._adapters
+
+
+class ModelDeleted(Exception):
+    """A job names a fine-tuned model its owner deleted (DELETE /v1/models/{id}) after the job was queued."""
 
 
 class JobFailed(Exception):
@@ -144,8 +149,13 @@ def _prompt_count(job: Job) -> int:
     return len(params.prompts) if params is not None else 0
 
 
-def _budget(settings: Settings) -> Callable[[Sequence[Job]], list[str]]:
-    """Chooses the oldest jobs whose prompts fit max_batch_size and (roughly) max_batch_tokens."""
+def _budget(
+    settings: Settings, prompts_left: int | None = None, tokens_left: int | None = None
+) -> Callable[[Sequence[Job]], list[str]]:
+    """Chooses the oldest jobs whose prompts fit max_batch_size and (roughly) max_batch_tokens, or what is
+    left of them (a running batch's room)."""
+    max_prompts = settings.max_batch_size if prompts_left is None else prompts_left
+    max_tokens = settings.max_batch_tokens if tokens_left is None else tokens_left
 
     def cost(job: Job) -> int:
         # A rough token count (4 characters a token) is enough to bound a batch's memory. A row this cannot
@@ -161,7 +171,7 @@ def _budget(settings: Settings) -> Callable[[Sequence[Job]], list[str]]:
         prompts = tokens = 0
         for job in candidates:
             n, price = _prompt_count(job), cost(job)
-            if chosen and (prompts + n > settings.max_batch_size or tokens + price > settings.max_batch_tokens):
+            if chosen and (prompts + n > max_prompts or tokens + price > max_tokens):
                 break
             chosen.append(job.id)
             prompts, tokens = prompts + n, tokens + price
@@ -171,6 +181,19 @@ def _budget(settings: Settings) -> Callable[[Sequence[Job]], list[str]]:
 
 
 def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
+    """Claims waiting generation jobs, runs them and records every outcome; the job ids.
+
+    settings.batching says how: continuous (worker.scheduler: jobs join and leave a running batch until
+    none is waiting) or static (one claimed batch, run to its longest row).
+    """
+    if settings.batching == "continuous":
+        from worker.scheduler import serve_continuously  # imported here: it builds on this module
+
+        return serve_continuously(settings, models)
+    return serve_static_batch(settings, models)
+
+
+def serve_static_batch(settings: Settings, models: ModelHolder) -> list[str]:
     """Claims a batch of waiting generation jobs, runs it and records every outcome; the job ids."""
     session_factory = get_sessionmaker()
     with session_factory() as session:
@@ -273,15 +296,24 @@ def _prompts_of(job: Job) -> list[str]:
     return params.prompts if params is not None else []
 
 
-def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, StoredAdapter | None]:
-    """Where every fine-tuned model these jobs name is in the store (None where the model is unknown)."""
+def _adapter_folders(
+    session: Session, settings: Settings, claims: Sequence[Claim]
+) -> tuple[dict[str, StoredAdapter | None], dict[str, Exception]]:
+    """Where every fine-tuned model (or checkpoint) these jobs name is in the store (None where the model is
+    unknown), and the models among them that their owner deleted (each with its ModelDeleted)."""
     wanted = {c.job.model for c in claims} - {settings.base_model}
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.id.in_(wanted))).all() if wanted else []
     folders: dict[str, StoredAdapter | None] = dict.fromkeys(wanted)
+    deleted: dict[str, Exception] = {}
     for row in rows:
+        if row.deleted_at is not None:
+            deleted[row.id] = ModelDeleted(f"model {row.id!r} was deleted by its owner")
+            continue
         files = row.manifest.get("files") if isinstance(row.manifest, dict) else None
         folders[row.id] = StoredAdapter(key=row.path, files=files)
-    return folders
+    unknown = [m for m, folder in folders.items() if folder is None and m not in deleted]
+    folders.update(checkpoint_adapters(session, ArtifactStore.from_settings(settings), unknown))
+    return folders, deleted
 
 
 @dataclass
@@ -300,18 +332,38 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
     Whatever goes wrong with one job (its row, its adapter, its prompt, its decoding, its result) fails that
     job alone, with its own code, and the rest of the batch runs in the same pass.
     """
+    loaded, runnable, outcomes = prepare_jobs(session, claims, settings, models)
+    if loaded is None:
+        return [o for o in outcomes if o is not None]
+    decoded = decode_isolating(loaded, runnable, settings.max_batch_size)
+    for job, done in zip(runnable, decoded, strict=True):
+        outcomes[job.index] = outcome_of(job, done)
+    written = [o for o in outcomes if o is not None]
+    assert len(written) == len(claims)  # every job was either refused while preparing or decoded
+    return written
+
+
+def prepare_jobs(
+    session: Session, claims: Sequence[Claim], settings: Settings, models: ModelHolder, keep: Sequence[Claim] = ()
+) -> tuple[LoadedModel | None, list[PreparedJob], list[Outcome | None]]:
+    """(the model, the jobs ready to decode, the outcome of each claim that failed already: None elsewhere).
+
+    The model is None when it cannot load (every claim then has its failure). keep: jobs already decoding,
+    whose adapters must stay loaded.
+    """
     try:
         loaded = models.get()
     except Exception as exc:
         log.exception("model load failed")
         message = f"could not load model {settings.base_model!r}: {type(exc).__name__}: {exc}"
-        return [(None, (ErrorCode.MODEL_LOAD_FAILED, message[:2000]))] * len(claims)
+        return None, [], [(None, (ErrorCode.MODEL_LOAD_FAILED, message[:2000]))] * len(claims)
 
     outcomes: list[Outcome | None] = [None] * len(claims)
-    folders = _adapter_folders(session, settings, claims)
+    folders, deleted = _adapter_folders(session, settings, [*claims, *keep])
     session.commit()  # no transaction stays open while the batch generates (it would hold back vacuum)
     usable = {m: f for m, f in folders.items() if f is not None}
     names, broken = models.adapters.load_each(usable)  # a broken adapter fails its own jobs only
+    broken.update(deleted)
     runnable: list[PreparedJob] = []
     for i, claim in enumerate(claims):
         try:
@@ -321,23 +373,21 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
         except Exception as exc:
             log.exception("could not prepare %s", claim.job_id)
             outcomes[i] = (None, _failure(ErrorCode.PREPARATION_FAILED, exc))
+    return loaded, runnable, outcomes
 
-    decoded = decode_isolating(loaded, runnable, settings.max_batch_size)
-    for job, done in zip(runnable, decoded, strict=True):
-        if isinstance(done, str):
-            outcomes[job.index] = (None, (ErrorCode.GENERATION_FAILED, done))
-            continue
-        generations, batch_size = done
-        try:
-            result = _result(generations, batch_size)
-            json.dumps(job_states.stored(result), allow_nan=False)  # what the database will be asked to store
-            outcomes[job.index] = (result, None)
-        except Exception as exc:
-            log.exception("could not serialize the result of %s", claims[job.index].job_id)
-            outcomes[job.index] = (None, _failure(ErrorCode.RESULT_NOT_STORABLE, exc))
-    written = [o for o in outcomes if o is not None]
-    assert len(written) == len(claims)  # every job was either refused while preparing or decoded
-    return written
+
+def outcome_of(job: PreparedJob, done: Decoded) -> Outcome:
+    """The outcome to write for a decoded job: its result, or the error of its decoding or of its result."""
+    if isinstance(done, str):
+        return (None, (ErrorCode.GENERATION_FAILED, done))
+    generations, batch_size = done
+    try:
+        result = _result(generations, batch_size)
+        json.dumps(job_states.stored(result), allow_nan=False)  # what the database will be asked to store
+        return (result, None)
+    except Exception as exc:
+        log.exception("could not serialize the result of %s", job.job_id)
+        return (None, _failure(ErrorCode.RESULT_NOT_STORABLE, exc))
 
 
 def _prepare(
@@ -352,6 +402,8 @@ def _prepare(
     job = claim.job
     if job.model in broken:
         exc = broken[job.model]
+        if isinstance(exc, ModelDeleted):
+            raise JobFailed(ErrorCode.MODEL_DELETED, str(exc))
         message = f"could not load adapter {job.model!r}: {type(exc).__name__}: {exc}"
         raise JobFailed(ErrorCode.ADAPTER_LOAD_FAILED, message)
     if job.model != settings.base_model and job.model not in names:
@@ -376,14 +428,20 @@ def _prepare(
 Decoded = tuple[list[Generation], int] | str
 
 
-def decode_isolating(loaded: LoadedModel, jobs: Sequence[PreparedJob], max_batch_size: int) -> list[Decoded]:
+def decode_isolating(
+    loaded: LoadedModel,
+    jobs: Sequence[PreparedJob],
+    max_batch_size: int,
+    sent: dict[tuple[str, int], str] | None = None,
+) -> list[Decoded]:
     """Each job's generations, decoding the jobs together; if that fails, the jobs are decoded again in halves
     until the failure is narrowed down to the jobs that cause it, which get their error instead.
 
     Every row keeps its seed, so a row decoded again draws the same tokens; what was already streamed is
-    not streamed twice (the publisher remembers it across the re-runs).
+    not streamed twice (the publisher remembers it across the re-runs, and sent carries what an earlier run,
+    continuous or not, already published).
     """
-    sent: dict[tuple[str, int], str] = {}
+    sent = {} if sent is None else sent
 
     def attempt(part: Sequence[PreparedJob]) -> list[Decoded]:
         if not part:

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from gateway import owned, pg, views
 from gateway.auth import TenantDep
 from gateway.catalog import resolve_model_async
+from gateway.chat_jobs import instruction_params
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import BODY_ERRORS, V1_ERRORS, documented
 from gateway.front_door import front_door
@@ -20,7 +21,7 @@ from gateway.submission import check_caps, submit_async
 from gateway.waiting import until_terminal
 from shared import job_states
 from shared.db import get_read_sessionmaker
-from shared.job_data import GenerationParams
+from shared.job_data import ChatTurn, GenerationParams
 from shared.models import Job
 from shared.schemas import GenerationJob, GenerationRequest
 
@@ -38,7 +39,14 @@ async def create_generation(
     check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, body.stop, settings)
     door = front_door(request.scope)
     model, base_model = await resolve_model_async(door, settings, tenant, body.model)
+    conversations, template = (
+        await run_in_threadpool(_instruction_params, tenant, model, prompts)
+        if body.template == "model"
+        else (None, None)
+    )
     params = GenerationParams(
+        conversations=conversations,
+        chat_template=template,
         max_tokens=body.max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
@@ -51,6 +59,11 @@ async def create_generation(
         door, settings, kind="generate", model=model, base_model=base_model, params=params, tenant=tenant
     )
     return json_response(views.generation_job(job), status_code=202)
+
+
+def _instruction_params(tenant: str, model: str, prompts: list[str]) -> tuple[list[list[ChatTurn]], str | None]:
+    with get_read_sessionmaker()() as session:
+        return instruction_params(session, tenant, model, prompts)
 
 
 def _load(tenant: str, job_id: str) -> Job:
