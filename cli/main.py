@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cli import api_commands, keys
+from cli import api_commands, chat_command, keys
 from cli.api_commands import Connection
 from cli.exit_codes import FAILED, USAGE, CliError, OneLineErrors
 from cli.processes import Children, gateway_command, threads_per_worker, wait_ready, worker_command
@@ -59,6 +59,7 @@ for _command in (
     api_commands.cancel,
     api_commands.generate,
     api_commands.models,
+    chat_command.chat,
 ):
     app.command(rich_help_panel="Use a running llmq")(_command)
 app.add_typer(keys.app, name="keys", rich_help_panel="Administer")
@@ -76,13 +77,15 @@ def migrate() -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Gateway processes (one per core is a good start).")] = 1,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Gateway processes (default: gateway_workers, LLMQ_GATEWAY_WORKERS).")
+    ] = None,
 ) -> None:
     """Run the gateway."""
     settings = get_settings()
     host = host or settings.api_host
     _refuse_open_without_keys(host, settings.require_api_keys)
-    command = gateway_command(host, port or settings.api_port, workers)
+    command = gateway_command(host, port or settings.api_port, workers or settings.gateway_workers)
     os.execv(command[0], command)
 
 

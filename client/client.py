@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from client.errors import LlmqError, UnreachableError, WaitTimeout, error_from_response, retry_after_seconds
 from client.retries import RetryPolicy
 from client.sse import json_events
+from shared.chat_schemas import ChatCompletion
 from shared.job_data import JobKind
 from shared.schemas import (
     FileDeleted,
@@ -194,9 +195,13 @@ class LlmqClient:
         top_p: float | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        template: Literal["raw", "model"] | None = None,
     ) -> GenerationJob:
-        """The queued job for one prompt (a str) or several (a sequence); unset fields take the server's defaults."""
+        """The queued job for one prompt (a str) or several (a sequence); unset fields take the server's defaults.
+
+        template "model" sends each prompt as a user turn rendered with the model's chat template."""
         body = _params(
+            template=template,
             model=model,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -417,6 +422,26 @@ class LlmqClient:
         body["stream"] = True
         # Retries happen only before the first byte: a stream that broke halfway is not replayed.
         response = self._send("POST", "/v1/completions", json=body, stream=True)
+        try:
+            yield from json_events(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc, None) from exc
+        finally:
+            response.close()
+
+    # -- chat completions ------------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[dict[str, Any]], *, model: str, **params: Any) -> ChatCompletion:
+        """An OpenAI chat completion of the conversation (max_tokens, temperature, n, stop, seed, logprobs, ... as
+        keywords), rendered with the model's chat template by the server."""
+        body = {"model": model, "messages": list(messages), **params, "stream": False}
+        return self._call(ChatCompletion, "POST", "/v1/chat/completions", json=body)
+
+    def stream_chat(self, messages: Sequence[dict[str, Any]], *, model: str, **params: Any) -> Iterator[dict[str, Any]]:
+        """The chat.completion.chunk events of a streamed chat completion as they arrive (an error event as
+        {"error": ...})."""
+        body = {"model": model, "messages": list(messages), **params, "stream": True}
+        response = self._send("POST", "/v1/chat/completions", json=body, stream=True)
         try:
             yield from json_events(response.iter_lines())
         except httpx.TransportError as exc:

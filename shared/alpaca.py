@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from shared.chat_records import check_chat_record, is_chat_record
 from shared.storable import unstorable
 
 REQUIRED = ("instruction", "output")
@@ -43,7 +44,12 @@ UNCAPPED = Limits(max_records=sys.maxsize, max_field_chars=sys.maxsize)
 
 
 def check_record(record: object, where: str, limits: Limits) -> Record:
-    """The record as {instruction, input, output}; BadRecord naming where and why otherwise."""
+    """The record as {instruction, input, output}; BadRecord naming where and why otherwise.
+
+    A record holding `messages` is a chat record, checked by shared.chat_records instead."""
+    if is_chat_record(record):
+        assert isinstance(record, dict)
+        return check_chat_record(record, where, limits)
     if not isinstance(record, dict):
         raise BadRecord(where, f"expected a JSON object, got {type(record).__name__}")
     unknown = sorted(set(record) - set(FIELDS))

@@ -327,6 +327,29 @@ def test_playground_can_wait_for_the_whole_completion(production_system: System,
 
 
 @needs_chromium
+def test_playground_chat_mode_runs_two_models_side_by_side_on_the_same_conversation(
+    production_system: System, profile: Path
+) -> None:
+    base = production_system.env["LLMQ_BASE_MODEL"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    expected = httpx.post(
+        f"{production_system.base_url}/v1/chat/completions",
+        json={"model": base, "messages": messages, "max_tokens": 6, "temperature": 0},
+        timeout=60,
+    ).json()["choices"][0]["message"]["content"]
+    query = httpx.QueryParams(
+        model=base, compare=base, mode="chat", system="Be brief.", prompt="Name a colour.", max_tokens=6,
+        temperature=0, stream=0, run=1,
+    )  # fmt: skip
+    html = dom(f"{production_system.base_url}/ui/playground?{query}", profile)
+    status = re.search(r'<p id="run-status" class="muted" data-done="(\w+)">', html)
+    assert status is not None and status.group(1) == "true", html[-3000:]
+    answer = f'<p class="turn assistant"><b>Model: </b>{escape(expected)}</p>'
+    assert html.count(answer) == 2, html[-3000:]  # one column per model, the same conversation in each
+    assert html.count('<p class="turn user"><b>You: </b>Name a colour.</p>') == 2
+
+
+@needs_chromium
 def test_generation_page_shows_prompts_and_outputs(production_system: System, profile: Path) -> None:
     job = generation_job(production_system, {"prompts": ["First <b>prompt</b>", "Second"], "max_tokens": 4})
     html = dom(f"{production_system.base_url}/ui/generations/{job['id']}", profile)

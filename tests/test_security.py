@@ -100,7 +100,8 @@ def test_another_tenants_ids_answer_404_and_lists_show_only_your_own(client: Tes
     ).json()["id"]
     ft = client.post("/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=alice).json()
     ft_path = f"/v1/fine_tuning/jobs/{ft['id']}"
-    paths = [f"/v1/generations/{gen}", f"/v1/jobs/{gen}", f"/v1/files/{file_id}", ft_path]
+    paths = [f"/v1/generations/{gen}", f"/v1/jobs/{gen}", f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"]
+    paths.append(ft_path)
     for path in [*paths, f"{ft_path}/events", f"{ft_path}/checkpoints"]:
         assert client.get(path, headers=alice).status_code == 200, path
         assert client.get(path, headers=bob).status_code == 404, path
@@ -108,7 +109,7 @@ def test_another_tenants_ids_answer_404_and_lists_show_only_your_own(client: Tes
     assert client.post(f"/v1/fine_tuning/jobs/{ft['id']}/cancel", headers=bob).status_code == 404
     assert client.delete(f"/v1/files/{file_id}", headers=bob).status_code == 404
     borrowed = client.post("/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=bob)
-    assert borrowed.status_code == 422
+    assert borrowed.status_code == 400
     assert client.get("/v1/jobs", headers=bob).json()["data"] == []
     assert client.get("/v1/files", headers=bob).json()["data"] == []
     assert client.get("/v1/fine_tuning/jobs", headers=bob).json()["data"] == []
@@ -150,7 +151,7 @@ def test_models_outside_the_catalog_are_refused(client: TestClient, model: str) 
     response = client.post("/v1/generations", json={"prompt": "hi", "model": model}, headers=new_key("a"))
     assert response.status_code == 404
     fine_tune = client.post("/v1/fine_tuning/jobs", json={"model": model}, headers=new_key("a"))
-    assert fine_tune.status_code == 422
+    assert fine_tune.status_code == 400
 
 
 def test_request_body_over_the_limit_answers_413(client: TestClient) -> None:

@@ -21,9 +21,11 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from sqlalchemy import select, update
+from transformers import AutoTokenizer
 
 from shared import artifacts, job_states
 from shared.artifacts import ADAPTER_SEAL, CHECKPOINT_SEAL, ArtifactStore
+from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.db import get_sessionmaker
 from shared.fine_tuning import Hyperparameters, ResolvedHyperparameters
 from shared.job_data import FineTuneParams
@@ -288,7 +290,10 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
     assert weights and all("lora_" in key for key in weights)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     manifest = ArtifactStore.from_settings(store).read_seal(result["adapter_path"], ADAPTER_SEAL)
-    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(manifest["files"])
+    # The template it trained with, in its manifest and its tokenizer config (Alpaca records: the Alpaca one).
+    assert manifest["chat_template"] == ALPACA_CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(adapter).chat_template == ALPACA_CHAT_TEMPLATE
     assert manifest["base_model"] == str(tiny_model)
     assert manifest["dataset"]["train"]["sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
     assert manifest["prompt_template"] == TEMPLATE
@@ -543,7 +548,7 @@ def test_a_queued_job_naming_a_folder_as_its_dataset_fails_without_reading_it(
     ("raised", "told"),
     [
         (FileNotFoundError("Couldn't find any data file at /srv/llmq/artifacts/files."), "FileNotFoundError"),
-        (ValueError('Unknown split "valid". Should be one of [\'train\'].'), "the dataset has no split 'valid'"),
+        (ValueError("Unknown split \"valid\". Should be one of ['train']."), "the dataset has no split 'valid'"),
     ],
 )
 def test_loader_errors_reach_the_job_naming_the_dataset_never_worker_paths(

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from shared import artifacts, job_states
 from shared.artifacts import ADAPTER_SEAL, ArtifactStore
+from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.fine_tuning import ResolvedHyperparameters
 from shared.job_data import Figures, FineTuneParams, FineTuneResult
 from shared.job_states import Claim
@@ -42,11 +43,10 @@ class TrainedAdapter:
     hp: ResolvedHyperparameters
     seed: int
     metrics: Figures  # at least trained_tokens
+    chat_template: str = ALPACA_CHAT_TEMPLATE  # what the examples were rendered with; serving renders with it too
 
 
-def publish_adapter(
-    session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter, local: Path
-) -> None:
+def publish_adapter(session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter, local: Path) -> None:
     """Stores the adapter and its manifest (saved first into the new local folder `local`), then records the
     fine-tuned model and the job's success.
 
@@ -58,6 +58,9 @@ def publish_adapter(
     relative_dir = artifacts.adapter_key(job.id, claim.attempt)
     store = ArtifactStore.from_settings(settings)
     adapter.model.save_pretrained(local, safe_serialization=True)
+    # The adapter's tokenizer config carries the template it was trained with (as does its manifest).
+    adapter.loaded.tokenizer.chat_template = adapter.chat_template
+    adapter.loaded.tokenizer.save_pretrained(local)
     manifest = build_manifest(job, settings, params, adapter, model_id)
     manifest["files"] = store.put_sealed(local, relative_dir, ADAPTER_SEAL, manifest)
     files = sorted([*manifest["files"], ADAPTER_SEAL])
@@ -111,6 +114,7 @@ def build_manifest(
         "seed": adapter.seed,
         "metrics": adapter.metrics,
         "prompt_template": TEMPLATE,
+        "chat_template": adapter.chat_template,  # Jinja, rendered with apply_chat_template at serve time
         "response_prefix": RESPONSE_PREFIX,  # the completion starts with it; strip it from generated text
         "eos_token": adapter.loaded.tokenizer.eos_token,
         "versions": _versions(),

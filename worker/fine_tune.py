@@ -35,6 +35,7 @@ from shared.notify import publish_finished
 from shared.settings import Settings
 from worker.adapter_publishing import TrainedAdapter, publish_adapter
 from worker.alpaca_data import DatasetUnavailable, load_training_data
+from worker.chat_data import job_chat_template
 from worker.checkpoints import fetch_checkpoint, last_sealed_checkpoint, step_of, trained_tokens_at
 from worker.guarded_writes import ClaimLost, add_event, renew_lease
 from worker.identity import worker_id
@@ -113,7 +114,8 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
     # The Trainer writes into a local scratch folder of this host; the callback seals each checkpoint into the
     # store (the attempt's own folder there), and a resume fetches the newest sealed one of any attempt.
     with scratch_folder(settings, job.id) as scratch:
-        trainer = build_trainer(loaded, data, hp, seed, output_dir=scratch / "checkpoints")
+        template = job_chat_template(data.train, loaded.tokenizer, settings.chat_template)
+        trainer = build_trainer(loaded, data, hp, seed, output_dir=scratch / "checkpoints", chat_template=template)
         callback = JobCallback(session, claim, settings, trainer)
         trainer.add_callback(callback)
 
@@ -139,7 +141,7 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
             runtime_seconds=round(time.monotonic() - started, 3),
             train_tokens_per_second=callback.tokens_per_second(),
         )
-        adapter = TrainedAdapter(trainer.model, loaded, data, hp, seed, metrics)
+        adapter = TrainedAdapter(trainer.model, loaded, data, hp, seed, metrics, template)
         publish_adapter(session, claim, settings, adapter, scratch / "adapter")
 
 
