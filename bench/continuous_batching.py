@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         "--lengths", default="16,64,256", help="max_tokens to draw from (the first one is the short job)"
     )
     parser.add_argument("--adapter-rounds", type=int, default=2)
+    parser.add_argument("--model-dir", type=Path, help="another model than the full-size GPT-2 (a smoke run)")
     args = parser.parse_args(argv)
     count = args.requests or (48 if args.quick else 96)
     lengths = tuple(int(n) for n in args.lengths.split(","))
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     from worker.model_factory import build_full_size_gpt2
     from worker.model_loading import load_base_model
 
-    model_dir = build_full_size_gpt2(args.cache_dir / "gpt2-full-size")
+    model_dir = args.model_dir or build_full_size_gpt2(args.cache_dir / "gpt2-full-size")
     loaded = load_base_model(str(model_dir), "main", args.quantization, args.device)
     prompts = make_prompts(loaded.tokenizer, 64)
     batch = args.batch
@@ -234,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
 
     adapters: list[tuple[str, float, float]] = []
     if not args.skip_adapters:
-        folders = make_adapters(model_dir, args.cache_dir / f"adapters-r{args.lora_rank}-16", 16, args.lora_rank)
+        folders = make_adapters(
+            model_dir, args.cache_dir / f"adapters-{model_dir.name}-r{args.lora_rank}-16", 16, args.lora_rank
+        )
         names: list[str | None] = list(load_adapters(loaded, folders))
         rounds = args.adapter_rounds
         for label, pick in [("base model", [None]), ("1 adapter", names[:1]), ("4 adapters mixed", names[:4]),
