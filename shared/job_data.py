@@ -64,8 +64,20 @@ class JobError(StoredData):
 # --- Generation jobs --------------------------------------------------------------------------------------
 
 
+class ChatTurn(StoredData):
+    """One message of a conversation a generation job renders with a chat template (shared.chat_templates)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class GenerationParams(StoredData):
-    """What a generation job runs: its prompts (already templated) and one set of sampling settings."""
+    """What a generation job runs: its prompts and one set of sampling settings.
+
+    A chat job (and a completion with template "model") carries conversations instead: the worker renders
+    conversation i with the model's chat template (tokenizer.apply_chat_template) as prompt i; prompts then
+    hold each conversation's text, which sizes batches and is shown.
+    """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
@@ -76,6 +88,26 @@ class GenerationParams(StoredData):
     prompts: list[str]
     stream: bool = False  # /v1/completions with stream: the worker publishes text deltas
     user: str | None = None  # /v1/completions' user: stored, never used
+    conversations: list[list[ChatTurn]] | None = None  # rendered by the worker into prompts (see above)
+    chat_template: str | None = None  # the Jinja template to render them with; None: the base model's
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k likeliest alternatives
+    metadata: dict[str, str] | None = None  # /v1/chat/completions' metadata: stored, never used
+
+
+class TopLogprob(StoredData):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(StoredData):
+    """A generated token's log probability under the model (before temperature and top-p), and the likeliest
+    tokens at its position."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class GenerationOutput(StoredData):
@@ -84,6 +116,7 @@ class GenerationOutput(StoredData):
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # when the job asked for them: one per token of text
 
 
 class Usage(StoredData):

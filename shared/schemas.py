@@ -360,7 +360,9 @@ class CompletionRequest(RequestModel):
         description="llmq extension: 'model' treats each prompt as an instruction and wraps it in the prompt "
         "template stored with the model (the Alpaca template for the base model).",
     )
-    logprobs: int | None = Field(None, ge=0, le=0, description="Not supported: must be null or 0.")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Each token's logprob and this many likeliest alternatives (at most 5)."
+    )
     best_of: int | None = Field(None, ge=1, le=1, description="Not supported: must be null or 1.")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
     presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
@@ -372,10 +374,19 @@ class CompletionRequest(RequestModel):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token of the choice's text, its logprob and the likeliest alternatives."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Base model the workers load: a hub id or a local model directory.",
     )
     base_model_revision: str = Field("main", description="Hub revision (branch, tag or commit) of base_model.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template of the base model (the tokenizer's apply_chat_template renders it); unset "
+        "means the tokenizer's own, or the Alpaca prompt written as a chat template when it ships none (GPT-2): "
+        "shared/chat_templates.py.",
+    )
     quantization: Quantization = Field(
         "nf4", description="How the worker loads the base model: nf4 or int8 (bitsandbytes), bf16 or fp32."
     )
@@ -146,6 +152,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         6000, ge=0, description="Requests per minute one API key may make (0 = no limit)."
     )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Each gateway process remembers a key it found valid this long: a revoked key stops working "
+        "within this many seconds (0 = look every key up on every request).",
+    )
     auth_failures_per_minute: int = Field(
         20,
         ge=0,
@@ -185,6 +197,9 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+    gateway_workers: int = Field(
+        1, ge=1, description="Gateway processes `llmq serve` starts on its port (one per core is a good start)."
+    )
 
     @field_validator("artifact_url")
     @classmethod

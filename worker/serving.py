@@ -27,6 +27,7 @@ from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
 from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
+from worker.chat_rendering import with_rendered_prompts
 from worker.checkpoint_models import checkpoint_adapters
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.identity import worker_id
@@ -115,6 +116,7 @@ def _requests(p: GenerationParams, adapter: str | None) -> list[Request]:
                 top_p=p.top_p,
                 stop=tuple(p.stop or ()),
                 seed=secrets.randbits(63) if p.seed is None else p.seed + j,
+                logprobs=p.logprobs,
             )
             requests.append(Request(prompt=prompt, params=params, adapter=adapter))
     return requests
@@ -129,6 +131,7 @@ def _result(generations: Sequence[Generation], batch_size: int) -> GenerationRes
             finish_reason=g.finish_reason,
             prompt_tokens=g.prompt_tokens,
             completion_tokens=g.completion_tokens,
+            logprobs=g.logprobs,
         )
         for i, g in enumerate(generations)
     ]
@@ -370,7 +373,9 @@ def _prepare(
         raise JobFailed(ErrorCode.ADAPTER_LOAD_FAILED, message)
     if job.model != settings.base_model and job.model not in names:
         raise JobFailed(ErrorCode.MODEL_NOT_FOUND, f"no model {job.model!r}")
-    params = GenerationParams.model_validate(job.params)
+    params = with_rendered_prompts(
+        GenerationParams.model_validate(job.params), loaded.tokenizer, settings.chat_template
+    )
     requests = _requests(params, names.get(job.model))
     for request in requests:
         if FAULT_RAISE_ON_PROMPT is not None and request.prompt == FAULT_RAISE_ON_PROMPT:
