@@ -77,13 +77,15 @@ def migrate() -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Gateway processes (one per core is a good start).")] = 1,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Gateway processes (default: gateway_workers, LLMQ_GATEWAY_WORKERS).")
+    ] = None,
 ) -> None:
     """Run the gateway."""
     settings = get_settings()
     host = host or settings.api_host
     _refuse_open_without_keys(host, settings.require_api_keys)
-    command = gateway_command(host, port or settings.api_port, workers)
+    command = gateway_command(host, port or settings.api_port, workers or settings.gateway_workers)
     os.execv(command[0], command)
 
 

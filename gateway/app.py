@@ -9,12 +9,14 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
+from fastapi.telemetry import TelemetryConfig
 from starlette.concurrency import run_in_threadpool
 
 from gateway import errors, openapi
 from gateway.auth import Authenticate
 from gateway.body_limit import BodyLimit
 from gateway.closing import close_within
+from gateway.front_door import open_front_door
 from gateway.log_context import JobLogContext
 from gateway.methods import AnswerOptions
 from gateway.params import check_params
@@ -37,6 +39,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.finished_jobs = finished_jobs
     app.state.redis = aioredis.Redis.from_url(url) if url else None  # streaming subscriptions
     await finished_jobs.start()
+    app.state.front_door = await open_front_door(get_settings())  # the hot paths' pool and clients
     if not get_settings().require_api_keys:
         log.warning("API keys are not required (LLMQ_REQUIRE_API_KEYS=false): bind this gateway to localhost only")
     elif not get_settings().metrics_token:
@@ -48,6 +51,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if reaper is not None:
             reaper.cancel()
         await finished_jobs.stop()
+        await close_within(app.state.front_door.close(), "the front door's pool and clients")
         if app.state.redis is not None:
             await close_within(app.state.redis.aclose(), "the streaming Redis client")
 
@@ -71,7 +75,9 @@ def create_app() -> FastAPI:
     """The gateway application."""
     settings = get_settings()
     configure_logging(settings.log_format)
-    app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan)
+    # FastAPI's OpenTelemetry hooks look for a configured provider on every request; llmq exports none.
+    no_telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan, telemetry=no_telemetry)
     errors.install(app)
     # One megabyte of multipart framing on top of the largest file accepted.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)

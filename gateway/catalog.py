@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from gateway import owned
+from gateway import owned, pg
 from gateway.errors import ModelNotFound
+from gateway.front_door import FrontDoor
+from shared.db import get_sessionmaker
 from shared.models import FineTunedModel
 from shared.schemas import ModelObject
 from shared.settings import Settings
@@ -45,3 +48,24 @@ def resolve_model(session: Session, settings: Settings, tenant: str, requested: 
     if model is None:
         raise ModelNotFound(f"model {requested!r} does not exist")
     return model.id, model.root
+
+
+async def resolve_model_async(
+    door: FrontDoor, settings: Settings, tenant: str, requested: str | None
+) -> tuple[str, str]:
+    """resolve_model from the event loop: a base model needs no database; a fine-tuned one is read through the
+    asyncpg pool (Postgres) or a session in a worker thread."""
+    model_id = requested or settings.base_model
+    if model_id in settings.base_models:
+        return model_id, model_id
+    if door.pg is None:
+        return await run_in_threadpool(_resolve_in_session, settings, tenant, requested)
+    row = await pg.fine_tuned_model_row(door.pg, model_id)
+    if row is None or row["tenant"] != tenant:
+        raise ModelNotFound(f"model {requested!r} does not exist")
+    return model_id, str(row["base_model"])
+
+
+def _resolve_in_session(settings: Settings, tenant: str, requested: str | None) -> tuple[str, str]:
+    with get_sessionmaker()() as session:
+        return resolve_model(session, settings, tenant, requested)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.orm import Session
 
 from gateway.errors import FileNotFound, JobNotFound
@@ -18,6 +20,13 @@ def job(session: Session, tenant: str, job_id: str, kind: JobKind | None = None)
     if row is None or row.tenant != tenant or (kind is not None and row.kind != kind):
         return None
     return row
+
+
+def checked(row: dict[str, Any] | None, tenant: str, job_id: str, kind: JobKind | None = None) -> Job:
+    """job_or_404 for the columns of a row read without a session (gateway.pg.job_row): a detached Job."""
+    if row is None or row["tenant"] != tenant or (kind is not None and row["kind"] != kind):
+        raise JobNotFound(f"{JOB_NOUN[kind]} {job_id!r} not found")
+    return Job(**row)
 
 
 def job_or_404(session: Session, tenant: str, job_id: str, kind: JobKind | None = None) -> Job:

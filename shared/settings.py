@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         6000, ge=0, description="Requests per minute one API key may make (0 = no limit)."
     )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Each gateway process remembers a key it found valid this long: a revoked key stops working "
+        "within this many seconds (0 = look every key up on every request).",
+    )
     auth_failures_per_minute: int = Field(
         20,
         ge=0,
@@ -191,6 +197,9 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+    gateway_workers: int = Field(
+        1, ge=1, description="Gateway processes `llmq serve` starts on its port (one per core is a good start)."
+    )
 
     @field_validator("artifact_url")
     @classmethod

@@ -120,6 +120,16 @@ def test_file_over_the_size_limit_answers_413(client: TestClient, tmp_path: Path
     assert stored_files(tmp_path) == []
 
 
+def test_file_content_streams_the_stored_records(client: TestClient) -> None:
+    records = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Add", "input": "1 2", "output": "3"}]
+    file_id = upload(client, json.dumps(records).encode(), "data.json").json()["id"]  # type: ignore[attr-defined]
+    response = client.get(f"/v1/files/{file_id}/content")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
+    assert 'filename="data.json"' in response.headers["content-disposition"]
+    assert [json.loads(line) for line in response.content.splitlines()] == [{"input": "", **r} for r in records]
+    assert client.get("/v1/files/file-nope/content").status_code == 404
+
+
 def test_delete_file_removes_it(client: TestClient, tmp_path: Path) -> None:
     file_id = upload(client, SAMPLE.read_bytes()).json()["id"]  # type: ignore[attr-defined]
     assert client.delete(f"/v1/files/{file_id}").json() == {"id": file_id, "object": "file", "deleted": True}

@@ -100,7 +100,8 @@ def test_another_tenants_ids_answer_404_and_lists_show_only_your_own(client: Tes
     ).json()["id"]
     ft = client.post("/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=alice).json()
     ft_path = f"/v1/fine_tuning/jobs/{ft['id']}"
-    paths = [f"/v1/generations/{gen}", f"/v1/jobs/{gen}", f"/v1/files/{file_id}", ft_path]
+    paths = [f"/v1/generations/{gen}", f"/v1/jobs/{gen}", f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"]
+    paths.append(ft_path)
     for path in [*paths, f"{ft_path}/events", f"{ft_path}/checkpoints"]:
         assert client.get(path, headers=alice).status_code == 200, path
         assert client.get(path, headers=bob).status_code == 404, path
