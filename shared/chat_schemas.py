@@ -34,19 +34,6 @@ def _unsupported(value: object) -> object:
 Unsupported = Annotated[Any, AfterValidator(_unsupported)]
 
 
-def _neutral(neutral: object) -> Any:
-    """A parameter llmq does not support, accepted only at its neutral value."""
-
-    def check(value: object) -> object:
-        if value is not None and value != neutral:
-            raise PydanticCustomError(
-                "unsupported_parameter", "is not supported by llmq (only {neutral})", {"neutral": repr(neutral)}
-            )
-        return value
-
-    return Annotated[Any, AfterValidator(check)]
-
-
 class TextPart(RequestModel):
     type: Literal["text"]
     text: Text
@@ -89,10 +76,10 @@ class ChatCompletionRequest(RequestModel):
     user: Text | None = Field(None, max_length=256)
     metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
     store: bool | None = Field(None, description="Accepted; llmq keeps every job (GET /v1/generations/{id}).")
-    frequency_penalty: _neutral(0) = None  # type: ignore[valid-type]
-    presence_penalty: _neutral(0) = None  # type: ignore[valid-type]
-    logit_bias: _neutral({}) = None  # type: ignore[valid-type]
-    parallel_tool_calls: _neutral(False) = None  # type: ignore[valid-type]
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
+    logit_bias: dict[Name, float] | None = Field(None, max_length=0, description="Not supported: must be empty.")
+    parallel_tool_calls: Literal[False] | None = Field(None, description="No tools: false or null only.")
     tools: Unsupported = None
     tool_choice: Unsupported = None
     functions: Unsupported = None
