@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cli import api_commands, chat_command, keys
+from cli import api_commands, chat_command, keys, model_commands
 from cli.api_commands import Connection
 from cli.exit_codes import FAILED, USAGE, CliError, OneLineErrors
 from cli.processes import Children, gateway_command, threads_per_worker, wait_ready, worker_command
@@ -60,8 +60,12 @@ for _command in (
     api_commands.generate,
     api_commands.models,
     chat_command.chat,
+    model_commands.download,
+    model_commands.pause,
+    model_commands.resume,
 ):
     app.command(rich_help_panel="Use a running llmq")(_command)
+app.command(name="delete-model", rich_help_panel="Use a running llmq")(model_commands.delete_model)
 app.add_typer(keys.app, name="keys", rich_help_panel="Administer")
 
 

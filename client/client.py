@@ -36,6 +36,7 @@ from shared.schemas import (
     GenerationJob,
     JobList,
     JobSummary,
+    ModelDeleted,
     ModelList,
     ModelObject,
     Readiness,
@@ -290,6 +291,23 @@ class LlmqClient:
         """One uploaded file's description."""
         return self._call(FileObject, "GET", f"/v1/files/{_id(file_id)}")
 
+    def download_file(self, file_id: str, target: str | Path) -> Path:
+        """Streams a file's content (an upload, or a fine-tune's result file) into target; the path written.
+
+        A part written before an error is removed, so target exists only when the download completed."""
+        target = Path(target)
+        response = self._send("GET", f"/v1/files/{_id(file_id)}/content", stream=True)
+        try:
+            with target.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        finally:
+            response.close()
+        return target
+
     def delete_file(self, file_id: str) -> FileDeleted:
         """Deletes an uploaded file."""
         return self._call(FileDeleted, "DELETE", f"/v1/files/{_id(file_id)}")
@@ -333,6 +351,14 @@ class LlmqClient:
     def cancel_fine_tuning_job(self, job_id: str) -> FineTuningJob:
         """The job after a cancel: cancelled if queued; a running one stops after its current step."""
         return self._call(FineTuningJob, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/cancel")
+
+    def pause_fine_tuning_job(self, job_id: str) -> FineTuningJob:
+        """The job after a pause: paused if queued; a running one checkpoints after its current step and pauses."""
+        return self._call(FineTuningJob, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/pause")
+
+    def resume_fine_tuning_job(self, job_id: str) -> FineTuningJob:
+        """The paused job queued again; a train worker continues it from its checkpoint."""
+        return self._call(FineTuningJob, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/resume")
 
     def list_fine_tuning_events(
         self, job_id: str, *, after: str | None = None, limit: int | None = None
@@ -405,6 +431,10 @@ class LlmqClient:
     def get_model(self, model_id: str) -> ModelObject:
         """One model (ids may hold slashes and colons: hub ids, local paths, ft:... ids)."""
         return self._call(ModelObject, "GET", f"/v1/models/{quote(model_id, safe='/:@')}")
+
+    def delete_model(self, model_id: str) -> ModelDeleted:
+        """Deletes one of your fine-tuned models (no longer listed or served; its job's history stays)."""
+        return self._call(ModelDeleted, "DELETE", f"/v1/models/{quote(model_id, safe='/:@')}")
 
     # -- completions ------------------------------------------------------------------------------------------
     # POST /v1/completions in the OpenAI shape. The gateway route is being added; until shared.schemas has

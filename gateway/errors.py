@@ -52,6 +52,13 @@ class FileNotFound(NotFound):
     code = "file_not_found"
 
 
+class JobStateConflict(ApiError):
+    """The job's status does not allow the operation (pausing a finished job, resuming a running one)."""
+
+    status_code = 409
+    code = "invalid_job_state"
+
+
 class PayloadTooLarge(ApiError):
     status_code = 413
     code = "payload_too_large"
@@ -86,6 +93,8 @@ _MEANINGS = {
     "(`error.param` names it, `error.code` says why); for a completion also a prompt that does not fit the model.",
     401: "Missing or invalid API key (when keys are required).",
     404: "No such resource for this tenant.",
+    409: "The job's status does not allow this (pause a queued or running fine-tune, resume a paused one, export a "
+    "succeeded one).",
     413: "Request body over the configured limit.",
     422: "Invalid request: `detail` lists every problem, `error.param` names the first field at fault.",
     429: "Over the per-key rate limit, the tenant's active-job quota, or the failed-authentication throttle of the "

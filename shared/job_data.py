@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     MODEL_LOAD_FAILED = "model_load_failed"  # the base model could not be loaded
     ADAPTER_LOAD_FAILED = "adapter_load_failed"  # a fine-tuned model's adapter could not be loaded
     MODEL_NOT_FOUND = "model_not_found"  # the job names a model the worker cannot find
+    MODEL_DELETED = "model_deleted"  # the job names a fine-tuned model its owner deleted after the job was queued
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt + max_tokens do not fit the model
     PREPARATION_FAILED = "preparation_failed"  # the job's row could not be turned into requests
     GENERATION_FAILED = "generation_failed"  # decoding the job failed
@@ -150,6 +151,9 @@ class FineTuneParams(StoredData):
     seed: int = 0
     metadata: dict[str, str] | None = None
     hyperparameters: dict[str, JsonValue]  # shared.fine_tuning.ResolvedHyperparameters
+    # A fine-tuned model or checkpoint of the tenant to continue from (its adapter is the starting point; its
+    # LoRA shape wins over the hyperparameters'); None trains a new adapter on the base.
+    parent_model: str | None = None
 
 
 Figures = dict[str, int | float | None]  # named training figures (losses, counts, rates); ints stay ints

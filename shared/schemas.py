@@ -186,7 +186,12 @@ MetadataValue = Annotated[Text, Field(max_length=512)]
 class FineTuningJobRequest(RequestModel):
     """POST /v1/fine_tuning/jobs (OpenAI's shape; llmq extensions documented per field)."""
 
-    model: Name = Field(min_length=1, max_length=512, description="Base model to fine-tune.")
+    model: Name = Field(
+        min_length=1,
+        max_length=512,
+        description="Base model to fine-tune, or one of your fine-tuned models or checkpoints (ft:...) to continue "
+        "from: training starts from its adapter (whose LoRA rank, alpha and target modules it keeps).",
+    )
     training_file: Name | None = Field(
         None, min_length=1, max_length=64, description="Id of an uploaded file (purpose fine-tune)."
     )
@@ -248,7 +253,7 @@ class FineTuningJob(BaseModel):
     model: str
     fine_tuned_model: str | None
     organization_id: str = "llmq"
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
     training_file: str | None
     validation_file: str | None
     hyperparameters: FineTuningJobHyperparameters
@@ -320,6 +325,12 @@ class ModelObject(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelObject]
+
+
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
 
 
 # --- /v1/completions (OpenAI's legacy completions shape) ---

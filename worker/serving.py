@@ -28,6 +28,7 @@ from shared.settings import Settings
 from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
 from worker.chat_rendering import with_rendered_prompts
+from worker.checkpoint_models import checkpoint_adapters
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.identity import worker_id
 from worker.leases import lease_keeper
@@ -72,6 +73,10 @@ class ModelHolder:
         self.get()
         assert self._adapters is not None
         return self._adapters
+
+
+class ModelDeleted(Exception):
+    """A job names a fine-tuned model its owner deleted (DELETE /v1/models/{id}) after the job was queued."""
 
 
 class JobFailed(Exception):
@@ -291,15 +296,24 @@ def _prompts_of(job: Job) -> list[str]:
     return params.prompts if params is not None else []
 
 
-def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, StoredAdapter | None]:
-    """Where every fine-tuned model these jobs name is in the store (None where the model is unknown)."""
+def _adapter_folders(
+    session: Session, settings: Settings, claims: Sequence[Claim]
+) -> tuple[dict[str, StoredAdapter | None], dict[str, Exception]]:
+    """Where every fine-tuned model (or checkpoint) these jobs name is in the store (None where the model is
+    unknown), and the models among them that their owner deleted (each with its ModelDeleted)."""
     wanted = {c.job.model for c in claims} - {settings.base_model}
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.id.in_(wanted))).all() if wanted else []
     folders: dict[str, StoredAdapter | None] = dict.fromkeys(wanted)
+    deleted: dict[str, Exception] = {}
     for row in rows:
+        if row.deleted_at is not None:
+            deleted[row.id] = ModelDeleted(f"model {row.id!r} was deleted by its owner")
+            continue
         files = row.manifest.get("files") if isinstance(row.manifest, dict) else None
         folders[row.id] = StoredAdapter(key=row.path, files=files)
-    return folders
+    unknown = [m for m, folder in folders.items() if folder is None and m not in deleted]
+    folders.update(checkpoint_adapters(session, ArtifactStore.from_settings(settings), unknown))
+    return folders, deleted
 
 
 @dataclass
@@ -345,10 +359,11 @@ def prepare_jobs(
         return None, [], [(None, (ErrorCode.MODEL_LOAD_FAILED, message[:2000]))] * len(claims)
 
     outcomes: list[Outcome | None] = [None] * len(claims)
-    folders = _adapter_folders(session, settings, [*claims, *keep])
+    folders, deleted = _adapter_folders(session, settings, [*claims, *keep])
     session.commit()  # no transaction stays open while the batch generates (it would hold back vacuum)
     usable = {m: f for m, f in folders.items() if f is not None}
     names, broken = models.adapters.load_each(usable)  # a broken adapter fails its own jobs only
+    broken.update(deleted)
     runnable: list[PreparedJob] = []
     for i, claim in enumerate(claims):
         try:
@@ -387,6 +402,8 @@ def _prepare(
     job = claim.job
     if job.model in broken:
         exc = broken[job.model]
+        if isinstance(exc, ModelDeleted):
+            raise JobFailed(ErrorCode.MODEL_DELETED, str(exc))
         message = f"could not load adapter {job.model!r}: {type(exc).__name__}: {exc}"
         raise JobFailed(ErrorCode.ADAPTER_LOAD_FAILED, message)
     if job.model != settings.base_model and job.model not in names:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset, disable_progress_bars
-from peft import LoraConfig, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -87,15 +87,20 @@ def build_trainer(
     *,
     output_dir: Path,
     chat_template: str = ALPACA_CHAT_TEMPLATE,
+    init_adapter: Path | None = None,
 ) -> CountingSFTTrainer:
     """A TRL SFTTrainer for LoRA on the loaded base with completion-only loss, ready to train().
 
-    Examples are rendered with chat_template (worker/chat_data.py): loss on the answers only."""
+    Examples are rendered with chat_template (worker/chat_data.py): loss on the answers only. With
+    init_adapter (a continued fine-tune) training starts from that adapter's weights, and its LoRA shape
+    (rank, alpha, target modules) replaces the hyperparameters'; otherwise a new adapter is made from hp."""
     disable_progress_bars()
     model = loaded.model
     if loaded.quantization in ("nf4", "int8"):
         # Freezes the base, upcasts its unquantized weights (embeddings, layer norms) to fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "right"  # training pads on the right; the collator masks padding by position
 
@@ -147,7 +152,7 @@ def build_trainer(
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(hp),
+        peft_config=lora_config(hp) if init_adapter is None else None,
     )
     assert trainer.model is not None
     keep_adapters_fp32(trainer.model)

@@ -89,6 +89,19 @@ async function api(path, options = {}) {
   return response.json();
 }
 
+// Saves a file the tenant owns (GET /v1/files/{id}/content, with the API key) under its own name.
+async function download(fileId) {
+  const meta = await api(`/v1/files/${encodeURIComponent(fileId)}`);
+  const response = await fetch(`/v1/files/${encodeURIComponent(fileId)}/content`, { headers: authHeaders() });
+  if (!response.ok) throw await errorOf(response);
+  const url = URL.createObjectURL(await response.blob());
+  const link = h("a", { href: url, download: meta.filename });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
 function query(params) {
   const entries = Object.entries(params).filter(([, v]) => v !== null && v !== undefined && v !== "");
   return entries.length ? `?${new URLSearchParams(entries)}` : "";
@@ -257,7 +270,7 @@ function jobsView() {
     select(
       "status",
       "Status",
-      [["", "all"], ...["queued", "running", "succeeded", "failed", "cancelled"].map((v) => [v, v])],
+      [["", "all"], ...["queued", "running", "paused", "succeeded", "failed", "cancelled"].map((v) => [v, v])],
       filters.status,
     ),
     select("limit", "Show", [["20", "20"], ["50", "50"], ["100", "100"]], filters.limit),
@@ -420,6 +433,25 @@ class EventLog {
   }
 }
 
+// The buttons a fine-tune's page offers for its status: pause, resume, cancel, delete the model it made.
+function fineTuneActions(job) {
+  const post = (action) => () => api(`/v1/fine_tuning/jobs/${job.id}/${action}`, { method: "POST" }).catch(showError);
+  const button = (label, onclick) => h("button", { type: "button", onclick }, label);
+  const actions = [];
+  if (job.status === "queued" || job.status === "running") actions.push(button("Pause", post("pause")));
+  if (job.status === "paused") actions.push(button("Resume", post("resume")));
+  if (!TERMINAL.has(job.status)) actions.push(button("Cancel", post("cancel")));
+  if (job.fine_tuned_model) {
+    actions.push(button("Delete model", (event) => {
+      if (!window.confirm(`Delete ${job.fine_tuned_model}? It will no longer be listed or served.`)) return;
+      api(`/v1/models/${encodeURIComponent(job.fine_tuned_model)}`, { method: "DELETE" })
+        .then(() => event.target.replaceWith(h("span", { class: "small" }, "model deleted")))
+        .catch(showError);
+    }));
+  }
+  return actions;
+}
+
 function hyperparameterText(job) {
   const hp = (job.method && job.method.supervised && job.method.supervised.hyperparameters) || {};
   return Object.entries(hp)
@@ -452,10 +484,7 @@ function fineTuneView(jobId) {
       api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/checkpoints?limit=100`),
     ]);
     clearError();
-    const cancel = TERMINAL.has(job.status)
-      ? null
-      : h("button", { type: "button", onclick: () => api(`/v1/fine_tuning/jobs/${job.id}/cancel`, { method: "POST" }).catch(showError) }, "Cancel");
-    replace(header, h("div", { class: "heading" }, h("h1", { class: "mono" }, job.id), badge(job.status), cancel));
+    replace(header, h("div", { class: "heading" }, h("h1", { class: "mono" }, job.id), badge(job.status), ...fineTuneActions(job)));
 
     const progress = log.progress();
     const metrics = job.metrics || {};
@@ -476,6 +505,10 @@ function fineTuneView(jobId) {
       facts([
         ["Base model", h("span", { class: "mono" }, job.model)],
         ["Fine-tuned model", playground],
+        ["Result files", job.result_files.length
+          ? h("span", {}, ...job.result_files.map((id) =>
+            h("button", { type: "button", class: "download", "data-file": id, onclick: () => download(id).catch(showError) }, `Download ${id}`)))
+          : "–"],
         ["Data", job.training_file || (job.dataset ? `${job.dataset.name || "hub dataset"}` : "–")],
         ["Validation", job.validation_file || "–"],
         ["Hyperparameters", h("span", { class: "mono small" }, hyperparameterText(job))],
