@@ -256,8 +256,10 @@ def report(args: argparse.Namespace, lengths: tuple[int, ...], count: int, unloa
     def ms(seconds: float) -> str:
         return f"{seconds * 1000:,.0f} ms"
 
+    model = f"model {args.model_dir}" if args.model_dir else "full-size GPT-2, random weights"
+
     lines = [
-        f"## Continuous vs static batching ({args.quantization}, full-size GPT-2, random weights, {args.device})",
+        f"## Continuous vs static batching ({args.quantization}, {model}, {args.device})",
         "",
         f"{machine()}; {count} requests per run, at most {args.batch} rows together, greedy, prompts of about 40 "
         f"tokens; max_tokens drawn from {'/'.join(map(str, lengths))}.",
