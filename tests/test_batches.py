@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -94,18 +95,25 @@ def test_a_batch_answers_each_good_line_once_and_reports_bad_lines_with_their_li
 def sdk(
     postgres_url: str, quiet_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[openai.OpenAI]:
-    """The SDK on the gateway in process, on real Postgres and Redis, with no worker: jobs stay queued."""
+    """The SDK on the gateway in process, on real Postgres and Redis, with no worker: jobs stay queued. A tenant
+    may have 2 interactive jobs queued or running."""
     configure(
-        monkeypatch, database_url=postgres_url, broker_url=quiet_redis_url, base_model=BASE, data_dir=str(tmp_path)
+        monkeypatch,
+        database_url=postgres_url,
+        broker_url=quiet_redis_url,
+        base_model=BASE,
+        data_dir=str(tmp_path),
+        max_active_jobs_per_tenant="2",
     )
     from gateway.app import create_app
     from shared.db import get_sessionmaker
 
     with get_sessionmaker()() as session:
         session.execute(delete(Batch))
+        session.execute(delete(Job))
         session.commit()
     with TestClient(create_app()) as test_client:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=test_client)
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=test_client, max_retries=0)
 
 
 def test_cancel_of_a_queued_batch_cancels_its_requests_and_lists_them_in_the_error_file(sdk: openai.OpenAI) -> None:
@@ -123,6 +131,18 @@ def test_cancel_of_a_queued_batch_cancels_its_requests_and_lists_them_in_the_err
     ]
     with pytest.raises(openai.ConflictError):
         sdk.batches.cancel(batch.id)
+
+
+def test_a_batch_larger_than_the_quota_runs_and_leaves_the_quota_to_interactive_requests(sdk: openai.OpenAI) -> None:
+    lines = [completion_line(f"r{i}", "Hi", BASE) for i in range(4)]
+    uploaded = sdk.files.create(file=("big.jsonl", batch_file(lines)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    assert batch.request_counts is not None and batch.request_counts.total == 4
+    submit = {"prompt": "hi", "max_tokens": 2}
+    answers = [sdk.post("/generations", body=submit, cast_to=httpx.Response).status_code for _ in range(2)]
+    assert answers == [202, 202]
+    with pytest.raises(openai.RateLimitError):
+        sdk.post("/generations", body=submit, cast_to=httpx.Response)
 
 
 def test_another_tenants_batch_is_not_found(sdk: openai.OpenAI) -> None:
@@ -183,3 +203,23 @@ def test_claims_take_interactive_jobs_before_older_batch_requests(sessions: sess
         first = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
         second = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
     assert [c.job_id for c in first + second] == [newer.id, older.id]
+
+
+@pytest.mark.e2e
+def test_llmq_batch_follows_the_batch_to_its_end_and_writes_the_answers(
+    production_system: System, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    model = production_system.env["LLMQ_BASE_MODEL"]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(batch_file([completion_line("x", "Hello", model), completion_line("y", "Bye", model)]))
+    answers = tmp_path / "answers.jsonl"
+    url = production_system.base_url
+    result = CliRunner().invoke(app, ["--url", url, "batch", str(requests), "--output", str(answers)])
+    assert result.exit_code == 0, result.output
+    assert "completed: 2 completed, 0 failed" in result.stdout
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == ["x", "y"]
