@@ -10,6 +10,7 @@ from gateway import owned, pg
 from gateway.errors import ModelNotFound
 from gateway.front_door import FrontDoor
 from shared.db import get_sessionmaker
+from shared.model_ids import parse_checkpoint_id
 from shared.models import FineTunedModel
 from shared.schemas import ModelObject
 from shared.settings import Settings
@@ -71,10 +72,10 @@ async def resolve_model_async(
     model_id = requested or settings.base_model
     if model_id in settings.base_models:
         return model_id, model_id
-    if door.pg is None:
+    if door.pg is None or parse_checkpoint_id(model_id) is not None:  # checkpoints: a join, read in a session
         return await run_in_threadpool(_resolve_in_session, settings, tenant, requested)
     row = await pg.fine_tuned_model_row(door.pg, model_id)
-    if row is None or row["tenant"] != tenant:
+    if row is None or row["tenant"] != tenant or row["deleted_at"] is not None:
         raise ModelNotFound(f"model {requested!r} does not exist")
     return model_id, str(row["base_model"])
 

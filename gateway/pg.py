@@ -96,9 +96,10 @@ async def key_row(pool: asyncpg.Pool, key_id: str) -> asyncpg.Record | None:
 
 
 async def fine_tuned_model_row(pool: asyncpg.Pool, model_id: str) -> asyncpg.Record | None:
-    """The fine-tuned model row (tenant, base_model) with this id, or None."""
+    """The fine-tuned model row (tenant, base_model, deleted_at) with this id, or None."""
     async with _answering():
-        return await pool.fetchrow("SELECT tenant, base_model FROM fine_tuned_models WHERE id = $1", model_id)
+        query = "SELECT tenant, base_model, deleted_at FROM fine_tuned_models WHERE id = $1"
+        return await pool.fetchrow(query, model_id)
 
 
 JOB_COLUMNS = (

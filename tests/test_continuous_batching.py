@@ -51,7 +51,20 @@ def test_seeded_row_draws_the_same_tokens_alone_and_while_rows_join_and_leave(lo
 def test_continuous_outputs_equal_static_outputs_greedy_and_seeded(loaded: LoadedModel) -> None:
     requests = [Request(p, SamplingParams(max_new_tokens=4 + 5 * i, temperature=0)) for i, p in enumerate(PROMPTS)]
     requests += [Request(p, sampled(i, 3 + 7 * i)) for i, p in enumerate(PROMPTS)]
-    assert generate_continuously(loaded, requests) == generate(loaded, requests)
+    (free,) = generate(loaded, [Request(PROMPTS[0], SamplingParams(max_new_tokens=16, temperature=0))])
+    cut = SamplingParams(max_new_tokens=16, temperature=0, stop=(free.text[3:5],), logprobs=2)
+    requests += [
+        Request(PROMPTS[0], cut),
+        Request(PROMPTS[1], SamplingParams(max_new_tokens=6, temperature=0, logprobs=0)),
+    ]
+    continuous, static = generate_continuously(loaded, requests), generate(loaded, requests)
+    # Tokens and texts are the same; logprobs agree up to the float noise of a different batch shape.
+    assert [replace(g, logprobs=None) for g in continuous] == [replace(g, logprobs=None) for g in static]
+    for c, s in zip(continuous, static, strict=True):
+        assert (c.logprobs is None) == (s.logprobs is None)
+        for a, b in zip(c.logprobs or [], s.logprobs or [], strict=True):
+            assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=1e-3)
+    assert continuous[-2].finish_reason == "stop" and continuous[-1].logprobs  # stop strings and logprobs hold
 
 
 def test_grouped_lora_rows_are_token_identical_to_each_adapter_alone(tiny_model: Path, tmp_path: Path) -> None:

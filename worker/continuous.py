@@ -17,11 +17,13 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
+from shared.job_data import TokenLogprob
 from worker.generation import (
     Generation,
     Request,
@@ -29,12 +31,15 @@ from worker.generation import (
     _decode_attention,
     _generator,
     _has_adapters,
+    _logprobs,
+    _piece,
     _sample,
     check_fits,
     decode,
     encode,
 )
 from worker.grouped_lora import GroupedLora
+from worker.logprobs import token_logprob
 from worker.model_loading import LoadedModel
 
 
@@ -50,6 +55,7 @@ class Row:
     done: bool = False
     finish_reason: Literal["stop", "length"] = "length"
     cut_text: str | None = None  # the text up to a stop string, once one appeared
+    scored: list[TokenLogprob] = field(default_factory=list)  # when the request asked for logprobs
 
     def generation(self, loaded: LoadedModel) -> Generation:
         """What the row produced, as generate() reports it."""
@@ -58,6 +64,7 @@ class Row:
             finish_reason=self.finish_reason,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=len(self.generated),
+            logprobs=_logprobs(self.request, self.scored, self.cut_text),
         )
 
 
@@ -207,6 +214,8 @@ class RunningBatch:
                 row.done, row.finish_reason = True, "stop"
                 continue
             row.generated.append(token)
+            if params.logprobs is not None:
+                row.scored.append(token_logprob(last[i], token, params.logprobs, partial(_piece, self.loaded)))
             if params.stop:
                 cut = _cut_at_stop(decode(self.loaded, row.generated), params.stop)
                 if cut is not None:
