@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cli import api_commands, chat_command, keys, model_commands
+from cli import api_commands, batch_command, chat_command, keys, model_commands
 from cli.api_commands import Connection
 from cli.exit_codes import FAILED, USAGE, CliError, OneLineErrors
 from cli.processes import Children, gateway_command, threads_per_worker, wait_ready, worker_command
@@ -60,6 +60,7 @@ for _command in (
     api_commands.generate,
     api_commands.models,
     chat_command.chat,
+    batch_command.batch,
     model_commands.download,
     model_commands.pause,
     model_commands.resume,

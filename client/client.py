@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from client.errors import LlmqError, UnreachableError, WaitTimeout, error_from_response, retry_after_seconds
 from client.retries import RetryPolicy
 from client.sse import json_events
+from shared.batch_schemas import BatchObject
 from shared.chat_schemas import ChatCompletion
 from shared.job_data import JobKind
 from shared.schemas import (
@@ -311,6 +312,25 @@ class LlmqClient:
     def delete_file(self, file_id: str) -> FileDeleted:
         """Deletes an uploaded file."""
         return self._call(FileDeleted, "DELETE", f"/v1/files/{_id(file_id)}")
+
+    # -- batches ----------------------------------------------------------------------------------------------
+
+    def create_batch(
+        self, input_file_id: str, *, endpoint: str = "/v1/completions", metadata: Mapping[str, str] | None = None
+    ) -> BatchObject:
+        """A batch of the requests in an uploaded file (purpose batch), queued below interactive jobs."""
+        body: dict[str, Any] = {"input_file_id": input_file_id, "endpoint": endpoint, "completion_window": "24h"}
+        if metadata is not None:
+            body["metadata"] = dict(metadata)
+        return self._call(BatchObject, "POST", "/v1/batches", json=body)
+
+    def get_batch(self, batch_id: str) -> BatchObject:
+        """One batch with its request counts; its output and error files once it has ended."""
+        return self._call(BatchObject, "GET", f"/v1/batches/{_id(batch_id)}")
+
+    def cancel_batch(self, batch_id: str) -> BatchObject:
+        """The batch after a cancel: its queued requests cancelled, running ones stopping."""
+        return self._call(BatchObject, "POST", f"/v1/batches/{_id(batch_id)}/cancel")
 
     # -- fine-tuning ------------------------------------------------------------------------------------------
 

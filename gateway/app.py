@@ -20,7 +20,18 @@ from gateway.front_door import open_front_door
 from gateway.log_context import JobLogContext
 from gateway.methods import AnswerOptions
 from gateway.params import check_params
-from gateway.routes import chat, completions, files, fine_tuning, generations, health, jobs, metrics, models
+from gateway.routes import (
+    batches,
+    chat,
+    completions,
+    files,
+    fine_tuning,
+    generations,
+    health,
+    jobs,
+    metrics,
+    models,
+)
 from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
 from shared.db import get_sessionmaker
@@ -85,7 +96,7 @@ def create_app() -> FastAPI:
     app.add_middleware(AnswerOptions, router=app.router)
     app.add_middleware(JobLogContext)
     app.include_router(health.router)
-    for v1 in (generations, completions, chat, jobs, files, fine_tuning, models):
+    for v1 in (generations, completions, chat, jobs, files, fine_tuning, models, batches):
         app.include_router(v1.router, dependencies=[Depends(check_params)])
     app.include_router(metrics.router)
     app.include_router(ui.router)

@@ -122,7 +122,8 @@ def tenant_lock_key(tenant: str) -> int:
 
 
 _COUNT_ACTIVE = (
-    "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = $1 AND status = ANY($2::varchar[]) LIMIT $3) AS active"
+    "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = $1 AND status = ANY($2::varchar[]) "
+    "AND batch_id IS NULL LIMIT $3) AS active"
 )
 _COLUMNS = "id, tenant, kind, status, model, base_model, params, attempt, max_attempts, cancel_requested, " \
     "published_at, created_at, updated_at"  # fmt: skip
@@ -134,7 +135,7 @@ _INSERT_UNDER_QUOTA = (
     f"INSERT INTO jobs ({_COLUMNS}) SELECT $1::varchar, $2::varchar, $3::varchar, $4::varchar, $5::varchar, "
     "$6::varchar, $7::jsonb, 0, $8::integer, false, $9::timestamptz, $9, $9 "
     "WHERE (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = $2 AND status = ANY($11::varchar[]) "
-    "LIMIT $10) AS active) < $10"
+    "AND batch_id IS NULL LIMIT $10) AS active) < $10"
 )
 
 

@@ -99,7 +99,9 @@ def check_quota(session: Session, settings: Settings, tenant: str) -> None:
     # Counts at most up to the quota: a tenant far over it costs no more than one at it.
     active_jobs = (
         select(Job.id)
-        .where(Job.tenant == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        # A batch's requests are bounded by LLMQ_MAX_BATCH_REQUESTS instead: they wait behind interactive jobs and
+        # must not fill the quota that interactive requests need.
+        .where(Job.tenant == tenant, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]), Job.batch_id.is_(None))
         .limit(settings.max_active_jobs_per_tenant)
         .subquery()
     )

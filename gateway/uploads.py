@@ -82,3 +82,22 @@ def _normalize(raw: Path, normalized: Path, limits: Limits) -> int:
     if count == 0:
         raise BadRecord("file", "no records")
     return count
+
+
+def store_batch_input(source: BinaryIO, settings: Settings, file_id: str) -> StoredUpload:
+    """Stores a batch's input file as sent (its lines are checked when a batch is created, each on its own);
+    records: its non-blank lines. PayloadTooLarge past max_upload_bytes."""
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="upload-", dir=settings.scratch_dir) as folder:
+        raw = Path(folder) / "raw"
+        size, digest = _copy(source, raw, settings.max_upload_bytes)
+        with raw.open("rb") as f:
+            count = sum(1 for line in f if line.strip())
+        key = artifacts.file_key(file_id)
+        store = ArtifactStore.from_settings(settings)
+        try:
+            store.put_file(raw, key)
+        except BaseException:
+            store.delete(key)
+            raise
+    return StoredUpload(key=key, bytes=size, sha256=digest, records=count)

@@ -176,6 +176,10 @@ class ArtifactStore:
         """Copies a local file into the store (s3fs streams it in parts; never read whole into memory)."""
         self.fs.put_file(str(local), self._path(key))
 
+    def put_bytes(self, data: bytes, key: str) -> None:
+        """Writes a small file (a batch's output) into the store from memory."""
+        self.fs.pipe_file(self._path(key), data)
+
     def get_file(self, key: str, local: Path) -> None:
         """Copies a stored file to a local path; ArtifactMissing when the store has none."""
         local.parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,8 @@ def claim_batch(
     pick: Callable[[Sequence[Job]], Sequence[str]] | None = None,
     fresh_only: bool = False,
 ) -> list[Claim]:
-    """Claims the oldest queued jobs of a kind on a base model (at most limit, narrowed by pick); commits.
+    """Claims the queued jobs of a kind on a base model, higher priority first (interactive before batch
+    requests) then oldest first (at most limit, narrowed by pick); commits.
 
     pick chooses which of the candidates (oldest first) to take, e.g. to respect a token budget;
     it must return at least one id when given any candidate. fresh_only leaves jobs that ran before
@@ -91,7 +92,7 @@ def claim_batch(
     candidates = session.scalars(
         select(Job)
         .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model, *never_ran)
-        .order_by(Job.created_at, Job.id)
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
@@ -109,7 +110,7 @@ def claim_batch(
         fresh = [job for job in candidates if job.attempt == 0]
         ids = list(pick(fresh)) if pick else [job.id for job in fresh]
     claims = _claim_where(session, worker, lease_seconds, Job.id.in_(ids))
-    claims.sort(key=lambda c: (c.job.created_at, c.job.id))
+    claims.sort(key=lambda c: (-c.job.priority, c.job.created_at, c.job.id))
     return claims
 
 
@@ -224,6 +225,50 @@ def cancel(session: Session, job_id: str) -> Job | None:
     )
     session.commit()
     return session.get(Job, job_id, populate_existing=True)
+
+
+BATCH_PRIORITY = -10  # claim priority of a batch request: interactive jobs (0) of its base model go first
+
+
+def create_batch_request(
+    session: Session,
+    *,
+    batch_id: str,
+    custom_id: str,
+    line: int,
+    model: str,
+    base_model: str,
+    params: JobParams,
+    max_attempts: int,
+    tenant: str,
+) -> Job:
+    """A new queued generation job for one line of a batch, at batch priority; added, not committed."""
+    row = create_job(
+        session,
+        kind="generate",
+        model=model,
+        base_model=base_model,
+        params=params,
+        max_attempts=max_attempts,
+        tenant=tenant,
+    )
+    row.priority, row.batch_id, row.custom_id, row.batch_line = BATCH_PRIORITY, batch_id, custom_id, line
+    return row
+
+
+def cancel_batch(session: Session, batch_id: str) -> None:
+    """Cancels every job of a batch (not committed): queued ones at once, running ones at their next step."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, cancel_requested=True)
+    )
+    session.execute(
+        update(Job)
+        .where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True, updated_at=now)
+    )
 
 
 def pause(session: Session, job_id: str) -> Job | None:

@@ -73,6 +73,12 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     pause_requested: Mapped[bool] = mapped_column(default=False, server_default=false())  # migration 0008
     published_at: Mapped[datetime | None] = mapped_column(default=None)  # last message sent for it
+    # Claims take higher priority first, then the oldest: interactive jobs 0, batch requests below (0010).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A request of a batch (migration 0010): its batch, its custom_id and its line in the input file.
+    batch_id: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512), default=None)
+    batch_line: Mapped[int | None] = mapped_column(Integer, default=None)
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -163,3 +169,34 @@ class ApiKey(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Batch(Base):
+    """An OpenAI batch: the requests of an input file, each run as a generation job (Job.batch_id)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))  # see shared.batch_schemas.BatchStatus
+    batch_metadata: Mapped[dict[str, Any] | None] = mapped_column(StoredJSON, default=None)
+    total: Mapped[int] = mapped_column(Integer)  # lines of the input file, bad ones included
+    # The lines refused at creation: [{"line", "custom_id", "code", "message"}]; they go to the error file.
+    line_errors: Mapped[dict[str, Any]] = mapped_column(StoredJSON)  # {"data": [...]}
+    completed: Mapped[int] = mapped_column(Integer, default=0)  # request counts, written when finalized
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    output_file_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_file_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    in_progress_at: Mapped[datetime | None] = mapped_column(default=None)
+    finalizing_at: Mapped[datetime | None] = mapped_column(default=None)
+    completed_at: Mapped[datetime | None] = mapped_column(default=None)
+    failed_at: Mapped[datetime | None] = mapped_column(default=None)
+    cancelling_at: Mapped[datetime | None] = mapped_column(default=None)
+    cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (Index("ix_batches_tenant_created", "tenant", "created_at"),)

@@ -121,6 +121,7 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(200 * 2**20, ge=1, description="Largest training file accepted, in bytes.")
     max_records: int = Field(200_000, ge=1, description="Most records in one training file.")
+    max_batch_requests: int = Field(50_000, ge=1, description="Most lines (requests) in one batch's input file.")
     max_field_chars: int = Field(
         20_000, ge=1, description="Longest instruction, input or output of one record, in characters."
     )

@@ -54,8 +54,14 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "/v1/completions": {"model": BASE, "prompt": "Hello", "max_tokens": 2},
     "/v1/chat/completions": {"model": BASE, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2},
     "/v1/fine_tuning/jobs": {"model": BASE},
+    "/v1/batches": {
+        "input_file_id": "file-none",
+        "endpoint": "/v1/completions",
+        "completion_window": "24h",
+        "metadata": {"k": "v"},
+    },
 }
-LISTS = ("/v1/jobs", "/v1/fine_tuning/jobs", "/v1/files", "/v1/models")
+LISTS = ("/v1/jobs", "/v1/fine_tuning/jobs", "/v1/files", "/v1/models", "/v1/batches")
 
 
 # --- The fields, from the OpenAPI schema --------------------------------------------------------------------

@@ -9,6 +9,7 @@ from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from gateway import sse
@@ -30,16 +31,23 @@ router = APIRouter(prefix="/v1", tags=["completions"], responses=V1_ERRORS)
 
 
 def _prepare(body: CompletionRequest, settings: Settings, tenant: str) -> tuple[tuple[str, str], GenerationParams]:
-    """((model, base model), job params) of a valid request; 400 or 404 otherwise (runs in a thread).
+    """((model, base model), job params) of a valid request; 400 or 404 otherwise (runs in a thread)."""
+    with get_sessionmaker()() as session:
+        return completion_job_params(session, settings, tenant, body)
+
+
+def completion_job_params(
+    session: Session, settings: Settings, tenant: str, body: CompletionRequest
+) -> tuple[tuple[str, str], GenerationParams]:
+    """((model, base model), job params) of a valid completion request (a batch line's too); 400 or 404.
 
     With template "model" each prompt is a user turn the worker renders with the model's chat template."""
     prompts = body.prompt_list()
     check_caps(prompts, "prompt", isinstance(body.prompt, str), body.max_tokens, body.n, body.stop, settings)
     conversations, template = None, None
-    with get_sessionmaker()() as session:
-        model = resolve_model(session, settings, tenant, body.model)
-        if body.template == "model":
-            conversations, template = instruction_params(session, tenant, model[0], prompts)
+    model = resolve_model(session, settings, tenant, body.model)
+    if body.template == "model":
+        conversations, template = instruction_params(session, tenant, model[0], prompts)
     params = GenerationParams(
         conversations=conversations,
         chat_template=template,
@@ -73,7 +81,7 @@ def legacy_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> Comp
     )
 
 
-def _choices(result: GenerationResult, prompts: list[str], n: int, echo: bool) -> list[CompletionChoice]:
+def completion_choices(result: GenerationResult, prompts: list[str], n: int, echo: bool) -> list[CompletionChoice]:
     choices = []
     for o in result.outputs:
         head = prompts[o.index // n] if echo else ""
@@ -116,7 +124,7 @@ async def create_completion(
         id=done.id,
         created=int(done.created_at.timestamp()),
         model=done.model,
-        choices=_choices(result, body.prompt_list(), body.n, body.echo),
+        choices=completion_choices(result, body.prompt_list(), body.n, body.echo),
         usage=result.usage,
     )
 

@@ -13,7 +13,7 @@ from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import BODY_ERRORS, V1_ERRORS, ApiError, FileNotFound, documented
-from gateway.uploads import store_upload
+from gateway.uploads import store_batch_input, store_upload
 from shared.alpaca import BadRecord
 from shared.artifacts import ArtifactMissing, ArtifactStore
 from shared.db import get_sessionmaker
@@ -35,9 +35,10 @@ async def upload_file(
     file: UploadFile,
     settings: SettingsDep,
     tenant: TenantDep,
-    purpose: Annotated[Literal["fine-tune"], Form()] = "fine-tune",
+    purpose: Annotated[Literal["fine-tune", "batch"], Form()] = "fine-tune",
 ) -> FileObject:
-    """Stores an Alpaca file (JSONL or JSON array) once every record is valid; 422 names the first bad one."""
+    """Stores an Alpaca file (JSONL or JSON array) once every record is valid (422 names the first bad one); a
+    batch's input file (purpose batch) as sent, its lines checked when a batch is created."""
     try:
         plain_name(file.filename or "")
     except ValueError as exc:
@@ -57,7 +58,8 @@ def _store(file: UploadFile, settings: Settings, tenant: str, purpose: str) -> F
     file_id = new_id("file")
     name = file.filename or "file"
     try:
-        stored = store_upload(file.file, settings, file_id)
+        store = store_batch_input if purpose == "batch" else store_upload
+        stored = store(file.file, settings, file_id)
     except BadRecord as exc:
         raise InvalidFile(f"{name}: {exc}") from None
     except RecursionError:  # json.loads of arrays or objects nested thousands deep

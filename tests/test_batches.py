@@ -1,0 +1,225 @@
+"""OpenAI's Batch API through the official openai SDK: files of purpose batch, batches create, retrieve, list and
+cancel, the output and error files; and the claim order that puts batch requests after interactive jobs."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import delete
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared import job_states
+from shared.db import make_engine
+from shared.job_data import GenerationParams
+from shared.models import Batch, Job, utcnow
+from tests.process_settings import configure
+from tests.systems import System
+
+BASE = "test-base-model"
+
+
+def batch_file(lines: list[object]) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+
+
+def completion_line(custom_id: str, prompt: str, model: str) -> dict[str, object]:
+    body = {"model": model, "prompt": prompt, "max_tokens": 3, "temperature": 0}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body}
+
+
+def finished(client: openai.OpenAI, batch_id: str, seconds: float = 60) -> openai.types.Batch:
+    deadline = time.monotonic() + seconds
+    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "failed", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    return batch
+
+
+def jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, object]]:
+    assert file_id is not None
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+@pytest.mark.e2e
+def test_a_batch_answers_each_good_line_once_and_reports_bad_lines_with_their_line_numbers(
+    production_system: System,
+) -> None:
+    client = openai.OpenAI(
+        base_url=f"{production_system.base_url}/v1", api_key="unused", _strict_response_validation=True
+    )
+    model = production_system.env["LLMQ_BASE_MODEL"]
+    content = batch_file(
+        [
+            completion_line("a", "Hello", model),
+            b"{not json",
+            completion_line("b", "The sky is", model),
+            completion_line("a", "Duplicate", model),
+            completion_line("c", "Once upon", model) | {"url": "/v1/embeddings"},
+        ]
+    )
+    uploaded = client.files.create(file=("requests.jsonl", content), purpose="batch")
+    assert uploaded.purpose == "batch"
+    created = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h", metadata={"run": "t"}
+    )
+    assert created.id.startswith("batch_") and created.object == "batch" and created.metadata == {"run": "t"}
+    assert created.status in ("in_progress", "finalizing", "completed")
+
+    batch = finished(client, created.id)
+    assert batch.status == "completed" and batch.completed_at is not None
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (5, 2, 3)
+    answers = jsonl(client, batch.output_file_id)
+    assert sorted(a["custom_id"] for a in answers) == ["a", "b"]  # type: ignore[type-var]
+    for answer in answers:
+        response = answer["response"]
+        assert isinstance(response, dict) and response["status_code"] == 200
+        assert response["body"]["object"] == "text_completion" and response["body"]["choices"][0]["text"]
+    errors = jsonl(client, batch.error_file_id)
+    assert [(e["error"]["line"], e["error"]["code"]) for e in errors] == [  # type: ignore[index]
+        (2, "invalid_json_line"),
+        (4, "duplicate_custom_id"),
+        (5, "invalid_url"),
+    ]
+    assert created.id in [b.id for b in client.batches.list(limit=100)]
+
+
+@pytest.fixture
+def sdk(
+    postgres_url: str, quiet_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[openai.OpenAI]:
+    """The SDK on the gateway in process, on real Postgres and Redis, with no worker: jobs stay queued. A tenant
+    may have 2 interactive jobs queued or running."""
+    configure(
+        monkeypatch,
+        database_url=postgres_url,
+        broker_url=quiet_redis_url,
+        base_model=BASE,
+        data_dir=str(tmp_path),
+        max_active_jobs_per_tenant="2",
+    )
+    from gateway.app import create_app
+    from shared.db import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        session.execute(delete(Batch))
+        session.execute(delete(Job))
+        session.commit()
+    with TestClient(create_app()) as test_client:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=test_client, max_retries=0)
+
+
+def test_cancel_of_a_queued_batch_cancels_its_requests_and_lists_them_in_the_error_file(sdk: openai.OpenAI) -> None:
+    chat = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": chat} for i in range(3)]
+    uploaded = sdk.files.create(file=("chat.jsonl", batch_file(lines)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status == "in_progress" and batch.request_counts is not None and batch.request_counts.total == 3
+
+    cancelled = sdk.batches.cancel(batch.id)
+    assert cancelled.status == "cancelled" and cancelled.cancelled_at is not None and cancelled.output_file_id is None
+    errors = jsonl(sdk, cancelled.error_file_id)
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [  # type: ignore[index]
+        (f"r{i}", "batch_cancelled") for i in range(3)
+    ]
+    with pytest.raises(openai.ConflictError):
+        sdk.batches.cancel(batch.id)
+
+
+def test_a_batch_larger_than_the_quota_runs_and_leaves_the_quota_to_interactive_requests(sdk: openai.OpenAI) -> None:
+    lines = [completion_line(f"r{i}", "Hi", BASE) for i in range(4)]
+    uploaded = sdk.files.create(file=("big.jsonl", batch_file(lines)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+    assert batch.request_counts is not None and batch.request_counts.total == 4
+    submit = {"prompt": "hi", "max_tokens": 2}
+    answers = [sdk.post("/generations", body=submit, cast_to=httpx.Response).status_code for _ in range(2)]
+    assert answers == [202, 202]
+    with pytest.raises(openai.RateLimitError):
+        sdk.post("/generations", body=submit, cast_to=httpx.Response)
+
+
+def test_another_tenants_batch_is_not_found(sdk: openai.OpenAI) -> None:
+    from shared.db import get_sessionmaker
+
+    now = utcnow()
+    with get_sessionmaker()() as session:
+        session.add(
+            Batch(
+                id="batch_other",
+                tenant="someone-else",
+                endpoint="/v1/completions",
+                input_file_id="file-x",
+                completion_window="24h",
+                status="in_progress",
+                total=1,
+                line_errors={"data": []},
+                completed=0,
+                failed=0,
+                created_at=now,
+                expires_at=now,
+            )
+        )
+        session.commit()
+    with pytest.raises(openai.NotFoundError):
+        sdk.batches.retrieve("batch_other")
+    with pytest.raises(openai.NotFoundError):
+        sdk.batches.cancel("batch_other")
+    assert [b.id for b in sdk.batches.list()] == []
+
+
+def test_a_batch_of_a_fine_tuning_file_or_of_no_file_is_refused(sdk: openai.OpenAI) -> None:
+    training = sdk.files.create(file=("d.jsonl", b'{"instruction": "a", "output": "b"}\n'), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="not batch"):
+        sdk.batches.create(input_file_id=training.id, endpoint="/v1/completions", completion_window="24h")
+    with pytest.raises(openai.NotFoundError):
+        sdk.batches.create(input_file_id="file-missing", endpoint="/v1/completions", completion_window="24h")
+
+
+@pytest.fixture
+def sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(postgres_url)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    with factory() as session:
+        session.execute(delete(Job))
+        session.commit()
+    yield factory
+    engine.dispose()
+
+
+def test_claims_take_interactive_jobs_before_older_batch_requests(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        queued = dict(model="m", base_model="m", params=GenerationParams(prompts=["p"]), max_attempts=3, tenant="t")
+        older = job_states.create_batch_request(session, batch_id="batch_x", custom_id="c", line=1, **queued)  # type: ignore[arg-type]
+        session.commit()
+        newer = job_states.create_job(session, kind="generate", **queued)  # type: ignore[arg-type]
+        session.commit()
+        first = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
+        second = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
+    assert [c.job_id for c in first + second] == [newer.id, older.id]
+
+
+@pytest.mark.e2e
+def test_llmq_batch_follows_the_batch_to_its_end_and_writes_the_answers(
+    production_system: System, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    model = production_system.env["LLMQ_BASE_MODEL"]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(batch_file([completion_line("x", "Hello", model), completion_line("y", "Bye", model)]))
+    answers = tmp_path / "answers.jsonl"
+    url = production_system.base_url
+    result = CliRunner().invoke(app, ["--url", url, "batch", str(requests), "--output", str(answers)])
+    assert result.exit_code == 0, result.output
+    assert "completed: 2 completed, 0 failed" in result.stdout
+    lines = [json.loads(line) for line in answers.read_text().splitlines()]
+    assert sorted(line["custom_id"] for line in lines) == ["x", "y"]
