@@ -18,7 +18,8 @@ from gateway.closing import close_within
 from gateway.log_context import JobLogContext
 from gateway.methods import AnswerOptions
 from gateway.params import check_params
-from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models
+from gateway.request_metrics import RequestMetrics
+from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models, workers
 from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
 from shared.db import get_sessionmaker
@@ -78,10 +79,12 @@ def create_app() -> FastAPI:
     app.add_middleware(Authenticate)  # outside BodyLimit: a request without a valid key has none of its body read
     app.add_middleware(AnswerOptions, router=app.router)
     app.add_middleware(JobLogContext)
+    app.add_middleware(RequestMetrics)  # outermost: every answer counted, 401s included
     app.include_router(health.router)
     for v1 in (generations, completions, jobs, files, fine_tuning, models):
         app.include_router(v1.router, dependencies=[Depends(check_params)])
     app.include_router(metrics.router)
+    app.include_router(workers.router)
     app.include_router(ui.router)
     openapi.install(app, settings)
     return app

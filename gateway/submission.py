@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from gateway.errors import RateLimited
 from shared import job_states
 from shared.celery_app import enqueue_after_commit
+from shared.counters import JOBS_SUBMITTED
 from shared.job_data import JobKind, JobParams
 from shared.models import Job
 from shared.settings import Settings
@@ -134,4 +135,5 @@ def submit(
             job_states.note(session, job, event)
         session.commit()
     enqueue_after_commit(kind, job.id)
+    JOBS_SUBMITTED.labels(kind).inc()
     return job

@@ -22,6 +22,7 @@ from shared.job_data import CheckpointNote, Figures, FineTuneResult
 from shared.job_states import Claim
 from shared.models import utcnow
 from shared.settings import Settings
+from worker import drain, metrics
 from worker.checkpoints import drop_rotated, is_complete, store_checkpoint
 from worker.guarded_writes import add_event
 from worker.trainer_setup import CountingSFTTrainer
@@ -44,6 +45,14 @@ class _Window:
         return mean
 
 
+def stop_with_checkpoint(callback: JobCallback, control: TrainerControl, reason: str) -> None:
+    """Stops the fine-tune after this step, saving a checkpoint at it (on_save seals it into the store):
+    cancel, drain (SIGTERM) and pause all stop this way; worker/fine_tune.py acts on `stop_reason`."""
+    callback.stop_reason = reason
+    control.should_training_stop = True
+    control.should_save = True
+
+
 class JobCallback(TrainerCallback):
     """Connects a running Trainer to the job row: cancel, heartbeat, progress, events and checkpoints.
 
@@ -60,7 +69,7 @@ class JobCallback(TrainerCallback):
         self.trainer = trainer
         self.lease_seconds = settings.lease_seconds
         self.heartbeat_every = min(HEARTBEAT_EVERY_SECONDS, settings.lease_seconds / 4)
-        self.stop_reason: str | None = None  # None | "cancelled" | "claim_lost"
+        self.stop_reason: str | None = None  # None | "cancelled" | "drained" | "claim_lost"
         self.in_training = False
         self.last_loss: float | None = None
         self.val_loss: float | None = None
@@ -73,6 +82,7 @@ class JobCallback(TrainerCallback):
         self._train_ended: float | None = None
         self._start_step = 0
         self._start_tokens = 0
+        self._counted = (0, 0)  # step and trained tokens already added to this worker's counters
 
     # -- guarded writes ---------------------------------------------------------------------------------
 
@@ -130,6 +140,7 @@ class JobCallback(TrainerCallback):
         self._train_started = time.monotonic()
         self._start_step = state.global_step
         self._start_tokens = self.trainer.trained_tokens
+        self._counted = (state.global_step, self.trainer.trained_tokens)  # a resumed run counts only its own
         self._write(
             job_states.add_event(
                 self.session,
@@ -155,9 +166,9 @@ class JobCallback(TrainerCallback):
             # Also true when the claim is gone; a lease renewal tells the two apart.
             if not self._heartbeat(control, force=True):
                 return
-            self.stop_reason = "cancelled"
-            control.should_training_stop = True
-            control.should_save = True  # keep the work done so far as a checkpoint
+            stop_with_checkpoint(self, control, "cancelled")
+        elif drain.requested() and self.stop_reason is None:
+            stop_with_checkpoint(self, control, "drained")  # SIGTERM: hand the job back from this step
 
     def on_log(
         self,
@@ -180,6 +191,8 @@ class JobCallback(TrainerCallback):
         train_loss = self._window.take_mean()
         eta = self._eta_seconds(step, total)
         tokens = self.trainer.trained_tokens
+        metrics.training_logged(step - self._counted[0], tokens - self._counted[1])
+        self._counted = (step, tokens)
         figures = {
             "step": step,
             "total_steps": total,

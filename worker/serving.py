@@ -25,11 +25,13 @@ from shared.logging import job_context
 from shared.models import FineTunedModel, Job
 from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
+from worker import metrics
 from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.identity import worker_id
 from worker.leases import lease_keeper
+from worker.metrics import epoch_seconds
 from worker.model_loading import LoadedModel, load_base_model
 from worker.streaming import DeltaPublisher, StreamRow
 
@@ -65,6 +67,10 @@ class ModelHolder:
             disk = AdapterDiskCache(ArtifactStore.from_settings(s), s.adapter_cache_dir, s.adapter_cache_bytes)
             self._adapters = AdapterCache(self._loaded, s.max_loaded_adapters, disk)
         return self._loaded
+
+    def loaded_adapters(self) -> AdapterCache | None:
+        """The adapters, once the model has loaded (None before: nothing loads for asking)."""
+        return self._adapters
 
     @property
     def adapters(self) -> AdapterCache:
@@ -319,7 +325,8 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
             log.exception("could not prepare %s", claim.job_id)
             outcomes[i] = (None, _failure(ErrorCode.PREPARATION_FAILED, exc))
 
-    decoded = decode_isolating(loaded, runnable, settings.max_batch_size)
+    first_tokens: dict[str, float] = {}
+    decoded = decode_isolating(loaded, runnable, settings.max_batch_size, first_tokens)
     for job, done in zip(runnable, decoded, strict=True):
         if isinstance(done, str):
             outcomes[job.index] = (None, (ErrorCode.GENERATION_FAILED, done))
@@ -329,6 +336,9 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
             result = _result(generations, batch_size)
             json.dumps(job_states.stored(result), allow_nan=False)  # what the database will be asked to store
             outcomes[job.index] = (result, None)
+            claimed = claims[job.index].job
+            first_token = first_tokens.get(job.job_id)
+            metrics.job_decoded(claimed.model, epoch_seconds(claimed.created_at), first_token, result.usage)
         except Exception as exc:
             log.exception("could not serialize the result of %s", claims[job.index].job_id)
             outcomes[job.index] = (None, _failure(ErrorCode.RESULT_NOT_STORABLE, exc))
@@ -371,12 +381,15 @@ def _prepare(
 Decoded = tuple[list[Generation], int] | str
 
 
-def decode_isolating(loaded: LoadedModel, jobs: Sequence[PreparedJob], max_batch_size: int) -> list[Decoded]:
+def decode_isolating(
+    loaded: LoadedModel, jobs: Sequence[PreparedJob], max_batch_size: int, first_tokens: dict[str, float] | None = None
+) -> list[Decoded]:
     """Each job's generations, decoding the jobs together; if that fails, the jobs are decoded again in halves
     until the failure is narrowed down to the jobs that cause it, which get their error instead.
 
     Every row keeps its seed, so a row decoded again draws the same tokens; what was already streamed is
-    not streamed twice (the publisher remembers it across the re-runs).
+    not streamed twice (the publisher remembers it across the re-runs). first_tokens, if given, gets each
+    decoded job's first-token time (epoch seconds).
     """
     sent: dict[tuple[str, int], str] = {}
 
@@ -386,12 +399,15 @@ def decode_isolating(loaded: LoadedModel, jobs: Sequence[PreparedJob], max_batch
         flat = [request for job in part for request in job.requests]
         streams = [row for job in part for row in job.streams]
         error = None
+        first_at: float | None = None
         try:
             generations: list[Generation] = []
             for start in range(0, len(flat), max_batch_size):
                 rows = streams[start : start + max_batch_size]
-                listener = DeltaPublisher(loaded, rows, sent) if any(rows) else None
-                generations += generate(loaded, flat[start : start + max_batch_size], on_step=listener)
+                timer = metrics.StepTimer(DeltaPublisher(loaded, rows, sent) if any(rows) else None)
+                generations += generate(loaded, flat[start : start + max_batch_size], on_step=timer)
+                metrics.batch_decoded(timer, len(rows))
+                first_at = first_at or timer.first_at
         except Exception as exc:
             # Only the text is kept: the exception's frames hold the failed batch's tensors (its KV cache).
             error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -407,6 +423,8 @@ def decode_isolating(loaded: LoadedModel, jobs: Sequence[PreparedJob], max_batch
         position = 0
         for job in part:
             out.append((generations[position : position + len(job.requests)], len(flat)))
+            if first_tokens is not None and first_at is not None:
+                first_tokens[job.job_id] = first_at
             position += len(job.requests)
         return out
 
