@@ -237,6 +237,9 @@ def generate(
     stop: Annotated[list[str] | None, typer.Option(help="A string that ends the text; repeatable.")] = None,
     seed: Annotated[int | None, typer.Option(help="Makes sampling reproducible.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+    template: Annotated[
+        bool, typer.Option("--template", help="Send each prompt as a user turn in the model's chat template.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Generate text: submit a job, wait for it, print each output."""
@@ -250,6 +253,7 @@ def generate(
         top_p=top_p,
         stop=stop,
         seed=seed,
+        template="model" if template else None,
     )
     job = client.wait_generation(job.id, timeout=timeout)
     if as_json:

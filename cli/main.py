@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cli import api_commands, keys
+from cli import api_commands, chat_command, keys, model_commands
 from cli.api_commands import Connection
 from cli.exit_codes import FAILED, USAGE, CliError, OneLineErrors
 from cli.processes import Children, gateway_command, threads_per_worker, wait_ready, worker_command
@@ -60,8 +60,13 @@ for _command in (
     api_commands.cancel,
     api_commands.generate,
     api_commands.models,
+    chat_command.chat,
+    model_commands.download,
+    model_commands.pause,
+    model_commands.resume,
 ):
     app.command(rich_help_panel="Use a running llmq")(_command)
+app.command(name="delete-model", rich_help_panel="Use a running llmq")(model_commands.delete_model)
 app.add_typer(keys.app, name="keys", rich_help_panel="Administer")
 
 
@@ -77,14 +82,17 @@ def migrate() -> None:
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to bind.")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Gateway processes (one per core is a good start).")] = 1,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Gateway processes (default: gateway_workers, LLMQ_GATEWAY_WORKERS).")
+    ] = None,
 ) -> None:
     """Run the gateway."""
     settings = get_settings()
     host = host or settings.api_host
     _refuse_open_without_keys(host, settings.require_api_keys)
-    command = gateway_command(host, port or settings.api_port, workers)
-    if workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    processes = workers or settings.gateway_workers
+    command = gateway_command(host, port or settings.api_port, processes)
+    if processes > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # Several processes answer /metrics in turn: they share their counters through files (shared/counters.py).
         shared = settings.data_dir / "prometheus"
         shutil.rmtree(shared, ignore_errors=True)

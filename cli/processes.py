@@ -21,7 +21,7 @@ def gateway_command(host: str, port: int, workers: int = 1) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "gateway.app:create_app", "--factory",
         "--host", host, "--port", str(port), "--log-level", "warning", "--no-access-log",
-        "--workers", str(workers),
+        "--workers", str(workers), "--loop", "uvloop", "--http", "httptools",
     ]  # fmt: skip
 
 

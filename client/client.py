@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from client.errors import LlmqError, UnreachableError, WaitTimeout, error_from_response, retry_after_seconds
 from client.retries import RetryPolicy
 from client.sse import json_events
+from shared.chat_schemas import ChatCompletion
 from shared.job_data import JobKind
 from shared.schemas import (
     FileDeleted,
@@ -35,6 +36,7 @@ from shared.schemas import (
     GenerationJob,
     JobList,
     JobSummary,
+    ModelDeleted,
     ModelList,
     ModelObject,
     Readiness,
@@ -194,9 +196,13 @@ class LlmqClient:
         top_p: float | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
+        template: Literal["raw", "model"] | None = None,
     ) -> GenerationJob:
-        """The queued job for one prompt (a str) or several (a sequence); unset fields take the server's defaults."""
+        """The queued job for one prompt (a str) or several (a sequence); unset fields take the server's defaults.
+
+        template "model" sends each prompt as a user turn rendered with the model's chat template."""
         body = _params(
+            template=template,
             model=model,
             max_tokens=max_tokens,
             temperature=temperature,
@@ -285,6 +291,23 @@ class LlmqClient:
         """One uploaded file's description."""
         return self._call(FileObject, "GET", f"/v1/files/{_id(file_id)}")
 
+    def download_file(self, file_id: str, target: str | Path) -> Path:
+        """Streams a file's content (an upload, or a fine-tune's result file) into target; the path written.
+
+        A part written before an error is removed, so target exists only when the download completed."""
+        target = Path(target)
+        response = self._send("GET", f"/v1/files/{_id(file_id)}/content", stream=True)
+        try:
+            with target.open("wb") as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        finally:
+            response.close()
+        return target
+
     def delete_file(self, file_id: str) -> FileDeleted:
         """Deletes an uploaded file."""
         return self._call(FileDeleted, "DELETE", f"/v1/files/{_id(file_id)}")
@@ -328,6 +351,14 @@ class LlmqClient:
     def cancel_fine_tuning_job(self, job_id: str) -> FineTuningJob:
         """The job after a cancel: cancelled if queued; a running one stops after its current step."""
         return self._call(FineTuningJob, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/cancel")
+
+    def pause_fine_tuning_job(self, job_id: str) -> FineTuningJob:
+        """The job after a pause: paused if queued; a running one checkpoints after its current step and pauses."""
+        return self._call(FineTuningJob, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/pause")
+
+    def resume_fine_tuning_job(self, job_id: str) -> FineTuningJob:
+        """The paused job queued again; a train worker continues it from its checkpoint."""
+        return self._call(FineTuningJob, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/resume")
 
     def list_fine_tuning_events(
         self, job_id: str, *, after: str | None = None, limit: int | None = None
@@ -401,6 +432,10 @@ class LlmqClient:
         """One model (ids may hold slashes and colons: hub ids, local paths, ft:... ids)."""
         return self._call(ModelObject, "GET", f"/v1/models/{quote(model_id, safe='/:@')}")
 
+    def delete_model(self, model_id: str) -> ModelDeleted:
+        """Deletes one of your fine-tuned models (no longer listed or served; its job's history stays)."""
+        return self._call(ModelDeleted, "DELETE", f"/v1/models/{quote(model_id, safe='/:@')}")
+
     # -- completions ------------------------------------------------------------------------------------------
     # POST /v1/completions in the OpenAI shape. The gateway route is being added; until shared.schemas has
     # its response models these return plain dicts (then: Completion and CompletionChunk).
@@ -417,6 +452,26 @@ class LlmqClient:
         body["stream"] = True
         # Retries happen only before the first byte: a stream that broke halfway is not replayed.
         response = self._send("POST", "/v1/completions", json=body, stream=True)
+        try:
+            yield from json_events(response.iter_lines())
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc, None) from exc
+        finally:
+            response.close()
+
+    # -- chat completions ------------------------------------------------------------------------------------
+
+    def chat(self, messages: Sequence[dict[str, Any]], *, model: str, **params: Any) -> ChatCompletion:
+        """An OpenAI chat completion of the conversation (max_tokens, temperature, n, stop, seed, logprobs, ... as
+        keywords), rendered with the model's chat template by the server."""
+        body = {"model": model, "messages": list(messages), **params, "stream": False}
+        return self._call(ChatCompletion, "POST", "/v1/chat/completions", json=body)
+
+    def stream_chat(self, messages: Sequence[dict[str, Any]], *, model: str, **params: Any) -> Iterator[dict[str, Any]]:
+        """The chat.completion.chunk events of a streamed chat completion as they arrive (an error event as
+        {"error": ...})."""
+        body = {"model": model, "messages": list(messages), **params, "stream": True}
+        response = self._send("POST", "/v1/chat/completions", json=body, stream=True)
         try:
             yield from json_events(response.iter_lines())
         except httpx.TransportError as exc:

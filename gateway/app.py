@@ -9,17 +9,19 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI
+from fastapi.telemetry import TelemetryConfig
 from starlette.concurrency import run_in_threadpool
 
 from gateway import errors, openapi
 from gateway.auth import Authenticate
 from gateway.body_limit import BodyLimit
 from gateway.closing import close_within
+from gateway.front_door import open_front_door
 from gateway.log_context import JobLogContext
 from gateway.methods import AnswerOptions
 from gateway.params import check_params
 from gateway.request_metrics import RequestMetrics
-from gateway.routes import completions, files, fine_tuning, generations, health, jobs, metrics, models, workers
+from gateway.routes import chat, completions, files, fine_tuning, generations, health, jobs, metrics, models, workers
 from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
 from shared.db import get_sessionmaker
@@ -38,6 +40,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.finished_jobs = finished_jobs
     app.state.redis = aioredis.Redis.from_url(url) if url else None  # streaming subscriptions
     await finished_jobs.start()
+    app.state.front_door = await open_front_door(get_settings())  # the hot paths' pool and clients
     if not get_settings().require_api_keys:
         log.warning("API keys are not required (LLMQ_REQUIRE_API_KEYS=false): bind this gateway to localhost only")
     elif not get_settings().metrics_token:
@@ -49,6 +52,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if reaper is not None:
             reaper.cancel()
         await finished_jobs.stop()
+        await close_within(app.state.front_door.close(), "the front door's pool and clients")
         if app.state.redis is not None:
             await close_within(app.state.redis.aclose(), "the streaming Redis client")
 
@@ -72,7 +76,9 @@ def create_app() -> FastAPI:
     """The gateway application."""
     settings = get_settings()
     configure_logging(settings.log_format)
-    app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan)
+    # FastAPI's OpenTelemetry hooks look for a configured provider on every request; llmq exports none.
+    no_telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+    app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan, telemetry=no_telemetry)
     errors.install(app)
     # One megabyte of multipart framing on top of the largest file accepted.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)
@@ -81,7 +87,7 @@ def create_app() -> FastAPI:
     app.add_middleware(JobLogContext)
     app.add_middleware(RequestMetrics)  # outermost: every answer counted, 401s included
     app.include_router(health.router)
-    for v1 in (generations, completions, jobs, files, fine_tuning, models):
+    for v1 in (generations, completions, chat, jobs, files, fine_tuning, models):
         app.include_router(v1.router, dependencies=[Depends(check_params)])
     app.include_router(metrics.router)
     app.include_router(workers.router)

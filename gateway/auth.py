@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.errors import ApiError, RateLimited, Unauthorized, api_error_response, database_down_response
+from gateway.front_door import FrontDoor, front_door
 from shared.api_keys import authenticate
 from shared.db import get_sessionmaker
 from shared.models import DEFAULT_TENANT
@@ -52,6 +53,10 @@ class MinuteWindows:
                 return int(pipe.execute()[0])
             except redis.RedisError as exc:
                 log.warning("rate counting in Redis failed (%s); counting in this process", exc)
+        return self.hit_here(name, minute)
+
+    def hit_here(self, name: str, minute: int) -> int:
+        """hit, counted in this process only."""
         with self._lock:
             for stale in [k for k in self._local if k[1] < minute]:
                 del self._local[stale]
@@ -106,16 +111,55 @@ def _check_rate(key_id: str, settings: Settings) -> None:
         )
 
 
-def _tenant_of(authorization: str, address: str, settings: Settings) -> str:
-    """The tenant of the Authorization header's key; 401 for a bad key, 429 for an address that has failed
-    too often this minute (then its keys are not even checked) or a key over its rate limit."""
+async def _check_rate_async(door: FrontDoor, key_id: str, settings: Settings) -> None:
+    """_check_rate in one Redis round trip from the event loop (in this process while Redis does not answer)."""
+    if settings.rate_limit_per_minute == 0:
+        return
     now = time.time()
-    minute, limit = int(now // 60), settings.auth_failures_per_minute
-    if limit and _failures.blocked(address, minute):
+    minute = int(now // 60)
+    hits = await door.count(key_id, minute)
+    if hits is None:
+        hits = _minute_windows().hit_here(key_id, minute)
+    if hits > settings.rate_limit_per_minute:
+        raise RateLimited(
+            f"rate limit of {settings.rate_limit_per_minute} requests per minute exceeded",
+            retry_after=_seconds_to_next_minute(now),
+        )
+
+
+def _refuse_blocked(address: str, settings: Settings) -> None:
+    now = time.time()
+    limit = settings.auth_failures_per_minute
+    if limit and _failures.blocked(address, int(now // 60)):
         raise RateLimited(
             f"too many failed authentications from this address; at most {limit} a minute",
             retry_after=_seconds_to_next_minute(now),
         )
+
+
+def _failed(address: str, settings: Settings) -> None:
+    if settings.auth_failures_per_minute:
+        _failures.failed(address, int(time.time() // 60), settings.auth_failures_per_minute)
+
+
+async def _tenant_from_door(door: FrontDoor, authorization: str, address: str, settings: Settings) -> str:
+    """_tenant_of on the event loop: the key from the process's cache or the asyncpg pool, the rate in one
+    Redis round trip. A failure (rare) counts against the address in a worker thread."""
+    _refuse_blocked(address, settings)
+    scheme, _, token = authorization.partition(" ")
+    found = await door.lookup_key(token.strip()) if scheme.lower() == "bearer" else None
+    if found is None:
+        await run_in_threadpool(_failed, address, settings)
+        raise Unauthorized(UNAUTHORIZED)
+    tenant, key_id = found
+    await _check_rate_async(door, key_id, settings)
+    return tenant
+
+
+def _tenant_of(authorization: str, address: str, settings: Settings) -> str:
+    """The tenant of the Authorization header's key; 401 for a bad key, 429 for an address that has failed
+    too often this minute (then its keys are not even checked) or a key over its rate limit."""
+    _refuse_blocked(address, settings)
     scheme, _, token = authorization.partition(" ")
     found = None
     if scheme.lower() == "bearer":
@@ -123,8 +167,7 @@ def _tenant_of(authorization: str, address: str, settings: Settings) -> str:
             found = authenticate(session, token.strip())
             session.rollback()
     if found is None:
-        if limit:
-            _failures.failed(address, minute, limit)
+        _failed(address, settings)
         raise Unauthorized(UNAUTHORIZED)
     tenant, key_id = found
     _check_rate(key_id, settings)
@@ -160,8 +203,12 @@ class Authenticate:
             return
         authorization = Headers(scope=scope).get("authorization", "")
         address = scope["client"][0] if scope.get("client") else "unknown"
+        door = front_door(scope)
         try:
-            scope[TENANT] = await run_in_threadpool(_tenant_of, authorization, address, settings)
+            if door.pg is not None:
+                scope[TENANT] = await _tenant_from_door(door, authorization, address, settings)
+            else:
+                scope[TENANT] = await run_in_threadpool(_tenant_of, authorization, address, settings)
         except ApiError as exc:
             await api_error_response(exc)(scope, receive, send)
             return

@@ -52,6 +52,13 @@ class FileNotFound(NotFound):
     code = "file_not_found"
 
 
+class JobStateConflict(ApiError):
+    """The job's status does not allow the operation (pausing a finished job, resuming a running one)."""
+
+    status_code = 409
+    code = "invalid_job_state"
+
+
 class PayloadTooLarge(ApiError):
     status_code = 413
     code = "payload_too_large"
@@ -81,10 +88,13 @@ class Unavailable(ApiError):
 
 # What each error status means, for the OpenAPI schema (`responses=` of routers and routes).
 _MEANINGS = {
-    400: "Malformed body (not UTF-8 JSON, an integer of more than 4300 digits, or a broken multipart form); for a "
-    "completion also a prompt that does not fit the model.",
+    400: "Malformed body (not UTF-8 JSON, an integer of more than 4300 digits, or a broken multipart form); on the "
+    "OpenAI routes (completions, chat, files, fine-tuning, models) also an invalid parameter, as OpenAI answers it "
+    "(`error.param` names it, `error.code` says why); for a completion also a prompt that does not fit the model.",
     401: "Missing or invalid API key (when keys are required).",
     404: "No such resource for this tenant.",
+    409: "The job's status does not allow this (pause a queued or running fine-tune, resume a paused one, export a "
+    "succeeded one).",
     413: "Request body over the configured limit.",
     422: "Invalid request: `detail` lists every problem, `error.param` names the first field at fault.",
     429: "Over the per-key rate limit, the tenant's active-job quota, or the failed-authentication throttle of the "
@@ -98,7 +108,11 @@ _MEANINGS = {
 def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI `responses` of these error statuses, each with the body it carries."""
     return {
-        status: {"model": ValidationErrorResponse if status == 422 else ErrorResponse, "description": _MEANINGS[status]}
+        status: {
+            # A 400 is also a bad parameter of an OpenAI route: detail then lists the issues, as a 422 does.
+            "model": ValidationErrorResponse if status in (400, 422) else ErrorResponse,
+            "description": _MEANINGS[status],
+        }
         for status in statuses
     }
 
@@ -119,10 +133,11 @@ def error_body(code: str, message: str, type_: str) -> dict[str, object]:
     return {"detail": message, "error": error_object(code, message, type_)}
 
 
-def api_error_response(exc: ApiError) -> JSONResponse:
-    """The answer to an ApiError."""
+def api_error_response(exc: ApiError, path: str = "") -> JSONResponse:
+    """The answer to an ApiError (a 422 is a 400 on OpenAI's routes, as OpenAI answers it)."""
     body = error_body(exc.code, exc.message, exc.type)
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    status = 400 if exc.status_code == 422 and openai_route(path) else exc.status_code
+    return JSONResponse(body, status_code=status, headers=exc.headers)
 
 
 def database_down_response() -> JSONResponse:
@@ -155,12 +170,54 @@ def _union_member(part: object) -> bool:
     return isinstance(part, str) and (part in ("int", "str", "float", "bool") or ("[" in part and part != "[key]"))
 
 
-def _validation_answer(issues: Sequence[Any], echo_inputs: bool) -> JSONResponse:
-    """The 422 answer: every issue in `detail`, the first as the OpenAI-style `error` naming its field."""
+# Routes in OpenAI's shape answer a bad request as OpenAI does: 400 invalid_request_error, with the parameter at
+# fault (`messages[0].role`) and a code. The llmq-only routes (/v1/generations, /v1/jobs, ...) keep 422.
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/", "/v1/files", "/v1/fine_tuning/", "/v1/models")
+
+# pydantic's error types -> OpenAI's error codes (any other type: invalid_value).
+_OPENAI_CODES = {
+    "missing": "missing_required_parameter",
+    "extra_forbidden": "unknown_parameter",
+    "unsupported_parameter": "unsupported_parameter",
+    "int_type": "invalid_type",
+    "float_type": "invalid_type",
+    "string_type": "invalid_type",
+    "bool_type": "invalid_type",
+    "list_type": "invalid_type",
+    "dict_type": "invalid_type",
+    "model_type": "invalid_type",
+    "literal_error": "invalid_value",
+}
+
+
+def openai_route(path: str) -> bool:
+    """Whether the path is one of the routes that answer in OpenAI's shapes."""
+    return path.startswith(OPENAI_ROUTES)
+
+
+def openai_param(loc: Sequence[Any]) -> str | None:
+    """OpenAI's name for the parameter at loc: ("body", "messages", 0, "role") -> "messages[0].role"."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        if _union_member(part):
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def _validation_answer(issues: Sequence[Any], echo_inputs: bool, openai_shape: bool = False) -> JSONResponse:
+    """The answer to an invalid request: every issue in `detail`, the first as the OpenAI-style `error` naming
+    its field; 400 with OpenAI's param and code on OpenAI's routes, 422 elsewhere."""
     if not echo_inputs:
         issues = [{k: v for k, v in issue.items() if k != "input"} for issue in issues]
     errors = _json_safe(jsonable_encoder(issues))
-    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request", "type": "invalid_request"}
+    if openai_shape:
+        param = openai_param(first["loc"])
+        code = _OPENAI_CODES.get(str(first.get("type", "")), "invalid_value")
+        message = f"{param}: {first['msg']}" if param else str(first["msg"])
+        error = ApiErrorObject(message=message, type="invalid_request_error", code=code, param=param)
+        return JSONResponse({"detail": errors, "error": error.model_dump()}, status_code=400)
     where = ".".join(str(part) for part in first["loc"] if not _union_member(part))
     message = f"{where}: {first['msg']}" if where else str(first["msg"])
     error = ApiErrorObject(message=message, type="invalid_request_error", code="invalid_request", param=where or None)
@@ -171,15 +228,16 @@ def install(app: FastAPI) -> None:
     """Maps ApiError and database outages to JSON answers (never a traceback)."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return api_error_response(exc)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return api_error_response(exc, request.url.path)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        openai_shape = openai_route(request.url.path)
         try:
-            return _validation_answer(exc.errors(), echo_inputs=True)
+            return _validation_answer(exc.errors(), echo_inputs=True, openai_shape=openai_shape)
         except RecursionError:  # an input nested hundreds deep: answer without echoing inputs
-            return _validation_answer(exc.errors(), echo_inputs=False)
+            return _validation_answer(exc.errors(), echo_inputs=False, openai_shape=openai_shape)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -196,10 +254,11 @@ def install(app: FastAPI) -> None:
         return JSONResponse(error_body(code, message, type_), exc.status_code, headers=headers)
 
     @app.exception_handler(DataError)
-    async def _unstorable(_request: Request, _exc: DataError) -> JSONResponse:
+    async def _unstorable(request: Request, _exc: DataError) -> JSONResponse:
         # Postgres refuses some values outright (a NUL character in a text value): the request is at fault.
         message = "request holds a value the database cannot store (such as a NUL character)"
-        return JSONResponse(error_body("invalid_request", message, "invalid_request_error"), status_code=422)
+        status = 400 if openai_route(request.url.path) else 422
+        return JSONResponse(error_body("invalid_request", message, "invalid_request_error"), status_code=status)
 
     @app.exception_handler(OperationalError)
     async def _database_down(_request: Request, _exc: OperationalError) -> JSONResponse:

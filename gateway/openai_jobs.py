@@ -24,7 +24,8 @@ from shared.settings import Settings
 from shared.statuses import JobStatus, is_terminal
 
 # A failed job's error code -> HTTP status of the route's answer (any other code: 500).
-FAILURE_STATUS: dict[str, int] = {ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400, ErrorCode.MODEL_NOT_FOUND: 404}
+FAILURE_STATUS: dict[str, int] = {ErrorCode.CONTEXT_LENGTH_EXCEEDED: 400, ErrorCode.MODEL_NOT_FOUND: 404,
+                                 ErrorCode.MODEL_DELETED: 404}
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from gateway.errors import openai_route
 from shared.settings import Settings
 
 
@@ -22,10 +23,25 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            state_caps(generate(), settings)  # generate() caches the schema on the app; completed in place
+            schema = generate()  # generate() caches the schema on the app; completed in place
+            state_caps(schema, settings)
+            openai_statuses(schema)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def openai_statuses(schema: dict[str, Any]) -> None:
+    """On OpenAI's routes a bad request answers 400, not 422 (gateway/errors.py): the schema says so."""
+    for path, operations in schema.get("paths", {}).items():
+        if not openai_route(path):
+            continue
+        for operation in operations.values():
+            responses = operation.get("responses", {})
+            invalid = responses.pop("422", None)
+            if invalid is not None:
+                merged = responses.get("400", {}).get("description", "")
+                responses["400"] = invalid | {"description": f"{merged} {invalid['description']}".strip()}
 
 
 def _variants(node: dict[str, Any], kind: str) -> Iterator[dict[str, Any]]:
@@ -39,6 +55,7 @@ def state_caps(schema: dict[str, Any], settings: Settings) -> None:
     """Writes the settings' caps into an OpenAPI schema of the gateway."""
     models = schema["components"]["schemas"]
     _state_generation_caps(models, settings)
+    _state_chat_caps(models, settings)
     _state_training_caps(models, settings)
     for path in schema["paths"].values():
         for operation in path.values():
@@ -78,6 +95,25 @@ def _state_generation_caps(models: dict[str, Any], settings: Settings) -> None:
             f"Outputs per prompt (output i*n+j is choice j of prompt i); prompts x n at most "
             f"{settings.max_prompts_per_job}."
         )
+
+
+def _state_chat_caps(models: dict[str, Any], settings: Settings) -> None:
+    """The generation caps on a chat request: its texts, token limits, n and stop strings."""
+    text = {"maxLength": settings.max_prompt_chars}  # all messages' text together is capped the same
+    fields = models["ChatCompletionRequest"]["properties"]
+    for name in ("max_tokens", "max_completion_tokens"):
+        for number in _variants(fields[name], "integer"):
+            number["maximum"] = settings.max_new_tokens
+    fields["n"]["maximum"] = settings.max_n
+    for content in _variants(models["ChatMessage"]["properties"]["content"], "string"):
+        content.update(text)
+    models["TextPart"]["properties"]["text"].update(text)
+    stop_text = {"minLength": 1, "maxLength": settings.max_stop_chars}
+    for stop in _variants(fields["stop"], "string"):
+        stop.update(stop_text)
+    for stops in _variants(fields["stop"], "array"):
+        stops.update(maxItems=4)
+        stops["items"].update(stop_text)
 
 
 def _state_training_caps(models: dict[str, Any], settings: Settings) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.errors import FileNotFound, JobNotFound
-from shared.job_data import JobKind
-from shared.models import File, FineTunedModel, Job
+from shared.job_data import FineTuneParams, JobKind
+from shared.model_ids import fine_tuned_model_id, parse_checkpoint_id
+from shared.models import Checkpoint, File, FineTunedModel, Job
 
 # How a 404 names a job it did not find, by the kind the route serves.
 JOB_NOUN: dict[JobKind | None, str] = {None: "job", "generate": "generation job", "train": "fine-tuning job"}
@@ -18,6 +22,13 @@ def job(session: Session, tenant: str, job_id: str, kind: JobKind | None = None)
     if row is None or row.tenant != tenant or (kind is not None and row.kind != kind):
         return None
     return row
+
+
+def checked(row: dict[str, Any] | None, tenant: str, job_id: str, kind: JobKind | None = None) -> Job:
+    """job_or_404 for the columns of a row read without a session (gateway.pg.job_row): a detached Job."""
+    if row is None or row["tenant"] != tenant or (kind is not None and row["kind"] != kind):
+        raise JobNotFound(f"{JOB_NOUN[kind]} {job_id!r} not found")
+    return Job(**row)
 
 
 def job_or_404(session: Session, tenant: str, job_id: str, kind: JobKind | None = None) -> Job:
@@ -45,4 +56,17 @@ def file_or_404(session: Session, tenant: str, file_id: str) -> File:
 def fine_tuned_model(session: Session, tenant: str, model_id: str) -> FineTunedModel | None:
     """The tenant's fine-tuned model with this id, or None."""
     row = session.get(FineTunedModel, model_id)
-    return row if row is not None and row.tenant == tenant else None
+    return row if row is not None and row.tenant == tenant and row.deleted_at is None else None
+
+
+def checkpoint_model(session: Session, tenant: str, model_id: str) -> tuple[Job, Checkpoint] | None:
+    """The tenant's fine-tune and its checkpoint that a checkpoint model id names (any status: a cancelled
+    job's checkpoints serve too), or None."""
+    ref = parse_checkpoint_id(model_id)
+    row = job(session, tenant, ref.job_id, kind="train") if ref is not None else None
+    if ref is None or row is None:
+        return None
+    if fine_tuned_model_id(row.base_model, FineTuneParams.model_validate(row.params).suffix, row.id) != ref.model_id:
+        return None
+    found = session.scalars(select(Checkpoint).where(Checkpoint.job_id == row.id, Checkpoint.step == ref.step)).first()
+    return (row, found) if found is not None else None

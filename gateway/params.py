@@ -10,7 +10,7 @@ from gateway.auth import TenantDep
 from shared.request_fields import plain_name
 
 
-def check_params(request: Request, _tenant: TenantDep) -> None:
+async def check_params(request: Request, _tenant: TenantDep) -> None:
     """Refuses the request when a path or query value is not plain text (after authentication: a caller
     without a key learns nothing from it)."""
     problems = []

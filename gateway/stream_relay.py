@@ -30,7 +30,7 @@ from gateway.closing import close_within
 from gateway.errors import ApiError
 from gateway.openai_jobs import cancel_if_queued, failure, timeout_message
 from gateway.waiting import read_job, until_terminal
-from shared.job_data import GenerationResult, Usage
+from shared.job_data import GenerationResult, TokenLogprob, Usage
 from shared.models import Job
 from shared.notify import stream_channel
 from shared.settings import Settings
@@ -47,6 +47,7 @@ class TextDelta:
     index: int  # the output: choice j of prompt i is output i*n+j
     text: str
     finish_reason: Literal["stop", "length"] | None = None
+    logprobs: list[TokenLogprob] | None = None  # the output's every entry, on its last delta (when asked for)
 
 
 @dataclass(frozen=True)
@@ -182,5 +183,5 @@ def _final_events(job: Job, relay: Relay) -> list[RelayEvent]:
         if rest is None:
             message = f"job {job.id} was re-run after a worker failure and wrote different text than was streamed"
             return [*events, StreamError("stream_diverged", message)]
-        events.append(TextDelta(output.index, rest, output.finish_reason))
+        events.append(TextDelta(output.index, rest, output.finish_reason, output.logprobs))
     return [*events, Finished(result.usage)]

@@ -9,13 +9,18 @@ from contextlib import contextmanager
 from fastapi.exceptions import RequestValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
+from gateway import pg
 from gateway.errors import RateLimited
+from gateway.front_door import FrontDoor
+from gateway.publish import publish
 from shared import job_states
 from shared.celery_app import enqueue_after_commit
 from shared.counters import JOBS_SUBMITTED
+from shared.db import get_sessionmaker
 from shared.job_data import JobKind, JobParams
-from shared.models import Job
+from shared.models import Job, new_id, utcnow
 from shared.settings import Settings
 from shared.statuses import JobStatus
 
@@ -137,3 +142,68 @@ def submit(
     enqueue_after_commit(kind, job.id)
     JOBS_SUBMITTED.labels(kind).inc()
     return job
+
+
+async def submit_async(
+    door: FrontDoor,
+    settings: Settings,
+    *,
+    kind: JobKind,
+    model: str,
+    base_model: str,
+    params: JobParams,
+    tenant: str,
+    job_id: str | None = None,
+    event: str | None = None,
+) -> Job:
+    """submit from the event loop, with the same guarantees: the row (under the tenant's quota) is committed
+    before its message is published. On Postgres one asyncpg transaction and one LPUSH, no thread hop; on
+    SQLite, or with a first event to write, submit in a worker thread."""
+    if door.pg is None or event is not None:
+        return await run_in_threadpool(
+            _submit_in_session, settings, kind, model, base_model, params, tenant, job_id, event
+        )
+    now = utcnow()
+    job = Job(
+        id=job_id or new_id(job_states.ID_PREFIX[kind]),
+        tenant=tenant,
+        kind=kind,
+        status=JobStatus.QUEUED,
+        model=model,
+        base_model=base_model,
+        params=job_states.stored(params),
+        attempt=0,
+        max_attempts=settings.max_attempts,
+        cancel_requested=False,
+        created_at=now,
+        published_at=now,
+        updated_at=now,
+    )
+    await pg.insert_job(door.pg, job, settings.max_active_jobs_per_tenant)
+    await publish(door.broker, kind, job.id)
+    JOBS_SUBMITTED.labels(kind).inc()
+    return job
+
+
+def _submit_in_session(
+    settings: Settings,
+    kind: JobKind,
+    model: str,
+    base_model: str,
+    params: JobParams,
+    tenant: str,
+    job_id: str | None,
+    event: str | None,
+) -> Job:
+    with get_sessionmaker()() as session:
+        return submit(
+            session,
+            settings,
+            kind=kind,
+            model=model,
+            base_model=base_model,
+            params=params,
+            tenant=tenant,
+            job_id=job_id,
+            event=event,
+        )

@@ -20,6 +20,7 @@ from gateway.errors import PayloadTooLarge
 from shared import artifacts
 from shared.alpaca import BadRecord, Limits, read_records
 from shared.artifacts import ArtifactStore
+from shared.chat_records import stored_record
 from shared.settings import Settings
 
 CHUNK = 1 << 20
@@ -76,7 +77,7 @@ def _normalize(raw: Path, normalized: Path, limits: Limits) -> int:
     count = 0
     with normalized.open("w", encoding="utf-8") as out:
         for record in read_records(raw, limits):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(json.dumps(stored_record(record), ensure_ascii=False) + "\n")
             count += 1
     if count == 0:
         raise BadRecord("file", "no records")

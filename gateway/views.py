@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import TypeVar
 
 from shared.job_data import FineTuneParams, FineTuneResult, GenerationParams, GenerationResult, JobError
+from shared.model_ids import checkpoint_model_id, fine_tuned_model_id
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.schemas import (
     FileObject,
@@ -163,12 +164,18 @@ def event(row: JobEvent) -> FineTuningEvent:
     )
 
 
+def fine_tuned_model_of(job: Job) -> str:
+    """The model id a fine-tune has (or will have once it succeeds); its checkpoints' ids extend it."""
+    return fine_tuned_model_id(job.base_model, FineTuneParams.model_validate(job.params).suffix, job.id)
+
+
 def checkpoint(job: Job, row: Checkpoint) -> FineTuningCheckpoint:
-    """A checkpoint row in OpenAI's fine-tuning checkpoint shape."""
+    """A checkpoint row in OpenAI's fine-tuning checkpoint shape; its fine_tuned_model_checkpoint is a model
+    id that generations and completions accept."""
     return FineTuningCheckpoint(
         id=row.id,
         created_at=int(row.created_at.timestamp()),
-        fine_tuned_model_checkpoint=f"{job.id}:ckpt-step-{row.step}",
+        fine_tuned_model_checkpoint=checkpoint_model_id(fine_tuned_model_of(job), row.step),
         fine_tuning_job_id=job.id,
         step_number=row.step,
         # OpenAI's SDK reads valid_loss; the worker records val_loss.

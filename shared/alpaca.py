@@ -1,4 +1,12 @@
-"""Validating Alpaca-style training data: JSONL, or one JSON array, of instruction/input/output.
+"""Validating training data: JSONL, or one JSON array, of records in a format users already have.
+
+    Alpaca               {"instruction", "input"?, "output"}; Hugging Face's export of tatsu-lab/alpaca also
+                         carries "text" (the three rendered with the template), which is ignored
+    prompt/completion    OpenAI's legacy fine-tuning format {"prompt", "completion"}: trained as given, the
+                         prompt untemplated, loss on the completion
+
+check_record tells the formats apart by their keys (a small dispatch: one checker per format); a record that
+mixes them, or carries any other key, is refused.
 
 Every record is checked (UTF-8, an object, required string fields, no unknown keys, length caps, text a row
 and an answer can hold, a record-count cap); the first bad record is reported with its line (JSONL) or index
@@ -15,13 +23,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from shared.chat_records import check_chat_record, is_chat_record
 from shared.storable import unstorable
 
 REQUIRED = ("instruction", "output")
 OPTIONAL = ("input",)
-FIELDS = ("instruction", "input", "output")  # a checked record's keys, in this order
+FIELDS = ("instruction", "input", "output")  # a checked Alpaca record's keys, in this order
+DERIVED = ("text",)  # columns Alpaca exports derive from the fields (tatsu-lab/alpaca's "text"): ignored
+PROMPT_COMPLETION = ("prompt", "completion")  # a checked prompt/completion record's keys
 
-Record = dict[str, str]  # {instruction, input, output}; input "" when the record has none
+# {instruction, input, output} (input "" when the record has none) or {prompt, completion}
+Record = dict[str, str]
 
 
 class BadRecord(ValueError):
@@ -43,10 +55,43 @@ UNCAPPED = Limits(max_records=sys.maxsize, max_field_chars=sys.maxsize)
 
 
 def check_record(record: object, where: str, limits: Limits) -> Record:
-    """The record as {instruction, input, output}; BadRecord naming where and why otherwise."""
+    """The record as {instruction, input, output} or {prompt, completion}; BadRecord naming where and why
+    otherwise.
+
+    A record holding `messages` is a chat record, checked by shared.chat_records instead."""
+    if is_chat_record(record):
+        assert isinstance(record, dict)
+        return check_chat_record(record, where, limits)
     if not isinstance(record, dict):
         raise BadRecord(where, f"expected a JSON object, got {type(record).__name__}")
-    unknown = sorted(set(record) - set(FIELDS))
+    if set(record) & set(PROMPT_COMPLETION):
+        return check_prompt_completion(record, where, limits)
+    return check_alpaca(record, where, limits)
+
+
+def is_prompt_completion(record: Record) -> bool:
+    """Whether a checked record is in the prompt/completion format (else it is Alpaca)."""
+    return "prompt" in record
+
+
+def check_prompt_completion(record: dict[object, object], where: str, limits: Limits) -> Record:
+    """A {prompt, completion} record, both non-empty strings; BadRecord otherwise."""
+    unknown = sorted(str(k) for k in set(record) - set(PROMPT_COMPLETION))
+    if unknown:
+        raise BadRecord(where, f"unknown field {unknown[0]!r} (a prompt/completion record has only those two)")
+    for name in PROMPT_COMPLETION:
+        if name not in record:
+            raise BadRecord(where, f"missing required field {name!r}")
+    clean = {name: _field(record, name, where, limits) for name in PROMPT_COMPLETION}
+    for name in PROMPT_COMPLETION:
+        if not clean[name].strip():
+            raise BadRecord(where, f"field {name!r} is empty")
+    return clean
+
+
+def check_alpaca(record: dict[object, object], where: str, limits: Limits) -> Record:
+    """An Alpaca record as {instruction, input, output} (derived columns dropped); BadRecord otherwise."""
+    unknown = sorted(str(k) for k in set(record) - set(FIELDS) - set(DERIVED))
     if unknown:
         raise BadRecord(where, f"unknown field {unknown[0]!r} (allowed: instruction, input, output)")
     for name in REQUIRED:

@@ -84,6 +84,12 @@ def adapter_key(job_id: str, attempt: int) -> str:
     return f"adapters/{job_id}/attempt-{attempt}"
 
 
+def results_key(job_id: str, attempt: int) -> str:
+    """Folder of the result files (adapter archive, metrics CSV) one attempt of a fine-tune publishes; each is
+    a file row of the tenant (purpose fine-tune-results), downloadable like an upload."""
+    return f"results/{job_id}/attempt-{attempt}"
+
+
 def check_key(key: str) -> str:
     """The key itself when it is a plain relative path; OutsideStore otherwise (keys may come from rows)."""
     parts = key.split("/")
@@ -112,6 +118,12 @@ def list_folder(folder: Path, leave_out: tuple[str, ...] = ()) -> FileList:
         if name not in leave_out:
             files[name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
     return files
+
+
+def _read_chunks(f: IO[bytes]) -> Iterator[bytes]:
+    with f:
+        while chunk := f.read(CHUNK):
+            yield chunk
 
 
 # -- the store --------------------------------------------------------------------------------------------
@@ -181,6 +193,15 @@ class ArtifactStore:
             raise ArtifactMissing(f"{key} is not in the artifact store") from exc
         with f:
             yield f
+
+    def chunks(self, key: str) -> Iterator[bytes]:
+        """A stored file's bytes in chunks of CHUNK, for streaming it to a client. The file is opened now, so
+        ArtifactMissing comes at once (before any answer starts); it is closed when the iterator ends or is closed."""
+        try:
+            f = self.fs.open(self._path(key), "rb")
+        except FileNotFoundError as exc:
+            raise ArtifactMissing(f"{key} is not in the artifact store") from exc
+        return _read_chunks(f)
 
     def read_json(self, key: str) -> Any:
         """A stored JSON document; ArtifactMissing when the store has none."""

@@ -44,6 +44,7 @@ class ErrorCode(StrEnum):
     MODEL_LOAD_FAILED = "model_load_failed"  # the base model could not be loaded
     ADAPTER_LOAD_FAILED = "adapter_load_failed"  # a fine-tuned model's adapter could not be loaded
     MODEL_NOT_FOUND = "model_not_found"  # the job names a model the worker cannot find
+    MODEL_DELETED = "model_deleted"  # the job names a fine-tuned model its owner deleted after the job was queued
     CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # prompt + max_tokens do not fit the model
     PREPARATION_FAILED = "preparation_failed"  # the job's row could not be turned into requests
     GENERATION_FAILED = "generation_failed"  # decoding the job failed
@@ -63,8 +64,20 @@ class JobError(StoredData):
 # --- Generation jobs --------------------------------------------------------------------------------------
 
 
+class ChatTurn(StoredData):
+    """One message of a conversation a generation job renders with a chat template (shared.chat_templates)."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class GenerationParams(StoredData):
-    """What a generation job runs: its prompts (already templated) and one set of sampling settings."""
+    """What a generation job runs: its prompts and one set of sampling settings.
+
+    A chat job (and a completion with template "model") carries conversations instead: the worker renders
+    conversation i with the model's chat template (tokenizer.apply_chat_template) as prompt i; prompts then
+    hold each conversation's text, which sizes batches and is shown.
+    """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = DEFAULT_TEMPERATURE
@@ -75,6 +88,26 @@ class GenerationParams(StoredData):
     prompts: list[str]
     stream: bool = False  # /v1/completions with stream: the worker publishes text deltas
     user: str | None = None  # /v1/completions' user: stored, never used
+    conversations: list[list[ChatTurn]] | None = None  # rendered by the worker into prompts (see above)
+    chat_template: str | None = None  # the Jinja template to render them with; None: the base model's
+    logprobs: int | None = None  # None: no logprobs; k: each token's logprob and the k likeliest alternatives
+    metadata: dict[str, str] | None = None  # /v1/chat/completions' metadata: stored, never used
+
+
+class TopLogprob(StoredData):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(StoredData):
+    """A generated token's log probability under the model (before temperature and top-p), and the likeliest
+    tokens at its position."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
 
 
 class GenerationOutput(StoredData):
@@ -83,6 +116,7 @@ class GenerationOutput(StoredData):
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # when the job asked for them: one per token of text
 
 
 class Usage(StoredData):
@@ -117,6 +151,9 @@ class FineTuneParams(StoredData):
     seed: int = 0
     metadata: dict[str, str] | None = None
     hyperparameters: dict[str, JsonValue]  # shared.fine_tuning.ResolvedHyperparameters
+    # A fine-tuned model or checkpoint of the tenant to continue from (its adapter is the starting point; its
+    # LoRA shape wins over the hyperparameters'); None trains a new adapter on the base.
+    parent_model: str | None = None
 
 
 Figures = dict[str, int | float | None]  # named training figures (losses, counts, rates); ints stay ints

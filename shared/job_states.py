@@ -4,6 +4,10 @@
     queued -> cancelled                      (a client cancels before any worker claimed it)
     running -> queued                        (a lease expired: the reaper hands it to the next worker;
                                               or its worker drains on SIGTERM and hands it back, hand_back)
+    running -> paused                        (a client asked to pause: the worker checkpoints and lets go)
+    queued -> paused                         (a client pauses a fine-tune no worker claimed yet)
+    paused -> queued                         (a client resumes it: any train worker continues from the checkpoint)
+    paused -> cancelled                      (a client cancels a paused fine-tune)
 
 A claim is one conditional UPDATE ... WHERE status = 'queued' ... RETURNING, so two workers never get
 the same job. Every later write of a worker names the attempt it claimed, so a worker whose lease
@@ -15,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Literal
 
-from sqlalchemy import ColumnElement, delete, exists, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, case, delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.counters import JOBS_FINISHED, QUEUE_WAIT
@@ -76,15 +81,18 @@ def claim_batch(
     lease_seconds: float,
     limit: int,
     pick: Callable[[Sequence[Job]], Sequence[str]] | None = None,
+    fresh_only: bool = False,
 ) -> list[Claim]:
     """Claims the oldest queued jobs of a kind on a base model (at most limit, narrowed by pick); commits.
 
     pick chooses which of the candidates (oldest first) to take, e.g. to respect a token budget;
-    it must return at least one id when given any candidate.
+    it must return at least one id when given any candidate. fresh_only leaves jobs that ran before
+    (they run alone, see below) for a claim without neighbours.
     """
+    never_ran = [Job.attempt == 0] if fresh_only else []
     candidates = session.scalars(
         select(Job)
-        .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model)
+        .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model, *never_ran)
         .order_by(Job.created_at, Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -223,14 +231,14 @@ def hand_back(session: Session, claim: Claim) -> bool:
 
 
 def cancel(session: Session, job_id: str) -> Job | None:
-    """Cancels a job for a client and commits: a queued job at once, a running one at its next step.
+    """Cancels a job for a client and commits: a queued or paused job at once, a running one at its next step.
 
     Returns the job as it stands afterwards, or None when there is no such job.
     """
     now = utcnow()
     cancelled = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
+        .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.PAUSED]))
         .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, cancel_requested=True)
         .returning(Job.kind)
     ).scalar_one_or_none()
@@ -242,6 +250,63 @@ def cancel(session: Session, job_id: str) -> Job | None:
     session.commit()
     if cancelled is not None:
         JOBS_FINISHED.labels(cancelled, JobStatus.CANCELLED.value).inc()
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def pause(session: Session, job_id: str) -> Job | None:
+    """Pauses a fine-tune for a client and commits: a queued one at once, a running one at its next step (its
+    worker checkpoints there and lets go: finish_paused). The job as it stands afterwards, or None.
+
+    The caller checks that the job is queued or running; any other status is left as it is.
+    """
+    now = utcnow()
+    queued, running = Job.status == JobStatus.QUEUED, Job.status == JobStatus.RUNNING
+    session.execute(update(Job).where(Job.id == job_id, queued).values(status=JobStatus.PAUSED, updated_at=now))
+    session.execute(update(Job).where(Job.id == job_id, running).values(pause_requested=True, updated_at=now))
+    session.commit()
+    return session.get(Job, job_id, populate_existing=True)
+
+
+def finish_paused(session: Session, claim: Claim, result: JobResult) -> bool:
+    """Marks a claimed job whose pause was requested as paused (not final: no finished_at), keeping where it
+    stopped, and commits; False when the claim is no longer current."""
+    done = session.execute(
+        update(Job)
+        .where(_holds(claim))
+        .values(
+            status=JobStatus.PAUSED,
+            pause_requested=False,
+            lease_expires_at=None,
+            worker=None,
+            result=stored(result),
+            updated_at=utcnow(),
+        )
+    )
+    if done.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    session.commit()
+    return True
+
+
+def resume(session: Session, job_id: str) -> Job | None:
+    """Queues a paused job again and commits (the caller then enqueues its id); the job afterwards, or None.
+
+    A pause is not a failure: the attempt it ended is given back (max_attempts grows by one), so pausing
+    often never uses up the attempts that protect against a job that crashes its workers.
+    """
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.PAUSED)
+        .values(
+            status=JobStatus.QUEUED,
+            published_at=now,
+            updated_at=now,
+            max_attempts=case((Job.attempt > 0, Job.max_attempts + 1), else_=Job.max_attempts),
+        )
+    )
+    session.commit()
     return session.get(Job, job_id, populate_existing=True)
 
 
@@ -274,6 +339,36 @@ def cancel_requested(session: Session, claim: Claim) -> bool:
     ).one_or_none()
     session.rollback()
     return row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING
+
+
+def cancels_requested(session: Session, claims: Sequence[Claim]) -> set[str]:
+    """Ids of the claimed jobs that a client asked to cancel or whose claim is no longer current (one query)."""
+    if not claims:
+        return set()
+    attempts = {c.job_id: c.attempt for c in claims}
+    rows = session.execute(
+        select(Job.id, Job.cancel_requested, Job.attempt, Job.status).where(Job.id.in_(attempts))
+    ).all()
+    session.rollback()
+    current = {
+        r.id for r in rows if not r.cancel_requested and r.attempt == attempts[r.id] and r.status == JobStatus.RUNNING
+    }
+    return set(attempts) - current
+
+
+StopRequest = Literal["cancel", "pause"]
+
+
+def stop_request(session: Session, claim: Claim) -> StopRequest | None:
+    """What a client asked a running job to do at its next step: "cancel" (also when the claim is no longer
+    current), "pause", or None. One read, checked by the train worker after every step."""
+    row = session.execute(
+        select(Job.cancel_requested, Job.pause_requested, Job.attempt, Job.status).where(Job.id == claim.job_id)
+    ).one_or_none()
+    session.rollback()
+    if row is None or row.cancel_requested or row.attempt != claim.attempt or row.status != JobStatus.RUNNING:
+        return "cancel"
+    return "pause" if row.pause_requested else None
 
 
 def add_event(

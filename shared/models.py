@@ -6,7 +6,7 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, Integer, String, TypeDecorator, false
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -71,6 +71,7 @@ class Job(Base):
     worker: Mapped[str | None] = mapped_column(String(255), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    pause_requested: Mapped[bool] = mapped_column(default=False, server_default=false())  # migration 0008
     published_at: Mapped[datetime | None] = mapped_column(default=None)  # last message sent for it
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -146,6 +147,9 @@ class FineTunedModel(Base):
     path: Mapped[str] = mapped_column(String(1024))  # adapter folder, relative to the artifact store
     manifest: Mapped[dict[str, Any]] = mapped_column(StoredJSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set by DELETE /v1/models/{id}: no longer listed or served, its adapter removed; the row stays, since the
+    # job's history names the model (migration 0008).
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ApiKey(Base):

@@ -85,6 +85,9 @@ class GenerationRequest(RequestModel):
     stop: StopStrings = Field(None, max_length=4, description="Up to 4 strings that end the text.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Makes sampling reproducible per prompt.")
     n: int = Field(1, ge=1, description="Outputs per prompt (output i*n+j is choice j of prompt i).")
+    template: Literal["raw", "model"] = Field(
+        "raw", description="'model' sends each prompt as a user turn rendered with the model's chat template."
+    )
 
     @model_validator(mode="after")
     def _one_of_prompt_or_prompts(self) -> GenerationRequest:
@@ -212,7 +215,12 @@ MetadataValue = Annotated[Text, Field(max_length=512)]
 class FineTuningJobRequest(RequestModel):
     """POST /v1/fine_tuning/jobs (OpenAI's shape; llmq extensions documented per field)."""
 
-    model: Name = Field(min_length=1, max_length=512, description="Base model to fine-tune.")
+    model: Name = Field(
+        min_length=1,
+        max_length=512,
+        description="Base model to fine-tune, or one of your fine-tuned models or checkpoints (ft:...) to continue "
+        "from: training starts from its adapter (whose LoRA rank, alpha and target modules it keeps).",
+    )
     training_file: Name | None = Field(
         None, min_length=1, max_length=64, description="Id of an uploaded file (purpose fine-tune)."
     )
@@ -274,7 +282,7 @@ class FineTuningJob(BaseModel):
     model: str
     fine_tuned_model: str | None
     organization_id: str = "llmq"
-    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled"]
+    status: Literal["validating_files", "queued", "running", "succeeded", "failed", "cancelled", "paused"]
     training_file: str | None
     validation_file: str | None
     hyperparameters: FineTuningJobHyperparameters
@@ -351,6 +359,12 @@ class ModelList(BaseModel):
     data: list[ModelObject]
 
 
+class ModelDeleted(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
 # --- /v1/completions (OpenAI's legacy completions shape) ---
 
 
@@ -381,7 +395,9 @@ class CompletionRequest(RequestModel):
         description="llmq extension: 'model' treats each prompt as an instruction and wraps it in the prompt "
         "template stored with the model (the Alpaca template for the base model).",
     )
-    logprobs: int | None = Field(None, ge=0, le=0, description="Not supported: must be null or 0.")
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Each token's logprob and this many likeliest alternatives (at most 5)."
+    )
     best_of: int | None = Field(None, ge=1, le=1, description="Not supported: must be null or 1.")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
     presence_penalty: float | None = Field(None, ge=0, le=0, description="Not supported: must be 0.")
@@ -393,10 +409,19 @@ class CompletionRequest(RequestModel):
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: per token of the choice's text, its logprob and the likeliest alternatives."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     text: str
     index: int
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

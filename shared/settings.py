@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Base model the workers load: a hub id or a local model directory.",
     )
     base_model_revision: str = Field("main", description="Hub revision (branch, tag or commit) of base_model.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template of the base model (the tokenizer's apply_chat_template renders it); unset "
+        "means the tokenizer's own, or the Alpaca prompt written as a chat template when it ships none (GPT-2): "
+        "shared/chat_templates.py.",
+    )
     quantization: Quantization = Field(
         "nf4", description="How the worker loads the base model: nf4 or int8 (bitsandbytes), bf16 or fp32."
     )
@@ -88,6 +94,17 @@ class Settings(BaseSettings):
     )
 
     max_batch_size: int = Field(32, ge=1, description="Most prompts one generate call runs together.")
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="How a generate worker batches: continuous lets jobs join a running batch between decoding "
+        "steps and leave when done (worker/scheduler.py); static runs each claimed batch to its longest row.",
+    )
+    batch_poll_seconds: float = Field(
+        0.05,
+        ge=0,
+        description="While a continuous batch decodes, how often (at most) it asks the database for waiting jobs "
+        "and for cancels of its own; 0 asks at every decoding step.",
+    )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")
@@ -158,6 +175,12 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         6000, ge=0, description="Requests per minute one API key may make (0 = no limit)."
     )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="Each gateway process remembers a key it found valid this long: a revoked key stops working "
+        "within this many seconds (0 = look every key up on every request).",
+    )
     auth_failures_per_minute: int = Field(
         20,
         ge=0,
@@ -206,6 +229,9 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+    gateway_workers: int = Field(
+        1, ge=1, description="Gateway processes `llmq serve` starts on its port (one per core is a good start)."
+    )
 
     @field_validator("artifact_url")
     @classmethod

@@ -96,13 +96,17 @@ def test_models_lists_the_base_model(production_system: System) -> None:
 
 @pytest.mark.parametrize(
     "extra",
-    [{"n": 99}, {"logprobs": 3}, {"max_tokens": 100_000}, {"prompt": [[1, 2, 3]]}, {"best_of": 2}],
+    [{"n": 99}, {"logprobs": 6}, {"max_tokens": 100_000}, {"prompt": [[1, 2, 3]]}, {"best_of": 2}],
 )
-def test_unsupported_or_excessive_options_answer_422(production_system: System, extra: dict[str, object]) -> None:
+def test_unsupported_or_excessive_options_answer_400_naming_the_param(
+    production_system: System, extra: dict[str, object]
+) -> None:
     body = {"model": base_model(production_system), "prompt": "Hi"} | extra
     for stream in (False, True):
         response = httpx.post(f"{production_system.base_url}/v1/completions", json=body | {"stream": stream})
-        assert response.status_code == 422, response.text
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == next(iter(extra)), error
 
 
 def test_unknown_model_answers_404_through_the_sdk(production_system: System) -> None:

@@ -289,6 +289,7 @@ def test_fine_tune_page_draws_train_and_validation_loss_with_events_and_checkpoi
     assert "Validation loss of the base model: 3.3100" in html
     assert 'class="badge succeeded"' in html
     assert "train 1.7100 · validation 1.5200 (base 3.3100)" in html
+    assert ">Delete model</button>" in html and ">Pause</button>" not in html  # a succeeded job's actions
     screenshot(url, profile, "dashboard-fine-tune.png", height=1300)
     listing = dom(f"{production_system.base_url}/ui/fine-tunes", profile)
     assert f'<a href="/ui/fine-tunes/{fine_tune}" class="mono">{fine_tune}</a>' in listing
@@ -324,6 +325,29 @@ def test_playground_can_wait_for_the_whole_completion(production_system: System,
     status = re.search(r'<p id="run-status" class="muted" data-done="(\w+)">(.*?)</p>', html, re.S)
     assert status is not None and status.group(1) == "true", html[-3000:]
     assert "4 completion tokens" in status.group(2)
+
+
+@needs_chromium
+def test_playground_chat_mode_runs_two_models_side_by_side_on_the_same_conversation(
+    production_system: System, profile: Path
+) -> None:
+    base = production_system.env["LLMQ_BASE_MODEL"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    expected = httpx.post(
+        f"{production_system.base_url}/v1/chat/completions",
+        json={"model": base, "messages": messages, "max_tokens": 6, "temperature": 0},
+        timeout=60,
+    ).json()["choices"][0]["message"]["content"]
+    query = httpx.QueryParams(
+        model=base, compare=base, mode="chat", system="Be brief.", prompt="Name a colour.", max_tokens=6,
+        temperature=0, stream=0, run=1,
+    )  # fmt: skip
+    html = dom(f"{production_system.base_url}/ui/playground?{query}", profile)
+    status = re.search(r'<p id="run-status" class="muted" data-done="(\w+)">', html)
+    assert status is not None and status.group(1) == "true", html[-3000:]
+    answer = f'<p class="turn assistant"><b>Model: </b>{escape(expected)}</p>'
+    assert html.count(answer) == 2, html[-3000:]  # one column per model, the same conversation in each
+    assert html.count('<p class="turn user"><b>You: </b>Name a colour.</p>') == 2
 
 
 @needs_chromium

@@ -97,18 +97,18 @@ def test_upload_of_a_json_array_is_accepted(client: TestClient) -> None:
         (b"\n\n", "file", "no records"),
     ],
 )
-def test_bad_file_answers_422_naming_the_record_and_stores_nothing(
+def test_bad_file_answers_400_naming_the_record_and_stores_nothing(
     client: TestClient, tmp_path: Path, content: bytes, where: str, why: str
 ) -> None:
     response = upload(client, content)
-    assert response.status_code == 422  # type: ignore[attr-defined]
+    assert response.status_code == 400  # type: ignore[attr-defined]
     detail = response.json()["detail"]  # type: ignore[attr-defined]
     assert f"{where}: " in detail and why in detail
     assert stored_files(tmp_path) == []
     assert client.get("/v1/files").json()["data"] == []
 
 
-def test_too_many_records_answers_422_at_the_first_record_over(client: TestClient) -> None:
+def test_too_many_records_answers_400_at_the_first_record_over(client: TestClient) -> None:
     content = b'{"instruction": "a", "output": "b"}\n' * 1001
     detail = upload(client, content).json()["detail"]  # type: ignore[attr-defined]
     assert "line 1001: more than 1000 records" in detail
@@ -118,6 +118,49 @@ def test_file_over_the_size_limit_answers_413(client: TestClient, tmp_path: Path
     response = upload(client, b'{"instruction": "a", "output": "b"}\n' * 80_000)
     assert response.status_code == 413  # type: ignore[attr-defined]
     assert stored_files(tmp_path) == []
+
+
+def test_file_content_streams_the_stored_records(client: TestClient) -> None:
+    records = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Add", "input": "1 2", "output": "3"}]
+    file_id = upload(client, json.dumps(records).encode(), "data.json").json()["id"]  # type: ignore[attr-defined]
+    response = client.get(f"/v1/files/{file_id}/content")
+    assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
+    assert 'filename="data.json"' in response.headers["content-disposition"]
+    assert [json.loads(line) for line in response.content.splitlines()] == [{"input": "", **r} for r in records]
+    assert client.get("/v1/files/file-nope/content").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("record", "stored"),
+    [
+        # Hugging Face's export of tatsu-lab/alpaca: the rendered `text` column is derived, so ignored.
+        ({"instruction": "Add", "input": "1 2", "output": "3", "text": "Below is ... 3"},
+         {"instruction": "Add", "input": "1 2", "output": "3"}),
+        # OpenAI's legacy fine-tuning format, trained as given.
+        ({"prompt": "Q: 1+2?\nA:", "completion": " 3"}, {"prompt": "Q: 1+2?\nA:", "completion": " 3"}),
+    ],
+)  # fmt: skip
+def test_data_formats_users_already_have_are_accepted(
+    client: TestClient, record: dict[str, str], stored: dict[str, str]
+) -> None:
+    response = upload(client, json.dumps(record).encode() + b"\n")
+    assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+    content = client.get(f"/v1/files/{response.json()['id']}/content").content  # type: ignore[attr-defined]
+    assert json.loads(content) == stored
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        ({"instruction": "a", "output": "b", "text": "t", "source": "x"}, "unknown field 'source'"),
+        ({"prompt": "a", "completion": "b", "instruction": "c"}, "unknown field 'instruction'"),
+        ({"prompt": "a"}, "missing required field 'completion'"),
+        ({"prompt": "a", "completion": " "}, "field 'completion' is empty"),
+    ],
+)
+def test_unknown_or_mixed_columns_are_still_refused(client: TestClient, record: dict[str, str], why: str) -> None:
+    response = upload(client, json.dumps(record).encode() + b"\n")
+    assert response.status_code == 422 and why in response.json()["detail"]  # type: ignore[attr-defined]
 
 
 def test_delete_file_removes_it(client: TestClient, tmp_path: Path) -> None:
@@ -203,11 +246,13 @@ def test_fine_tuning_without_a_file_uses_the_default_hub_dataset(client: TestCli
         ),
     ],
 )
-def test_invalid_fine_tuning_request_answers_422_naming_the_field(
+def test_invalid_fine_tuning_request_answers_400_naming_the_field(
     client: TestClient, fields: dict[str, object], loc: list[object]
 ) -> None:
     response = create_job(client, **fields)
-    assert response.status_code == 422  # type: ignore[attr-defined]
+    assert response.status_code == 400  # type: ignore[attr-defined]
+    error = response.json()["error"]  # type: ignore[attr-defined]
+    assert error["type"] == "invalid_request_error" and error["param"] and error["code"]
     locs = [e["loc"] for e in response.json()["detail"]]  # type: ignore[attr-defined]
     assert any(found[: len(loc)] == loc for found in locs), locs
     assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
@@ -219,6 +264,25 @@ def test_cancel_of_a_queued_fine_tune_ends_it_at_once(client: TestClient) -> Non
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
     messages = [e["message"] for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]]
     assert messages == ["Cancellation requested", "Created fine-tuning job"]
+
+
+def test_pause_and_resume_answer_409_outside_the_states_they_move_between(client: TestClient) -> None:
+    job_id = create_job(client).json()["id"]  # type: ignore[attr-defined]
+    path = f"/v1/fine_tuning/jobs/{job_id}"
+    resumed = client.post(f"{path}/resume")  # queued, not paused
+    assert resumed.status_code == 409 and resumed.json()["error"]["code"] == "invalid_job_state"
+    assert "only a paused job can resume" in resumed.json()["detail"]
+    assert client.post(f"{path}/pause").json()["status"] == "paused"  # a queued job pauses at once
+    assert client.post(f"{path}/pause").status_code == 409
+    assert client.post(f"{path}/resume").json()["status"] == "queued"
+    assert client.post(f"{path}/pause").json()["status"] == "paused"
+    assert client.post(f"{path}/cancel").json()["status"] == "cancelled"  # a paused job cancels at once
+    paused = client.post(f"{path}/pause")  # finished
+    assert paused.status_code == 409
+    assert "is cancelled; only a queued or running job can pause" in paused.json()["detail"]
+    messages = [e["message"] for e in client.get(f"{path}/events").json()["data"]]
+    assert messages[:3] == ["Cancellation requested", "Pause requested", "Resume requested"]
+    assert client.post("/v1/fine_tuning/jobs/ftjob-nope/pause").status_code == 404
 
 
 def test_fine_tuning_list_pages_newest_first(client: TestClient) -> None:

@@ -52,6 +52,7 @@ TENANT = "hostile-tenant"
 VALID_BODIES: dict[str, dict[str, Any]] = {
     "/v1/generations": {"prompt": "Hello"},
     "/v1/completions": {"model": BASE, "prompt": "Hello", "max_tokens": 2},
+    "/v1/chat/completions": {"model": BASE, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 2},
     "/v1/fine_tuning/jobs": {"model": BASE},
 }
 LISTS = ("/v1/jobs", "/v1/fine_tuning/jobs", "/v1/files", "/v1/models")
@@ -341,7 +342,7 @@ def check_answer(target: Target, response: httpx.Response, before: tuple[int, in
     status = response.status_code
     assert status < 500 or (status == 504 and response.json()["error"]["code"] == "timeout"), response.text[:2000]
     if 400 <= status < 500:
-        (ValidationErrorResponse if status == 422 else ErrorResponse).model_validate(response.json())
+        (ValidationErrorResponse if status in (400, 422) else ErrorResponse).model_validate(response.json())
         assert target.rows() == before, "a refused request wrote a row"
     else:
         assert not refuse, f"accepted a value no field may hold: {status} {response.text[:500]}"

@@ -80,10 +80,17 @@ def queued_messages(url: str) -> int:
 
 
 def refused(response: Any, *where: str | int) -> str:
-    """The message of a 4xx that names the field at `where` (body.<...>); fails otherwise."""
+    """The message of a 4xx that names the field at `where` (body.<...>; OpenAI's spelling on OpenAI's routes,
+    which answer 400); fails otherwise."""
+    from gateway.errors import openai_param, openai_route
+
     assert 400 <= response.status_code < 500, response.text
     error = response.json()["error"]
-    param = ".".join(str(part) for part in where)
+    if openai_route(response.request.url.path):
+        assert response.status_code == 400, response.text
+        param = openai_param(where)
+    else:
+        param = ".".join(str(part) for part in where)
     assert error["param"] == param, error
     return str(error["message"])
 
@@ -354,7 +361,7 @@ def test_an_upload_with_a_5000_digit_integer_is_an_invalid_file(
     client: TestClient, tenant: dict[str, str], content: bytes
 ) -> None:
     response = client.post("/v1/files", files={"file": ("big.jsonl", content)}, headers=tenant)
-    assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_file", response.text
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_file", response.text
     assert "more than 4300 digits" in response.json()["detail"]
     assert stored(tenant) == (0, 0)
 
@@ -366,7 +373,7 @@ def test_an_uploaded_record_with_unstorable_text_is_an_invalid_file(
 ) -> None:
     record = {"instruction": "a", "input": "", "output": "b"} | {field: text}
     response = client.post("/v1/files", files={"file": ("x.jsonl", json.dumps(record).encode())}, headers=tenant)
-    assert response.status_code == 422, response.text
+    assert response.status_code == 400, response.text
     assert f"line 1: field '{field}' contains" in response.json()["detail"]
     assert stored(tenant) == (0, 0)
 
@@ -383,7 +390,7 @@ def test_an_upload_whose_file_name_holds_control_characters_is_refused(
     )
     headers = tenant | {"content-type": f"multipart/form-data; boundary={boundary.decode()}"}
     response = client.post("/v1/files", content=body, headers=headers)
-    assert response.status_code == 422 and "file name" in response.json()["detail"], response.text
+    assert response.status_code == 400 and "file name" in response.json()["detail"], response.text
     assert stored(tenant) == (0, 0)
 
 

@@ -100,7 +100,8 @@ def test_another_tenants_ids_answer_404_and_lists_show_only_your_own(client: Tes
     ).json()["id"]
     ft = client.post("/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=alice).json()
     ft_path = f"/v1/fine_tuning/jobs/{ft['id']}"
-    paths = [f"/v1/generations/{gen}", f"/v1/jobs/{gen}", f"/v1/files/{file_id}", ft_path]
+    paths = [f"/v1/generations/{gen}", f"/v1/jobs/{gen}", f"/v1/files/{file_id}", f"/v1/files/{file_id}/content"]
+    paths.append(ft_path)
     for path in [*paths, f"{ft_path}/events", f"{ft_path}/checkpoints"]:
         assert client.get(path, headers=alice).status_code == 200, path
         assert client.get(path, headers=bob).status_code == 404, path
@@ -108,7 +109,7 @@ def test_another_tenants_ids_answer_404_and_lists_show_only_your_own(client: Tes
     assert client.post(f"/v1/fine_tuning/jobs/{ft['id']}/cancel", headers=bob).status_code == 404
     assert client.delete(f"/v1/files/{file_id}", headers=bob).status_code == 404
     borrowed = client.post("/v1/fine_tuning/jobs", json={"model": BASE, "training_file": file_id}, headers=bob)
-    assert borrowed.status_code == 422
+    assert borrowed.status_code == 400
     assert client.get("/v1/jobs", headers=bob).json()["data"] == []
     assert client.get("/v1/files", headers=bob).json()["data"] == []
     assert client.get("/v1/fine_tuning/jobs", headers=bob).json()["data"] == []
@@ -138,6 +139,41 @@ def test_another_tenants_fine_tuned_model_does_not_exist_for_you(client: TestCli
     assert client.post("/v1/generations", json={"prompt": "hi", "model": model_id}, headers=bob).status_code == 404
 
 
+def test_another_tenants_checkpoints_and_models_cannot_be_used_continued_paused_or_deleted(
+    client: TestClient,
+) -> None:
+    from shared import job_states
+    from shared.db import get_sessionmaker
+    from shared.job_data import FineTuneParams
+    from shared.models import Checkpoint, FineTunedModel
+
+    alice, bob = new_key("alice"), new_key("bob")
+    with get_sessionmaker()() as session:
+        params = FineTuneParams(hyperparameters={}, suffix="x")
+        job = job_states.create_job(
+            session, kind="train", model=BASE, base_model=BASE, params=params, max_attempts=1, tenant="alice"
+        )
+        session.flush()
+        model_id = f"ft:{BASE}:x:{job.id}"
+        session.add(FineTunedModel(id=model_id, tenant="alice", job_id=job.id, base_model=BASE,
+                                   path=f"adapters/{job.id}", manifest={}))  # fmt: skip
+        session.add(Checkpoint(id="ftckpt-1", job_id=job.id, step=3, path=f"jobs/{job.id}/c", metrics={}))
+        session.commit()
+        job_id = job.id
+    checkpoint = f"{model_id}:ckpt-step-3"
+    assert client.get(f"/v1/models/{checkpoint}", headers=alice).json()["root"] == BASE
+    for model in (model_id, checkpoint):
+        assert client.get(f"/v1/models/{model}", headers=bob).status_code == 404
+        generation = client.post("/v1/generations", json={"prompt": "hi", "model": model}, headers=bob)
+        assert generation.status_code == 404
+        continued = client.post("/v1/fine_tuning/jobs", json={"model": model}, headers=bob)
+        assert continued.status_code == 404 and continued.json()["error"]["code"] == "model_not_found"
+    assert client.delete(f"/v1/models/{model_id}", headers=bob).status_code == 404
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/pause", headers=bob).status_code == 404
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/resume", headers=bob).status_code == 404
+    assert client.get(f"/v1/models/{model_id}", headers=alice).status_code == 200
+
+
 @pytest.mark.parametrize("field", ["status", "tenant", "attempt", "id", "result"])
 def test_clients_cannot_set_server_owned_fields(client: TestClient, field: str) -> None:
     response = client.post("/v1/generations", json={"prompt": "hi", field: "x"}, headers=new_key("a"))
@@ -150,7 +186,8 @@ def test_models_outside_the_catalog_are_refused(client: TestClient, model: str) 
     response = client.post("/v1/generations", json={"prompt": "hi", "model": model}, headers=new_key("a"))
     assert response.status_code == 404
     fine_tune = client.post("/v1/fine_tuning/jobs", json={"model": model}, headers=new_key("a"))
-    assert fine_tune.status_code == 422
+    # An ft: id names a fine-tuned model to continue from: one that is not yours does not exist (404).
+    assert fine_tune.status_code == (404 if model.startswith("ft:") else 400)
 
 
 def test_request_body_over_the_limit_answers_413(client: TestClient) -> None:

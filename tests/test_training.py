@@ -6,9 +6,11 @@ runs with the hub switched off.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import itertools
 import json
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,12 +23,14 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from sqlalchemy import select, update
+from transformers import AutoTokenizer
 
 from shared import artifacts, job_states
 from shared.artifacts import ADAPTER_SEAL, CHECKPOINT_SEAL, ArtifactStore
+from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.db import get_sessionmaker
 from shared.fine_tuning import Hyperparameters, ResolvedHyperparameters
-from shared.job_data import FineTuneParams
+from shared.job_data import FineTuneParams, FineTuneResult
 from shared.migrate import upgrade
 from shared.models import Checkpoint, File, FineTunedModel, Job, JobEvent, new_id
 from shared.prompts import TEMPLATE, alpaca_prompt
@@ -155,6 +159,13 @@ def test_examples_use_the_stanford_prompt_and_a_spaced_response() -> None:
     assert first["prompt"] == TEMPLATE["no_input"].format(instruction="Name a colour.")
     assert second["prompt"].endswith("### Input:\na b\n\n### Response:")
     assert second["completion"] == "\nb a" == completion("\nb a")  # already separated: left alone
+
+
+def test_prompt_completion_records_train_as_given() -> None:
+    records = [{"prompt": "Q: 1+2?\nA:", "completion": " 3"}, {"instruction": "Say hi", "input": "", "output": "hi"}]
+    raw, alpaca = to_examples(records)
+    assert raw == {"prompt": "Q: 1+2?\nA:", "completion": " 3"}
+    assert alpaca == {"prompt": alpaca_prompt("Say hi", ""), "completion": " hi"}
 
 
 def test_validation_split_is_seeded_and_disjoint() -> None:
@@ -288,15 +299,17 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
     assert weights and all("lora_" in key for key in weights)
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
     manifest = ArtifactStore.from_settings(store).read_seal(result["adapter_path"], ADAPTER_SEAL)
-    assert set(manifest["files"]) == {"adapter_model.safetensors", "adapter_config.json", "README.md"}
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= set(manifest["files"])
+    # The template it trained with, in its manifest and its tokenizer config (Alpaca records: the Alpaca one).
+    assert manifest["chat_template"] == ALPACA_CHAT_TEMPLATE
+    assert AutoTokenizer.from_pretrained(adapter).chat_template == ALPACA_CHAT_TEMPLATE
     assert manifest["base_model"] == str(tiny_model)
     assert manifest["dataset"]["train"]["sha256"] == hashlib.sha256(SAMPLE.read_bytes()).hexdigest()
     assert manifest["prompt_template"] == TEMPLATE
     assert manifest["hyperparameters"]["n_epochs"] == 2
     assert manifest["metrics"] == metrics
     assert {"peft", "transformers"} <= set(manifest["versions"])
-    for name in ("adapter_model.safetensors", "adapter_config.json", "manifest.json"):
-        assert f"{result['adapter_path']}/{name}" in result["result_files"]
+    assert_result_files(job_id, result["result_files"], tmp_path, steps=90)
     with get_sessionmaker()() as session:
         row = session.get(FineTunedModel, model_id)
         assert row is not None and row.job_id == job_id and row.path == result["adapter_path"]
@@ -316,6 +329,31 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
     before = [greedy(base.model, base.tokenizer, p) for p in prompts]
     tuned = PeftModel.from_pretrained(base.model, adapter)
     assert [greedy(tuned, base.tokenizer, p) for p in prompts] != before
+
+
+def assert_result_files(job_id: str, file_ids: list[str], tmp_path: Path, steps: int) -> None:
+    """The job's result files: its tenant's rows (fine-tune-results), an adapter archive whose manifest is the
+    published one, and a metrics CSV with a row per step."""
+    store = ArtifactStore.from_settings(get_settings())
+    with get_sessionmaker()() as session:
+        rows = [session.get(File, file_id) for file_id in file_ids]
+    assert [r.filename for r in rows if r] == [f"{job_id}-adapter.tar.gz", f"{job_id}-metrics.csv"]
+    archive, table = rows
+    assert archive and table and {r.tenant for r in (archive, table)} == {"acme"}
+    assert {r.purpose for r in (archive, table)} == {"fine-tune-results"}
+    local = tmp_path / "results"
+    store.get_file(archive.path, local / "adapter.tar.gz")
+    with tarfile.open(local / "adapter.tar.gz") as tar:
+        names = set(tar.getnames())
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert {"adapter_model.safetensors", "adapter_config.json", "manifest.json", "tokenizer.json"} <= names
+    assert manifest["job_id"] == job_id and "adapter_model.safetensors" in manifest["files"]
+    store.get_file(table.path, local / "metrics.csv")
+    lines = list(csv.DictReader((local / "metrics.csv").open()))
+    assert list(lines[0]) == ["step", "train_loss", "valid_loss", "learning_rate", "tokens"]
+    assert [int(r["step"]) for r in lines] == list(range(1, steps + 1)) and table.records == steps
+    assert all(float(r["train_loss"]) > 0 and int(r["tokens"]) > 0 for r in lines)
+    assert float(lines[-1]["valid_loss"]) > 0  # the adapter's validation loss, evaluated after the last step
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -401,6 +439,68 @@ def test_cancel_stops_within_a_step_with_a_checkpoint_and_a_new_attempt_resumes(
     assert (job.result or {})["adapter_path"] == f"adapters/{job_id}/attempt-2"
     assert not ArtifactStore.from_settings(store).exists(artifacts.adapter_key(job_id, 1))
     assert TRAINER_STATE in sealed_files(store, checkpoint.path, CHECKPOINT_SEAL)
+
+
+def set_pause_requested(job_id: str) -> None:
+    """A pause asked for before any worker claimed the job (as if it came during model loading): the worker
+    pauses after its first step."""
+    with get_sessionmaker()() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(pause_requested=True))
+        session.commit()
+
+
+@pytest.mark.slow
+def test_pause_frees_the_worker_and_resume_continues_as_if_never_paused(
+    store: Settings, tiny_model: Path, tmp_path: Path
+) -> None:
+    file_id = add_file(store)
+    hyper = {**FAST, "max_steps": 6, "save_every_steps": 1000, "quantization": "none"}
+    straight = add_job(str(tiny_model), training_file=file_id, **hyper)
+    fine_tune.run_fine_tune(straight, store)
+    paused = add_job(str(tiny_model), training_file=file_id, **hyper)
+    set_pause_requested(paused)
+    fine_tune.run_fine_tune(paused, store)
+
+    job = job_row(paused)
+    assert job.status == "paused" and not job.pause_requested, job.error
+    assert job.finished_at is None and job.lease_expires_at is None and job.worker is None
+    assert [c.step for c in checkpoints(paused)] == [1] == [(job.result or {})["checkpoint"]["step"]]
+    assert any(e.message == "Fine-tuning paused at step 1." for e in events(paused))
+    with get_sessionmaker()() as session:
+        resumed = job_states.resume(session, paused)
+        assert resumed is not None and resumed.status == "queued" and resumed.max_attempts == 4
+    fine_tune.run_fine_tune(paused, store)
+
+    job, reference = job_row(paused), job_row(straight)
+    assert job.status == "succeeded" and job.attempt == 2, job.error
+    assert any(e.message == "Resuming from the checkpoint at step 1." for e in events(paused))
+    result, expected = job.result or {}, reference.result or {}
+    assert result["trained_tokens"] == expected["trained_tokens"]  # the data position carried over
+    # Optimizer, scheduler and RNG state carried over too: the weights are those of the run never paused.
+    ours = load_file(fetched(store, result["adapter_path"], ADAPTER_SEAL, tmp_path) / "adapter_model.safetensors")
+    theirs = load_file(fetched(store, expected["adapter_path"], ADAPTER_SEAL, tmp_path) / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_pause_and_resume_move_a_job_only_between_the_states_they_name(store: Settings) -> None:
+    job_id = add_job("some-base")
+    with get_sessionmaker()() as session:
+        paused = job_states.pause(session, job_id)
+        assert paused is not None and paused.status == "paused"  # a queued job pauses at once
+        assert job_states.pause(session, job_id).status == "paused"  # type: ignore[union-attr]
+        resumed = job_states.resume(session, job_id)
+        assert resumed is not None and resumed.status == "queued" and resumed.max_attempts == 3  # no attempt used
+        assert job_states.resume(session, job_id).status == "queued"  # type: ignore[union-attr]
+        claim = job_states.claim(session, job_id, worker="w", lease_seconds=60)
+        assert claim is not None and job_states.stop_request(session, claim) is None
+        running = job_states.pause(session, job_id)
+        assert running is not None and running.status == "running" and running.pause_requested
+        assert job_states.stop_request(session, claim) == "pause"
+        assert job_states.finish_paused(session, claim, FineTuneResult(step=1))
+        assert job_states.cancel(session, job_id).status == "cancelled"  # type: ignore[union-attr]
+        assert job_states.resume(session, job_id).status == "cancelled"  # type: ignore[union-attr]
 
 
 def test_resume_takes_the_newest_sealed_checkpoint_of_any_attempt(tmp_path: Path) -> None:
@@ -543,7 +643,7 @@ def test_a_queued_job_naming_a_folder_as_its_dataset_fails_without_reading_it(
     ("raised", "told"),
     [
         (FileNotFoundError("Couldn't find any data file at /srv/llmq/artifacts/files."), "FileNotFoundError"),
-        (ValueError('Unknown split "valid". Should be one of [\'train\'].'), "the dataset has no split 'valid'"),
+        (ValueError("Unknown split \"valid\". Should be one of ['train']."), "the dataset has no split 'valid'"),
     ],
 )
 def test_loader_errors_reach_the_job_naming_the_dataset_never_worker_paths(
@@ -593,8 +693,15 @@ def test_message_for_a_job_that_is_not_queued_does_nothing(store: Settings, tiny
 
 
 def test_fine_tuned_model_id_names_base_suffix_and_job() -> None:
-    assert adapter_publishing.fine_tuned_model_id("openai-community/gpt2", None, "ftjob-1") == "ft:gpt2:llmq:ftjob-1"
-    assert adapter_publishing.fine_tuned_model_id("/models/tiny/", "mine", "ftjob-2") == "ft:tiny:mine:ftjob-2"
+    from shared.model_ids import CheckpointRef, checkpoint_model_id, fine_tuned_model_id, job_of, parse_checkpoint_id
+
+    assert fine_tuned_model_id("openai-community/gpt2", None, "ftjob-1") == "ft:gpt2:llmq:ftjob-1"
+    assert fine_tuned_model_id("/models/tiny/", "mine", "ftjob-2") == "ft:tiny:mine:ftjob-2"
+    checkpoint = checkpoint_model_id("ft:tiny:mine:ftjob-2", 30)
+    assert checkpoint == "ft:tiny:mine:ftjob-2:ckpt-step-30"
+    assert parse_checkpoint_id(checkpoint) == CheckpointRef("ft:tiny:mine:ftjob-2", "ftjob-2", 30)
+    assert parse_checkpoint_id("ft:tiny:mine:ftjob-2") is None and parse_checkpoint_id("ftjob-2:ckpt-step-3") is None
+    assert job_of(checkpoint) == job_of("ft:tiny:mine:ftjob-2") == "ftjob-2" and job_of("tiny") is None
 
 
 @pytest.mark.slow

@@ -127,11 +127,11 @@ def _post(system: System, headers: dict[str, str], content: bytes, purpose: str 
 
 # What each refusal sends (with the tenant's key header) and the status it answers (None: no answer read).
 REFUSALS = {
-    "unstorable file name": (_nul_in_filename, 422),
-    "bad record": (lambda s, h: _post(s, h, RECORD.encode() * 100 + b'{"instruction": 1}\n'), 422),
+    "unstorable file name": (_nul_in_filename, 400),
+    "bad record": (lambda s, h: _post(s, h, RECORD.encode() * 100 + b'{"instruction": 1}\n'), 400),
     "too large": (lambda s, h: _post(s, h, RECORD.encode() * (MAX_UPLOAD // len(RECORD) + 2000)), 413),
     "no key": (lambda s, h: _post(s, {}, RECORD.encode()), 401),
-    "wrong purpose": (lambda s, h: _post(s, h, RECORD.encode(), purpose="x"), 422),
+    "wrong purpose": (lambda s, h: _post(s, h, RECORD.encode(), purpose="x"), 400),
     "client gone": (_disconnect_mid_body, None),
 }
 

@@ -1,4 +1,5 @@
-"""Publishing a finished fine-tune: the adapter (LoRA weights + manifest.json) in the store, its model row, success.
+"""Publishing a finished fine-tune: the adapter (LoRA weights + manifest.json) in the store, its result files
+(worker/result_files.py), its model row, success.
 
 The adapter is saved into a local folder, then copied into the attempt's own folder of the artifact store
 (artifacts.adapter_key) with manifest.json written last: the manifest lists every file with its sha256, so it
@@ -10,7 +11,7 @@ removes its stored folder and records nothing.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,18 @@ from sqlalchemy.orm import Session
 
 from shared import artifacts, job_states
 from shared.artifacts import ADAPTER_SEAL, ArtifactStore
+from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.fine_tuning import ResolvedHyperparameters
 from shared.job_data import Figures, FineTuneParams, FineTuneResult
 from shared.job_states import Claim
+from shared.model_ids import fine_tuned_model_id
 from shared.models import FineTunedModel, Job, utcnow
 from shared.prompts import TEMPLATE
 from shared.settings import Settings
 from worker.alpaca_data import RESPONSE_PREFIX, TrainingData
 from worker.guarded_writes import ClaimLost, add_event
 from worker.model_loading import LoadedModel
+from worker.result_files import store_result_files
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +46,12 @@ class TrainedAdapter:
     hp: ResolvedHyperparameters
     seed: int
     metrics: Figures  # at least trained_tokens
+    chat_template: str = ALPACA_CHAT_TEMPLATE  # what the examples were rendered with; serving renders with it too
+    log_history: list[dict[str, Any]] = field(default_factory=list)  # trainer.state.log_history: the metrics CSV
+    lineage: list[str] = field(default_factory=list)  # the models it continued from, back to the base
 
 
-def publish_adapter(
-    session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter, local: Path
-) -> None:
+def publish_adapter(session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter, local: Path) -> None:
     """Stores the adapter and its manifest (saved first into the new local folder `local`), then records the
     fine-tuned model and the job's success.
 
@@ -58,16 +63,22 @@ def publish_adapter(
     relative_dir = artifacts.adapter_key(job.id, claim.attempt)
     store = ArtifactStore.from_settings(settings)
     adapter.model.save_pretrained(local, safe_serialization=True)
+    # The adapter's tokenizer config carries the template it was trained with (as does its manifest).
+    adapter.loaded.tokenizer.chat_template = adapter.chat_template
+    adapter.loaded.tokenizer.save_pretrained(local)
     manifest = build_manifest(job, settings, params, adapter, model_id)
     manifest["files"] = store.put_sealed(local, relative_dir, ADAPTER_SEAL, manifest)
-    files = sorted([*manifest["files"], ADAPTER_SEAL])
+    results = store_result_files(
+        store, job.id, claim.attempt, job.tenant, local.parent / "results", adapter_dir=local, manifest=manifest,
+        tokenizer=adapter.loaded.tokenizer, log_history=adapter.log_history,
+    )  # fmt: skip
     metrics = adapter.metrics
     trained_tokens = metrics["trained_tokens"]
     result = FineTuneResult(
         fine_tuned_model=model_id,
         trained_tokens=int(trained_tokens) if trained_tokens is not None else None,
         metrics=metrics,
-        result_files=[f"{relative_dir}/{name}" for name in files],
+        result_files=[row.id for row in results],  # file ids: GET /v1/files/{id}/content
         adapter_path=relative_dir,
     )
     row = FineTunedModel(
@@ -81,18 +92,13 @@ def publish_adapter(
     )
     try:
         add_event(session, claim, f"New fine-tuned model created: {model_id}", data={"metrics": metrics})
-        if not job_states.succeed(session, claim, result, add=[row]):
+        if not job_states.succeed(session, claim, result, add=[row, *results]):
             raise ClaimLost(claim.job_id)
     except ClaimLost:
-        store.unseal(relative_dir, ADAPTER_SEAL)  # this attempt's own folder: nothing else reads or writes it
+        store.unseal(relative_dir, ADAPTER_SEAL)  # this attempt's own folders: nothing else reads or writes them
+        store.delete(artifacts.results_key(job.id, claim.attempt))
         raise
     log.info("fine-tune %s succeeded: %s", job.id, model_id)
-
-
-def fine_tuned_model_id(base_model: str, suffix: str | None, job_id: str) -> str:
-    """ft:<base short name>:<suffix or llmq>:<job id>; the short name is the model id's last path part."""
-    short = base_model.rstrip("/").rsplit("/", 1)[-1] or base_model
-    return f"ft:{short}:{suffix or 'llmq'}:{job_id}"
 
 
 def build_manifest(
@@ -105,12 +111,15 @@ def build_manifest(
         "base_model": job.base_model,
         "base_model_revision": settings.base_model_revision,
         "base_model_commit": getattr(adapter.loaded.model.config, "_commit_hash", None),
+        "parent_model": params.parent_model,  # the fine-tuned model or checkpoint it continued from, if any
+        "lineage": adapter.lineage or [job.base_model],  # [parent, its parent, ..., base model]
         "quantization": adapter.hp.quantization,
         "dataset": adapter.data.source,
         "hyperparameters": adapter.hp.model_dump(),
         "seed": adapter.seed,
         "metrics": adapter.metrics,
         "prompt_template": TEMPLATE,
+        "chat_template": adapter.chat_template,  # Jinja, rendered with apply_chat_template at serve time
         "response_prefix": RESPONSE_PREFIX,  # the completion starts with it; strip it from generated text
         "eos_token": adapter.loaded.tokenizer.eos_token,
         "versions": _versions(),

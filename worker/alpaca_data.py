@@ -19,7 +19,16 @@ from typing import IO
 from pydantic import JsonValue, ValidationError
 from sqlalchemy.orm import Session
 
-from shared.alpaca import FIELDS, UNCAPPED, BadRecord, Record, check_record, jsonl_records
+from shared.alpaca import (
+    FIELDS,
+    PROMPT_COMPLETION,
+    UNCAPPED,
+    BadRecord,
+    Record,
+    check_record,
+    is_prompt_completion,
+    jsonl_records,
+)
 from shared.artifacts import ArtifactStore
 from shared.fine_tuning import HubDataset, ResolvedHyperparameters
 from shared.job_data import FineTuneParams
@@ -58,9 +67,12 @@ def completion(output: str) -> str:
 
 
 def to_examples(records: Sequence[Record]) -> list[dict[str, str]]:
-    """Prompt/completion pairs, the shape TRL trains with completion-only loss."""
+    """Prompt/completion pairs, the shape TRL trains with completion-only loss: Alpaca records in the Stanford
+    template, prompt/completion records as given."""
     return [
-        {"prompt": alpaca_prompt(r["instruction"], r.get("input", "")), "completion": completion(r["output"])}
+        {"prompt": r["prompt"], "completion": r["completion"]}
+        if is_prompt_completion(r)
+        else {"prompt": alpaca_prompt(r["instruction"], r.get("input", "")), "completion": completion(r["output"])}
         for r in records
     ]
 
@@ -69,7 +81,8 @@ def records_sha256(records: Sequence[Record]) -> str:
     """sha256 of records as canonical JSON lines (sorted keys), for data that came without a file hash."""
     digest = hashlib.sha256()
     for record in records:
-        digest.update(json.dumps({k: record[k] for k in FIELDS}, sort_keys=True, ensure_ascii=False).encode())
+        keys = PROMPT_COMPLETION if is_prompt_completion(record) else FIELDS
+        digest.update(json.dumps({k: record[k] for k in keys}, sort_keys=True, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()
 

@@ -82,6 +82,10 @@ def _serve_metrics_and_beat(**_kwargs: object) -> None:
     settings = get_settings()
     generates = _kind() == "generate"
     metrics.serve(settings.worker_metrics_port, settings.worker_metrics_host, _adapter_stats if generates else None)
+    if generates:
+        from worker.scheduler import step_hooks
+
+        step_hooks.append(metrics.on_step)
     health.start(settings, _kind())
 
 
@@ -89,6 +93,11 @@ def _serve_metrics_and_beat(**_kwargs: object) -> None:
 def _drain(**_kwargs: object) -> None:
     # Sent from Celery's SIGTERM/SIGINT handler (warm shutdown): the running task finishes or hands back its job.
     drain.request(get_settings().drain_seconds)
+    # Under steady load a continuous batch never empties: on a warm shutdown it stops claiming, finishes the
+    # rows in flight and returns, so the shutdown waits for those rows only.
+    from worker.scheduler import stop_claiming
+
+    stop_claiming.set()
     beat = health.current()
     if beat is not None:
         beat.draining = True

@@ -36,10 +36,12 @@ from shared.notify import publish_finished
 from shared.settings import Settings
 from worker.adapter_publishing import TrainedAdapter, publish_adapter
 from worker.alpaca_data import DatasetUnavailable, load_training_data
+from worker.chat_data import job_chat_template
 from worker.checkpoints import fetch_checkpoint, last_sealed_checkpoint, step_of, trained_tokens_at
 from worker.guarded_writes import ClaimLost, add_event, renew_lease
 from worker.identity import worker_id
 from worker.leases import lease_keeper
+from worker.parent_models import Parent, ParentUnavailable, fetch_parent
 from worker.progress_callback import JobCallback
 from worker.trainer_setup import CountingSFTTrainer, ModelLoadFailed, build_trainer, load_trainable_base
 
@@ -79,6 +81,8 @@ def _error(exc: Exception) -> tuple[ErrorCode, str]:
         code, message = ErrorCode.DATASET_UNAVAILABLE, str(exc)
     elif isinstance(exc, ModelLoadFailed):
         code, message = ErrorCode.MODEL_LOAD_FAILED, str(exc)
+    elif isinstance(exc, ParentUnavailable):
+        code, message = exc.code, str(exc)
     else:
         code, message = ErrorCode.TRAINING_FAILED, f"training failed: {type(exc).__name__}: {exc}"
     return code, " ".join(message.split())[:1000]
@@ -114,7 +118,12 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
     # The Trainer writes into a local scratch folder of this host; the callback seals each checkpoint into the
     # store (the attempt's own folder there), and a resume fetches the newest sealed one of any attempt.
     with scratch_folder(settings, job.id) as scratch:
-        trainer = build_trainer(loaded, data, hp, seed, output_dir=scratch / "checkpoints")
+        template = job_chat_template(data.train, loaded.tokenizer, settings.chat_template)
+        parent = _parent(session, claim, settings, params, scratch / "parent")
+        start = parent.folder if parent is not None else None
+        trainer = build_trainer(
+            loaded, data, hp, seed, output_dir=scratch / "checkpoints", chat_template=template, init_adapter=start
+        )
         callback = JobCallback(session, claim, settings, trainer)
         trainer.add_callback(callback)
 
@@ -126,8 +135,8 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
 
         if callback.stop_reason == "claim_lost":
             raise ClaimLost(claim.job_id)
-        if callback.stop_reason == "cancelled":
-            _finish_cancelled(session, claim, callback)
+        if callback.stop_reason in ("cancelled", "paused"):
+            _finish_stopped(session, claim, callback)
             return
         if callback.stop_reason == "drained":
             _hand_back(session, claim, callback)
@@ -143,7 +152,18 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
             runtime_seconds=round(time.monotonic() - started, 3),
             train_tokens_per_second=callback.tokens_per_second(),
         )
-        adapter = TrainedAdapter(trainer.model, loaded, data, hp, seed, metrics)
+        chain = parent.lineage if parent is not None else [job.base_model]
+        adapter = TrainedAdapter(
+            trainer.model,
+            loaded,
+            data,
+            hp,
+            seed,
+            metrics,
+            chat_template=template,
+            log_history=list(trainer.state.log_history),
+            lineage=chain,
+        )
         publish_adapter(session, claim, settings, adapter, scratch / "adapter")
 
 
@@ -170,6 +190,17 @@ def scratch_folder(settings: Settings, job_id: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _parent(
+    session: Session, claim: Claim, settings: Settings, params: FineTuneParams, into: Path
+) -> Parent | None:
+    """The adapter a continued fine-tune starts from, fetched (None for a new adapter); ParentUnavailable."""
+    if params.parent_model is None:
+        return None
+    parent = fetch_parent(session, ArtifactStore.from_settings(settings), claim.job, params.parent_model, into)
+    add_event(session, claim, f"Continuing from {parent.model_id}.", data={"lineage": parent.lineage})
+    return parent
+
+
 def _resume_point(
     session: Session, claim: Claim, settings: Settings, trainer: CountingSFTTrainer, into: Path
 ) -> Path | None:
@@ -192,7 +223,8 @@ def _final_val_loss(callback: JobCallback) -> float:
     return callback.evaluate("val_loss", "Validation loss of the fine-tuned model")
 
 
-def _finish_cancelled(session: Session, claim: Claim, callback: JobCallback) -> None:
+def _finish_stopped(session: Session, claim: Claim, callback: JobCallback) -> None:
+    """Ends a fine-tune stopped at a checkpoint: cancelled (final) or paused (resumed later from it)."""
     step = callback.trainer.state.global_step
     result = FineTuneResult(
         trained_tokens=callback.trainer.trained_tokens,
@@ -200,7 +232,9 @@ def _finish_cancelled(session: Session, claim: Claim, callback: JobCallback) -> 
         total_steps=callback.trainer.state.max_steps,
         checkpoint=callback.last_checkpoint,
     )
-    job_states.add_event(session, claim, f"Fine-tuning cancelled at step {step}.")
-    if not job_states.finish_cancelled(session, claim, result):
+    how = callback.stop_reason
+    job_states.add_event(session, claim, f"Fine-tuning {how} at step {step}.")
+    finish = job_states.finish_paused if how == "paused" else job_states.finish_cancelled
+    if not finish(session, claim, result):
         raise ClaimLost(claim.job_id)
-    log.info("fine-tune %s cancelled at step %d", claim.job_id, step)
+    log.info("fine-tune %s %s at step %d", claim.job_id, how, step)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import torch
 
+from shared.job_data import TokenLogprob
 from shared.storable import scrub
+from worker.logprobs import token_logprob, within
 from worker.model_loading import LoadedModel
 
 
@@ -26,6 +29,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k likeliest (worker/logprobs.py)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class Generation:
     finish_reason: Literal["stop", "length"]
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per token of text, when the request asked for them
 
 
 class PromptTooLong(ValueError):
@@ -146,6 +151,7 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
     texts: list[str | None] = [None] * batch  # final text once a row is done
     reasons: list[Literal["stop", "length"]] = ["length"] * batch
     done = [False] * batch
+    scored: list[list[TokenLogprob]] = [[] for _ in requests]  # rows that asked for logprobs
     cache = None
     steps = max(r.params.max_new_tokens for r in requests)
     # With adapters loaded the model is a PeftModel, which routes each row to its own adapter.
@@ -184,6 +190,9 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
                     done[row], reasons[row] = True, "stop"
                     continue
                 generated[row].append(token)
+                if request.params.logprobs is not None:
+                    piece = partial(_piece, loaded)
+                    scored[row].append(token_logprob(last[row], token, request.params.logprobs, piece))
                 if request.params.stop:
                     cut = _cut_at_stop(decode(loaded, generated[row]), request.params.stop)
                     if cut is not None:
@@ -207,6 +216,18 @@ def generate(loaded: LoadedModel, requests: Sequence[Request], on_step: StepList
             finish_reason=reasons[row],
             prompt_tokens=len(prompts[row]),
             completion_tokens=len(generated[row]),
+            logprobs=_logprobs(requests[row], scored[row], texts[row]),
         )
         for row in range(batch)
     ]
+
+
+def _piece(loaded: LoadedModel, token: int) -> str:
+    return decode(loaded, [token])
+
+
+def _logprobs(request: Request, scored: list[TokenLogprob], cut: str | None) -> list[TokenLogprob] | None:
+    """A row's logprob entries, those of text a stop string cut off left out; None when it asked for none."""
+    if request.params.logprobs is None:
+        return None
+    return within(scored, len(cut)) if cut is not None else scored

@@ -38,18 +38,26 @@ class LeaseKeeper:
     @contextmanager
     def holding(self, claims: Sequence[Claim]) -> Iterator[None]:
         """Keeps these claims' leases alive for the duration of the block."""
+        self.hold(claims)
+        try:
+            yield
+        finally:
+            self.release(claims)
+
+    def hold(self, claims: Sequence[Claim]) -> None:
+        """Starts renewing these claims' leases (until release)."""
         with self._lock:
             self._claims.update({c.job_id: c for c in claims})
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="lease-keeper", daemon=True)
                 self._thread.start()
-        try:
-            yield
-        finally:
-            with self._lock:
-                for c in claims:
-                    self._claims.pop(c.job_id, None)
-                    self.lost.discard(c.job_id)
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        """Stops renewing these claims' leases (their jobs are written back, or given up)."""
+        with self._lock:
+            for c in claims:
+                self._claims.pop(c.job_id, None)
+                self.lost.discard(c.job_id)
 
     def job_ids(self) -> list[str]:
         """The jobs this process runs now (what its worker heartbeat reports)."""

@@ -3,8 +3,9 @@
 Counters and histograms are named like vLLM's (`vllm:prompt_tokens_total`, `vllm:time_to_first_token_seconds`,
 `vllm:time_per_output_token_seconds`) and TGI's (`tgi_batch_current_size`), with the `llmq_` prefix; the job
 counters and queue waits the state machine keeps (shared/counters.py) are served here too. The adapter caches
-and CUDA memory are read at scrape time. Called from few places: `serve` at worker start, `StepTimer` around
-a decode, `batch_decoded` after it, `training_logged` from the Trainer callback.
+and CUDA memory are read at scrape time. Called from few places: `serve` at worker start, `on_step` as a step
+hook of the continuous batching loop, `jobs_decoded` before a write-back, `training_logged` from the Trainer
+callback. (The static batching path counts tokens but not time to first token or per-step figures.)
 """
 
 from __future__ import annotations
@@ -41,40 +42,33 @@ TRAIN_TOKENS = Counter("llmq_train_tokens", "Response tokens trained on (all fin
 TRAIN_STEPS = Counter("llmq_train_steps", "Optimizer steps taken (all fine-tunes of this worker).")
 
 
-class StepTimer:
-    """A decoding step listener that notes when the first and the last step ended (and passes steps on)."""
-
-    def __init__(self, inner: Callable[[Any], None] | None) -> None:
-        self.inner = inner
-        self.started = time.perf_counter()
-        self.first_at: float | None = None  # wall clock, to compare with a job's created_at
-        self.first: float | None = None
-        self.last: float | None = None
-        self.steps = 0
-
-    def __call__(self, generated: Any) -> None:
-        now = time.perf_counter()
-        if self.first is None:
-            self.first, self.first_at = now, time.time()
-        self.last = now
-        self.steps += 1
-        if self.inner is not None:
-            self.inner(generated)
+# Job id -> when its first token was decoded (epoch seconds), from the step hook until its outcome is written.
+_first_tokens: dict[str, float] = {}
 
 
-def batch_decoded(timer: StepTimer, rows: int) -> None:
-    """One decoding batch ended: its size and its time per output token."""
-    BATCH_SIZE.observe(rows)
-    if timer.first is not None and timer.last is not None and timer.steps > 1:
-        TIME_PER_OUTPUT_TOKEN.observe((timer.last - timer.first) / (timer.steps - 1))
+def on_step(report: Any) -> None:
+    """A step hook of the continuous loop (worker/scheduler.py StepReport): the rows decoded together, the
+    step's time (each row's time per output token), and the first-token time of the jobs that joined."""
+    if report.rows:
+        BATCH_SIZE.observe(report.rows)
+        TIME_PER_OUTPUT_TOKEN.observe(report.seconds)
+    if report.joined:
+        now = time.time()
+        for job_id in report.joined:
+            _first_tokens.setdefault(job_id, now)
 
 
-def job_decoded(model: str, created_at_epoch: float, first_token_at: float | None, usage: Any) -> None:
-    """One generation job decoded: its tokens and its time to first token."""
-    PROMPT_TOKENS.labels(model).inc(usage.prompt_tokens)
-    GENERATION_TOKENS.labels(model).inc(usage.completion_tokens)
-    if first_token_at is not None:
-        TIME_TO_FIRST_TOKEN.labels(model).observe(max(first_token_at - created_at_epoch, 0.0))
+def jobs_decoded(pairs: Sequence[tuple[Any, Any]]) -> None:
+    """Generation jobs about to be written back (claim, (result, error)): their tokens and time to first token."""
+    for claim, (result, _error) in pairs:
+        first_token = _first_tokens.pop(claim.job_id, None)
+        if result is None:
+            continue
+        model = claim.job.model
+        PROMPT_TOKENS.labels(model).inc(result.usage.prompt_tokens)
+        GENERATION_TOKENS.labels(model).inc(result.usage.completion_tokens)
+        if first_token is not None:
+            TIME_TO_FIRST_TOKEN.labels(model).observe(max(first_token - epoch_seconds(claim.job.created_at), 0.0))
 
 
 def training_logged(steps: int, tokens: int) -> None:

@@ -45,10 +45,13 @@ class _Window:
         return mean
 
 
-def stop_with_checkpoint(callback: JobCallback, control: TrainerControl, reason: str) -> None:
-    """Stops the fine-tune after this step, saving a checkpoint at it (on_save seals it into the store):
-    cancel, drain (SIGTERM) and pause all stop this way; worker/fine_tune.py acts on `stop_reason`."""
-    callback.stop_reason = reason
+def stop_with_checkpoint(control: TrainerControl) -> None:
+    """Ends training at the end of the current step with a checkpoint (the Trainer saves, then stops).
+
+    The one way a fine-tune stops early and keeps its work: a cancel, a pause, a worker's graceful drain.
+    The checkpoint holds the LoRA weights, optimizer, scheduler, RNG state and step (hence the data position),
+    so a later attempt on any train worker resumes from it exactly (fine_tune._resume_point).
+    """
     control.should_training_stop = True
     control.should_save = True
 
@@ -57,7 +60,7 @@ class JobCallback(TrainerCallback):
     """Connects a running Trainer to the job row: cancel, heartbeat, progress, events and checkpoints.
 
     Every write is guarded by the claim; when one fails (the job was taken over) training stops and
-    stop_reason says why. A requested cancel stops training at the end of the current step, with a
+    stop_reason says why. A requested cancel or pause stops training at the end of the current step, with a
     checkpoint.
     """
 
@@ -69,7 +72,7 @@ class JobCallback(TrainerCallback):
         self.trainer = trainer
         self.lease_seconds = settings.lease_seconds
         self.heartbeat_every = min(HEARTBEAT_EVERY_SECONDS, settings.lease_seconds / 4)
-        self.stop_reason: str | None = None  # None | "cancelled" | "drained" | "claim_lost"
+        self.stop_reason: str | None = None  # None | "cancelled" | "paused" | "drained" | "claim_lost"
         self.in_training = False
         self.last_loss: float | None = None
         self.val_loss: float | None = None
@@ -162,13 +165,19 @@ class JobCallback(TrainerCallback):
     ) -> None:
         if not self._heartbeat(control):
             return
-        if job_states.cancel_requested(self.session, self.claim):
-            # Also true when the claim is gone; a lease renewal tells the two apart.
+        request = job_states.stop_request(self.session, self.claim)
+        if request == "pause":
+            self.stop_reason = "paused"
+            stop_with_checkpoint(control)
+        elif request == "cancel":
+            # Also asked when the claim is gone; a lease renewal tells the two apart.
             if not self._heartbeat(control, force=True):
                 return
-            stop_with_checkpoint(self, control, "cancelled")
+            self.stop_reason = "cancelled"
+            stop_with_checkpoint(control)  # keep the work done so far as a checkpoint
         elif drain.requested() and self.stop_reason is None:
-            stop_with_checkpoint(self, control, "drained")  # SIGTERM: hand the job back from this step
+            self.stop_reason = "drained"  # SIGTERM: the job goes back to the queue from this step
+            stop_with_checkpoint(control)
 
     def on_log(
         self,

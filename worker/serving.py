@@ -28,10 +28,11 @@ from shared.settings import Settings
 from worker import metrics
 from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
+from worker.chat_rendering import with_rendered_prompts
+from worker.checkpoint_models import checkpoint_adapters
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.identity import worker_id
 from worker.leases import lease_keeper
-from worker.metrics import epoch_seconds
 from worker.model_loading import LoadedModel, load_base_model
 from worker.streaming import DeltaPublisher, StreamRow
 
@@ -79,6 +80,10 @@ class ModelHolder:
         return self._adapters
 
 
+class ModelDeleted(Exception):
+    """A job names a fine-tuned model its owner deleted (DELETE /v1/models/{id}) after the job was queued."""
+
+
 class JobFailed(Exception):
     """A job cannot run: it fails alone with this error code and message."""
 
@@ -116,6 +121,7 @@ def _requests(p: GenerationParams, adapter: str | None) -> list[Request]:
                 top_p=p.top_p,
                 stop=tuple(p.stop or ()),
                 seed=secrets.randbits(63) if p.seed is None else p.seed + j,
+                logprobs=p.logprobs,
             )
             requests.append(Request(prompt=prompt, params=params, adapter=adapter))
     return requests
@@ -130,6 +136,7 @@ def _result(generations: Sequence[Generation], batch_size: int) -> GenerationRes
             finish_reason=g.finish_reason,
             prompt_tokens=g.prompt_tokens,
             completion_tokens=g.completion_tokens,
+            logprobs=g.logprobs,
         )
         for i, g in enumerate(generations)
     ]
@@ -147,8 +154,13 @@ def _prompt_count(job: Job) -> int:
     return len(params.prompts) if params is not None else 0
 
 
-def _budget(settings: Settings) -> Callable[[Sequence[Job]], list[str]]:
-    """Chooses the oldest jobs whose prompts fit max_batch_size and (roughly) max_batch_tokens."""
+def _budget(
+    settings: Settings, prompts_left: int | None = None, tokens_left: int | None = None
+) -> Callable[[Sequence[Job]], list[str]]:
+    """Chooses the oldest jobs whose prompts fit max_batch_size and (roughly) max_batch_tokens, or what is
+    left of them (a running batch's room)."""
+    max_prompts = settings.max_batch_size if prompts_left is None else prompts_left
+    max_tokens = settings.max_batch_tokens if tokens_left is None else tokens_left
 
     def cost(job: Job) -> int:
         # A rough token count (4 characters a token) is enough to bound a batch's memory. A row this cannot
@@ -164,7 +176,7 @@ def _budget(settings: Settings) -> Callable[[Sequence[Job]], list[str]]:
         prompts = tokens = 0
         for job in candidates:
             n, price = _prompt_count(job), cost(job)
-            if chosen and (prompts + n > settings.max_batch_size or tokens + price > settings.max_batch_tokens):
+            if chosen and (prompts + n > max_prompts or tokens + price > max_tokens):
                 break
             chosen.append(job.id)
             prompts, tokens = prompts + n, tokens + price
@@ -174,6 +186,19 @@ def _budget(settings: Settings) -> Callable[[Sequence[Job]], list[str]]:
 
 
 def serve_waiting_jobs(settings: Settings, models: ModelHolder) -> list[str]:
+    """Claims waiting generation jobs, runs them and records every outcome; the job ids.
+
+    settings.batching says how: continuous (worker.scheduler: jobs join and leave a running batch until
+    none is waiting) or static (one claimed batch, run to its longest row).
+    """
+    if settings.batching == "continuous":
+        from worker.scheduler import serve_continuously  # imported here: it builds on this module
+
+        return serve_continuously(settings, models)
+    return serve_static_batch(settings, models)
+
+
+def serve_static_batch(settings: Settings, models: ModelHolder) -> list[str]:
     """Claims a batch of waiting generation jobs, runs it and records every outcome; the job ids."""
     session_factory = get_sessionmaker()
     with session_factory() as session:
@@ -222,6 +247,7 @@ def _write_back(session: Session, claims: Sequence[Claim], outcomes: Sequence[Ou
     outcomes are written one by one, and a job whose result is refused fails alone with result_not_storable.
     """
     pairs = list(zip(claims, outcomes, strict=True))
+    metrics.jobs_decoded(pairs)
     try:
         written = job_states.finish_batch(session, pairs)
     except OUTAGE:
@@ -276,15 +302,24 @@ def _prompts_of(job: Job) -> list[str]:
     return params.prompts if params is not None else []
 
 
-def _adapter_folders(session: Session, settings: Settings, claims: Sequence[Claim]) -> dict[str, StoredAdapter | None]:
-    """Where every fine-tuned model these jobs name is in the store (None where the model is unknown)."""
+def _adapter_folders(
+    session: Session, settings: Settings, claims: Sequence[Claim]
+) -> tuple[dict[str, StoredAdapter | None], dict[str, Exception]]:
+    """Where every fine-tuned model (or checkpoint) these jobs name is in the store (None where the model is
+    unknown), and the models among them that their owner deleted (each with its ModelDeleted)."""
     wanted = {c.job.model for c in claims} - {settings.base_model}
     rows = session.scalars(select(FineTunedModel).where(FineTunedModel.id.in_(wanted))).all() if wanted else []
     folders: dict[str, StoredAdapter | None] = dict.fromkeys(wanted)
+    deleted: dict[str, Exception] = {}
     for row in rows:
+        if row.deleted_at is not None:
+            deleted[row.id] = ModelDeleted(f"model {row.id!r} was deleted by its owner")
+            continue
         files = row.manifest.get("files") if isinstance(row.manifest, dict) else None
         folders[row.id] = StoredAdapter(key=row.path, files=files)
-    return folders
+    unknown = [m for m, folder in folders.items() if folder is None and m not in deleted]
+    folders.update(checkpoint_adapters(session, ArtifactStore.from_settings(settings), unknown))
+    return folders, deleted
 
 
 @dataclass
@@ -303,18 +338,38 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
     Whatever goes wrong with one job (its row, its adapter, its prompt, its decoding, its result) fails that
     job alone, with its own code, and the rest of the batch runs in the same pass.
     """
+    loaded, runnable, outcomes = prepare_jobs(session, claims, settings, models)
+    if loaded is None:
+        return [o for o in outcomes if o is not None]
+    decoded = decode_isolating(loaded, runnable, settings.max_batch_size)
+    for job, done in zip(runnable, decoded, strict=True):
+        outcomes[job.index] = outcome_of(job, done)
+    written = [o for o in outcomes if o is not None]
+    assert len(written) == len(claims)  # every job was either refused while preparing or decoded
+    return written
+
+
+def prepare_jobs(
+    session: Session, claims: Sequence[Claim], settings: Settings, models: ModelHolder, keep: Sequence[Claim] = ()
+) -> tuple[LoadedModel | None, list[PreparedJob], list[Outcome | None]]:
+    """(the model, the jobs ready to decode, the outcome of each claim that failed already: None elsewhere).
+
+    The model is None when it cannot load (every claim then has its failure). keep: jobs already decoding,
+    whose adapters must stay loaded.
+    """
     try:
         loaded = models.get()
     except Exception as exc:
         log.exception("model load failed")
         message = f"could not load model {settings.base_model!r}: {type(exc).__name__}: {exc}"
-        return [(None, (ErrorCode.MODEL_LOAD_FAILED, message[:2000]))] * len(claims)
+        return None, [], [(None, (ErrorCode.MODEL_LOAD_FAILED, message[:2000]))] * len(claims)
 
     outcomes: list[Outcome | None] = [None] * len(claims)
-    folders = _adapter_folders(session, settings, claims)
+    folders, deleted = _adapter_folders(session, settings, [*claims, *keep])
     session.commit()  # no transaction stays open while the batch generates (it would hold back vacuum)
     usable = {m: f for m, f in folders.items() if f is not None}
     names, broken = models.adapters.load_each(usable)  # a broken adapter fails its own jobs only
+    broken.update(deleted)
     runnable: list[PreparedJob] = []
     for i, claim in enumerate(claims):
         try:
@@ -324,27 +379,21 @@ def _run(session: Session, claims: Sequence[Claim], settings: Settings, models: 
         except Exception as exc:
             log.exception("could not prepare %s", claim.job_id)
             outcomes[i] = (None, _failure(ErrorCode.PREPARATION_FAILED, exc))
+    return loaded, runnable, outcomes
 
-    first_tokens: dict[str, float] = {}
-    decoded = decode_isolating(loaded, runnable, settings.max_batch_size, first_tokens)
-    for job, done in zip(runnable, decoded, strict=True):
-        if isinstance(done, str):
-            outcomes[job.index] = (None, (ErrorCode.GENERATION_FAILED, done))
-            continue
-        generations, batch_size = done
-        try:
-            result = _result(generations, batch_size)
-            json.dumps(job_states.stored(result), allow_nan=False)  # what the database will be asked to store
-            outcomes[job.index] = (result, None)
-            claimed = claims[job.index].job
-            first_token = first_tokens.get(job.job_id)
-            metrics.job_decoded(claimed.model, epoch_seconds(claimed.created_at), first_token, result.usage)
-        except Exception as exc:
-            log.exception("could not serialize the result of %s", claims[job.index].job_id)
-            outcomes[job.index] = (None, _failure(ErrorCode.RESULT_NOT_STORABLE, exc))
-    written = [o for o in outcomes if o is not None]
-    assert len(written) == len(claims)  # every job was either refused while preparing or decoded
-    return written
+
+def outcome_of(job: PreparedJob, done: Decoded) -> Outcome:
+    """The outcome to write for a decoded job: its result, or the error of its decoding or of its result."""
+    if isinstance(done, str):
+        return (None, (ErrorCode.GENERATION_FAILED, done))
+    generations, batch_size = done
+    try:
+        result = _result(generations, batch_size)
+        json.dumps(job_states.stored(result), allow_nan=False)  # what the database will be asked to store
+        return (result, None)
+    except Exception as exc:
+        log.exception("could not serialize the result of %s", job.job_id)
+        return (None, _failure(ErrorCode.RESULT_NOT_STORABLE, exc))
 
 
 def _prepare(
@@ -359,11 +408,15 @@ def _prepare(
     job = claim.job
     if job.model in broken:
         exc = broken[job.model]
+        if isinstance(exc, ModelDeleted):
+            raise JobFailed(ErrorCode.MODEL_DELETED, str(exc))
         message = f"could not load adapter {job.model!r}: {type(exc).__name__}: {exc}"
         raise JobFailed(ErrorCode.ADAPTER_LOAD_FAILED, message)
     if job.model != settings.base_model and job.model not in names:
         raise JobFailed(ErrorCode.MODEL_NOT_FOUND, f"no model {job.model!r}")
-    params = GenerationParams.model_validate(job.params)
+    params = with_rendered_prompts(
+        GenerationParams.model_validate(job.params), loaded.tokenizer, settings.chat_template
+    )
     requests = _requests(params, names.get(job.model))
     for request in requests:
         if FAULT_RAISE_ON_PROMPT is not None and request.prompt == FAULT_RAISE_ON_PROMPT:
@@ -382,16 +435,19 @@ Decoded = tuple[list[Generation], int] | str
 
 
 def decode_isolating(
-    loaded: LoadedModel, jobs: Sequence[PreparedJob], max_batch_size: int, first_tokens: dict[str, float] | None = None
+    loaded: LoadedModel,
+    jobs: Sequence[PreparedJob],
+    max_batch_size: int,
+    sent: dict[tuple[str, int], str] | None = None,
 ) -> list[Decoded]:
     """Each job's generations, decoding the jobs together; if that fails, the jobs are decoded again in halves
     until the failure is narrowed down to the jobs that cause it, which get their error instead.
 
     Every row keeps its seed, so a row decoded again draws the same tokens; what was already streamed is
-    not streamed twice (the publisher remembers it across the re-runs). first_tokens, if given, gets each
-    decoded job's first-token time (epoch seconds).
+    not streamed twice (the publisher remembers it across the re-runs, and sent carries what an earlier run,
+    continuous or not, already published).
     """
-    sent: dict[tuple[str, int], str] = {}
+    sent = {} if sent is None else sent
 
     def attempt(part: Sequence[PreparedJob]) -> list[Decoded]:
         if not part:
@@ -399,15 +455,12 @@ def decode_isolating(
         flat = [request for job in part for request in job.requests]
         streams = [row for job in part for row in job.streams]
         error = None
-        first_at: float | None = None
         try:
             generations: list[Generation] = []
             for start in range(0, len(flat), max_batch_size):
                 rows = streams[start : start + max_batch_size]
-                timer = metrics.StepTimer(DeltaPublisher(loaded, rows, sent) if any(rows) else None)
-                generations += generate(loaded, flat[start : start + max_batch_size], on_step=timer)
-                metrics.batch_decoded(timer, len(rows))
-                first_at = first_at or timer.first_at
+                listener = DeltaPublisher(loaded, rows, sent) if any(rows) else None
+                generations += generate(loaded, flat[start : start + max_batch_size], on_step=listener)
         except Exception as exc:
             # Only the text is kept: the exception's frames hold the failed batch's tensors (its KV cache).
             error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -423,8 +476,6 @@ def decode_isolating(
         position = 0
         for job in part:
             out.append((generations[position : position + len(job.requests)], len(flat)))
-            if first_tokens is not None and first_at is not None:
-                first_tokens[job.job_id] = first_at
             position += len(job.requests)
         return out
 

@@ -13,13 +13,15 @@ from typing import Any
 
 import torch
 from datasets import Dataset, disable_progress_bars
-from peft import LoraConfig, prepare_model_for_kbit_training
+from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
+from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.fine_tuning import ResolvedHyperparameters
 from shared.settings import Quantization, Settings
-from worker.alpaca_data import TrainingData, to_examples
+from worker.alpaca_data import TrainingData
+from worker.chat_data import training_examples
 from worker.model_loading import LoadedModel, compute_dtype, load_base_model, pick_device
 
 log = logging.getLogger(__name__)
@@ -78,20 +80,34 @@ def keep_4bit_trainable(model: torch.nn.Module) -> int:
 
 
 def build_trainer(
-    loaded: LoadedModel, data: TrainingData, hp: ResolvedHyperparameters, seed: int, *, output_dir: Path
+    loaded: LoadedModel,
+    data: TrainingData,
+    hp: ResolvedHyperparameters,
+    seed: int,
+    *,
+    output_dir: Path,
+    chat_template: str = ALPACA_CHAT_TEMPLATE,
+    init_adapter: Path | None = None,
 ) -> CountingSFTTrainer:
-    """A TRL SFTTrainer for LoRA on the loaded base with completion-only loss, ready to train()."""
+    """A TRL SFTTrainer for LoRA on the loaded base with completion-only loss, ready to train().
+
+    Examples are rendered with chat_template (worker/chat_data.py): loss on the answers only. With
+    init_adapter (a continued fine-tune) training starts from that adapter's weights, and its LoRA shape
+    (rank, alpha, target modules) replaces the hyperparameters'; otherwise a new adapter is made from hp."""
     disable_progress_bars()
     model = loaded.model
     if loaded.quantization in ("nf4", "int8"):
         # Freezes the base, upcasts its unquantized weights (embeddings, layer norms) to fp32.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if init_adapter is not None:
+        model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     tokenizer = loaded.tokenizer
     tokenizer.padding_side = "right"  # training pads on the right; the collator masks padding by position
 
     max_length = min(hp.max_seq_len, loaded.context_length)
-    train_examples = to_examples(data.train)
-    eval_dataset = Dataset.from_list(to_examples(data.validation)) if data.validation else None
+    train_examples = training_examples(data.train, tokenizer, chat_template, max_length)
+    validation = training_examples(data.validation, tokenizer, chat_template, max_length) if data.validation else None
+    eval_dataset = Dataset.from_list(validation) if validation else None
     rows = packed_rows(tokenizer, train_examples, hp.batch_size, max_length) if hp.packing else hp.batch_size
     bf16, fp16 = mixed_precision(loaded.device)
     args = SFTConfig(
@@ -136,7 +152,7 @@ def build_trainer(
         train_dataset=Dataset.from_list(train_examples),
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=lora_config(hp),
+        peft_config=lora_config(hp) if init_adapter is None else None,
     )
     assert trainer.model is not None
     keep_adapters_fp32(trainer.model)
@@ -171,7 +187,7 @@ def keep_adapters_fp32(model: torch.nn.Module) -> None:
             param.data = param.data.float()
 
 
-def packed_rows(tokenizer: Any, examples: list[dict[str, str]], batch_size: int, max_length: int) -> int:
+def packed_rows(tokenizer: Any, examples: list[dict[str, Any]], batch_size: int, max_length: int) -> int:
     """Packed rows per step that hold about batch_size examples, so batch_size keeps its meaning.
 
     TRL's batch is rows; a packed row of max_length tokens holds several examples, and padding-free
@@ -179,7 +195,10 @@ def packed_rows(tokenizer: Any, examples: list[dict[str, str]], batch_size: int,
     e.g. on CPU) costs the square of its length: 8 rows of 512 tokens ran out of 20 GB on GPT-2.
     """
     sample = examples[:: max(1, len(examples) // 1000)]  # the mean of about 1000 is plenty
-    lengths = [len(tokenizer(e["prompt"] + e["completion"])["input_ids"]) + 1 for e in sample]
+    lengths = [
+        len(e["input_ids"]) if "input_ids" in e else len(tokenizer(e["prompt"] + e["completion"])["input_ids"]) + 1
+        for e in sample
+    ]
     mean = sum(min(n, max_length) for n in lengths) / max(1, len(lengths))
     return max(1, round(batch_size * mean / max_length))
 

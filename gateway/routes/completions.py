@@ -9,43 +9,41 @@ from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from gateway import owned, sse
+from gateway import sse
 from gateway.auth import TenantDep
 from gateway.catalog import resolve_model
+from gateway.chat_jobs import instruction_params
 from gateway.deps import SettingsDep
 from gateway.errors import V1_ERRORS, documented
 from gateway.openai_jobs import check_quota_now, submit_generation, succeeded_job
 from gateway.stream_relay import Finished, RelayEvent, StreamError, Submitted, TextDelta, relay_job
 from gateway.submission import check_caps
 from shared.db import get_sessionmaker
-from shared.job_data import GenerationParams, GenerationResult
+from shared.job_data import GenerationParams, GenerationResult, TokenLogprob
 from shared.models import new_id
-from shared.prompts import TEMPLATE, apply_template
-from shared.schemas import Completion, CompletionChoice, CompletionRequest
+from shared.schemas import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from shared.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["completions"], responses=V1_ERRORS)
 
 
-def _template_for(session: Session, tenant: str, model: str) -> dict[str, str]:
-    row = owned.fine_tuned_model(session, tenant, model)
-    template: dict[str, str] | None = row.manifest.get("prompt_template") if row else None
-    return template or TEMPLATE
-
-
 def _prepare(body: CompletionRequest, settings: Settings, tenant: str) -> tuple[tuple[str, str], GenerationParams]:
-    """((model, base model), job params) of a valid request; 422 or 404 otherwise (runs in a thread)."""
+    """((model, base model), job params) of a valid request; 400 or 404 otherwise (runs in a thread).
+
+    With template "model" each prompt is a user turn the worker renders with the model's chat template."""
     prompts = body.prompt_list()
     check_caps(prompts, "prompt", isinstance(body.prompt, str), body.max_tokens, body.n, body.stop, settings)
+    conversations, template = None, None
     with get_sessionmaker()() as session:
         model = resolve_model(session, settings, tenant, body.model)
         if body.template == "model":
-            template = _template_for(session, tenant, model[0])
-            prompts = [apply_template(template, p) for p in prompts]
+            conversations, template = instruction_params(session, tenant, model[0], prompts)
     params = GenerationParams(
+        conversations=conversations,
+        chat_template=template,
+        logprobs=body.logprobs,
         prompts=prompts,
         max_tokens=body.max_tokens,
         temperature=body.temperature,
@@ -59,13 +57,31 @@ def _prepare(body: CompletionRequest, settings: Settings, tenant: str) -> tuple[
     return model, params
 
 
+def legacy_logprobs(entries: list[TokenLogprob] | None, offset: int = 0) -> CompletionLogprobs | None:
+    """OpenAI's legacy logprobs object of an output's entries; offset: where its text starts in the choice."""
+    if entries is None:
+        return None
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    return CompletionLogprobs(
+        tokens=[e.token for e in entries],
+        token_logprobs=[e.logprob for e in entries],
+        top_logprobs=[{t.token: t.logprob for t in e.top_logprobs} for e in entries],
+        text_offset=offsets,
+    )
+
+
 def _choices(result: GenerationResult, prompts: list[str], n: int, echo: bool) -> list[CompletionChoice]:
-    return [
-        CompletionChoice(
-            text=(prompts[o.index // n] if echo else "") + o.text, index=o.index, finish_reason=o.finish_reason
+    choices = []
+    for o in result.outputs:
+        head = prompts[o.index // n] if echo else ""
+        logprobs = legacy_logprobs(o.logprobs, len(head))
+        choices.append(
+            CompletionChoice(text=head + o.text, index=o.index, finish_reason=o.finish_reason, logprobs=logprobs)
         )
-        for o in result.outputs
-    ]
+    return choices
 
 
 @router.post(
@@ -117,8 +133,11 @@ async def _stream(body: CompletionRequest, job_id: str, relayed: AsyncGenerator[
             | extra
         )
 
-    def text(index: int, value: str, finish_reason: str | None = None) -> str:
-        return chunk([{"text": value, "index": index, "logprobs": None, "finish_reason": finish_reason}])
+    def text(
+        index: int, value: str, finish_reason: str | None = None, logprobs: CompletionLogprobs | None = None
+    ) -> str:
+        logprobs_json = logprobs.model_dump() if logprobs is not None else None
+        return chunk([{"text": value, "index": index, "logprobs": logprobs_json, "finish_reason": finish_reason}])
 
     async with contextlib.aclosing(relayed) as events:
         async for event in events:
@@ -126,7 +145,7 @@ async def _stream(body: CompletionRequest, job_id: str, relayed: AsyncGenerator[
                 for i in range(len(prompts) * body.n):
                     yield text(i, prompts[i // body.n])
             elif isinstance(event, TextDelta):
-                yield text(event.index, event.text, event.finish_reason)
+                yield text(event.index, event.text, event.finish_reason, legacy_logprobs(event.logprobs))
             elif isinstance(event, Finished):
                 if body.stream_options is None or body.stream_options.include_usage:  # off only when asked
                     yield chunk([], usage=event.usage.model_dump())

@@ -1,20 +1,21 @@
-"""Training files: upload (validated Alpaca records), list, read, delete."""
+"""Files: upload (validated Alpaca records), list, read, download the content, delete."""
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Form, UploadFile
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import BODY_ERRORS, V1_ERRORS, ApiError, documented
+from gateway.errors import BODY_ERRORS, V1_ERRORS, ApiError, FileNotFound, documented
 from gateway.uploads import store_upload
 from shared.alpaca import BadRecord
-from shared.artifacts import ArtifactStore
+from shared.artifacts import ArtifactMissing, ArtifactStore
 from shared.db import get_sessionmaker
 from shared.models import File, new_id, utcnow
 from shared.request_fields import plain_name
@@ -96,6 +97,29 @@ def get_file(file_id: str, session: SessionDep, tenant: TenantDep) -> FileObject
     """One file's description."""
     row = owned.file_or_404(session, tenant, file_id)
     return views.file_object(row)
+
+
+@router.get(
+    "/{file_id}/content",
+    response_class=StreamingResponse,
+    responses={**documented(404), 200: {"content": {"application/octet-stream": {}}}},
+)
+def get_file_content(file_id: str, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> StreamingResponse:
+    """The bytes of a file the tenant owns, streamed from the artifact store (an upload as its validated JSONL,
+    a fine-tune's result files as written); another tenant's file is a 404."""
+    row = owned.file_or_404(session, tenant, file_id)
+    try:
+        chunks = ArtifactStore.from_settings(settings).chunks(row.path)
+    except ArtifactMissing:
+        raise FileNotFound(f"file {file_id!r} has no stored content") from None
+    disposition = f"attachment; filename=\"{_ascii_name(row.filename)}\""
+    headers = {"Content-Disposition": disposition}
+    return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
+
+
+def _ascii_name(filename: str) -> str:
+    """A file name a header can carry: ASCII without quotes or backslashes (others become `_`)."""
+    return "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in filename) or "file"
 
 
 @router.delete("/{file_id}", response_model=FileDeleted, responses=documented(404))

@@ -1,4 +1,4 @@
-"""Fine-tuning jobs in the OpenAI shape: create, list, read, cancel, events, checkpoints."""
+"""Fine-tuning jobs in the OpenAI shape: create, list, read, cancel, pause, resume, events, checkpoints."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from sqlalchemy import and_, or_, select
 from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
-from gateway.errors import BODY_ERRORS, V1_ERRORS, documented
+from gateway.errors import BODY_ERRORS, V1_ERRORS, JobStateConflict, documented
 from gateway.fine_tuning_checks import check_fine_tuning_request
 from gateway.queue_state import queue_state
 from gateway.submission import submit
 from shared import job_states, statuses
+from shared.celery_app import enqueue_after_commit
 from shared.job_data import FineTuneParams
 from shared.models import Checkpoint, Job, JobEvent
 from shared.schemas import (
@@ -25,6 +26,7 @@ from shared.schemas import (
     FineTuningJobList,
     FineTuningJobRequest,
 )
+from shared.statuses import JobStatus
 
 router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], responses=V1_ERRORS)
 
@@ -33,8 +35,9 @@ router = APIRouter(prefix="/v1/fine_tuning/jobs", tags=["fine-tuning"], response
 def create_fine_tuning_job(
     body: FineTuningJobRequest, session: SessionDep, settings: SettingsDep, tenant: TenantDep
 ) -> FineTuningJob:
-    """Queues a fine-tune of the base model on an uploaded file (or a hub dataset)."""
-    dataset = check_fine_tuning_request(body, session, settings, tenant)
+    """Queues a fine-tune of a base model, or a continued fine-tune of one of the tenant's fine-tuned models or
+    checkpoints, on an uploaded file (or a hub dataset)."""
+    dataset, base_model = check_fine_tuning_request(body, session, settings, tenant)
     params = FineTuneParams(
         training_file=body.training_file,
         validation_file=body.validation_file,
@@ -43,13 +46,14 @@ def create_fine_tuning_job(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata=body.metadata,
         hyperparameters=body.chosen_hyperparameters().resolved().model_dump(),
+        parent_model=body.model if body.model != base_model else None,
     )
     job = submit(
         session,
         settings,
         kind="train",
         model=body.model,
-        base_model=body.model,
+        base_model=base_model,
         params=params,
         tenant=tenant,
         event="Created fine-tuning job",
@@ -94,6 +98,34 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) 
     cancelled = job_states.cancel(session, job_id)
     assert cancelled is not None
     return views.fine_tuning_job(cancelled)
+
+
+@router.post("/{job_id}/pause", response_model=FineTuningJob, responses=documented(404, 409))
+def pause_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
+    """Pauses a fine-tune: a queued one at once; a running one checkpoints at the end of its current step and
+    frees its worker (status `paused`). 409 for any other status."""
+    job = owned.job_or_404(session, tenant, job_id, kind="train")
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise JobStateConflict(f"fine-tuning job {job_id!r} is {job.status}; only a queued or running job can pause")
+    job_states.note(session, job, "Pause requested")
+    paused = job_states.pause(session, job_id)
+    assert paused is not None
+    return views.fine_tuning_job(paused)
+
+
+@router.post("/{job_id}/resume", response_model=FineTuningJob, responses=documented(404, 409))
+def resume_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
+    """Queues a paused fine-tune again: any train worker continues it from its checkpoint (weights, optimizer,
+    scheduler, RNG state, data position). 409 unless it is paused."""
+    job = owned.job_or_404(session, tenant, job_id, kind="train")
+    if job.status != JobStatus.PAUSED:
+        raise JobStateConflict(f"fine-tuning job {job_id!r} is {job.status}; only a paused job can resume")
+    job_states.note(session, job, "Resume requested")
+    resumed = job_states.resume(session, job_id)
+    assert resumed is not None
+    if resumed.status == JobStatus.QUEUED:
+        enqueue_after_commit("train", job_id)
+    return views.fine_tuning_job(resumed)
 
 
 @router.get("/{job_id}/events", response_model=FineTuningEventList, responses=documented(404))

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from shared import artifacts
-from shared.artifacts import CHECKPOINT_SEAL, ArtifactStore
+from shared.artifacts import ADAPTER_SEAL, CHECKPOINT_SEAL, ArtifactStore
 from shared.settings import Settings
 from tests.chaos.harness import ChaosSystem, record_recovery, wait_for
 
@@ -107,7 +107,9 @@ def test_train_worker_killed_mid_training_resumes_from_its_last_checkpoint(
     assert job["result_files"] or job["fine_tuned_model"], job
     # Attempt 2 read attempt 1's checkpoint but wrote its own; the adapter is in attempt 2's folder.
     assert complete_checkpoints(system, job_id, 2)[-1] == MAX_STEPS
-    assert all(f.startswith(f"adapters/{job_id}/attempt-2/") for f in job["result_files"]), job["result_files"]
+    store = ArtifactStore.from_settings(Settings(data_dir=Path(system.env["LLMQ_DATA_DIR"])))
+    assert store.is_sealed(artifacts.adapter_key(job_id, 2), ADAPTER_SEAL), job
+    assert not store.exists(artifacts.adapter_key(job_id, 1))
     # Every listed checkpoint is in the store (rotated-out ones are no longer listed), and attempt 2's are listed.
     listed = {c["step_number"] for c in httpx.get(f"{api}/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]}
     second_on_disk = set(complete_checkpoints(system, job_id, 2))

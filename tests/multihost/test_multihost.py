@@ -163,6 +163,12 @@ class Cluster:
     def messages(self, name: str) -> list[str]:
         return list(log_messages(self.log(name)))
 
+    def model_path(self, model_id: str) -> str:
+        with psycopg.connect(self.postgres.dsn(self.database_url.rsplit("/", 1)[1])) as conn:
+            row = conn.execute("SELECT path FROM fine_tuned_models WHERE id = %s", (model_id,)).fetchone()
+        assert row is not None
+        return str(row[0])
+
     def manifest(self, model_id: str) -> dict[str, Any]:
         with psycopg.connect(self.postgres.dsn(self.database_url.rsplit("/", 1)[1])) as conn:
             row = conn.execute("SELECT manifest FROM fine_tuned_models WHERE id = %s", (model_id,)).fetchone()
@@ -297,7 +303,7 @@ def test_fine_tune_and_serve_across_hosts_that_share_no_disk_resuming_on_another
         assert len(resumed) == 1 and 0 < resumed[0] < 24, [e["message"] for e in events]
         fetched = [m for m in cluster.messages("train-c") if "fetched checkpoint" in m]
         assert fetched and f"jobs/{second}/attempt-1/checkpoints/checkpoint-{resumed[0]} " in fetched[0] + " ", fetched
-        assert all(f.startswith(f"adapters/{second}/attempt-2/") for f in job["result_files"]), job
+        assert cluster.model_path(job["fine_tuned_model"]) == f"adapters/{second}/attempt-2", job
         second_model = job["fine_tuned_model"]
         generate(client, gw1, gw2, second_model)
         step = timed("adapter 2 (trained on a and c) served on b", step)

@@ -89,6 +89,19 @@ async function api(path, options = {}) {
   return response.json();
 }
 
+// Saves a file the tenant owns (GET /v1/files/{id}/content, with the API key) under its own name.
+async function download(fileId) {
+  const meta = await api(`/v1/files/${encodeURIComponent(fileId)}`);
+  const response = await fetch(`/v1/files/${encodeURIComponent(fileId)}/content`, { headers: authHeaders() });
+  if (!response.ok) throw await errorOf(response);
+  const url = URL.createObjectURL(await response.blob());
+  const link = h("a", { href: url, download: meta.filename });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
 function query(params) {
   const entries = Object.entries(params).filter(([, v]) => v !== null && v !== undefined && v !== "");
   return entries.length ? `?${new URLSearchParams(entries)}` : "";
@@ -269,7 +282,7 @@ function jobsView() {
     select(
       "status",
       "Status",
-      [["", "all"], ...["queued", "running", "succeeded", "failed", "cancelled"].map((v) => [v, v])],
+      [["", "all"], ...["queued", "running", "paused", "succeeded", "failed", "cancelled"].map((v) => [v, v])],
       filters.status,
     ),
     select("limit", "Show", [["20", "20"], ["50", "50"], ["100", "100"]], filters.limit),
@@ -434,6 +447,25 @@ class EventLog {
   }
 }
 
+// The buttons a fine-tune's page offers for its status: pause, resume, cancel, delete the model it made.
+function fineTuneActions(job) {
+  const post = (action) => () => api(`/v1/fine_tuning/jobs/${job.id}/${action}`, { method: "POST" }).catch(showError);
+  const button = (label, onclick) => h("button", { type: "button", onclick }, label);
+  const actions = [];
+  if (job.status === "queued" || job.status === "running") actions.push(button("Pause", post("pause")));
+  if (job.status === "paused") actions.push(button("Resume", post("resume")));
+  if (!TERMINAL.has(job.status)) actions.push(button("Cancel", post("cancel")));
+  if (job.fine_tuned_model) {
+    actions.push(button("Delete model", (event) => {
+      if (!window.confirm(`Delete ${job.fine_tuned_model}? It will no longer be listed or served.`)) return;
+      api(`/v1/models/${encodeURIComponent(job.fine_tuned_model)}`, { method: "DELETE" })
+        .then(() => event.target.replaceWith(h("span", { class: "small" }, "model deleted")))
+        .catch(showError);
+    }));
+  }
+  return actions;
+}
+
 function hyperparameterText(job) {
   const hp = (job.method && job.method.supervised && job.method.supervised.hyperparameters) || {};
   return Object.entries(hp)
@@ -466,10 +498,7 @@ function fineTuneView(jobId) {
       api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/checkpoints?limit=100`),
     ]);
     clearError();
-    const cancel = TERMINAL.has(job.status)
-      ? null
-      : h("button", { type: "button", onclick: () => api(`/v1/fine_tuning/jobs/${job.id}/cancel`, { method: "POST" }).catch(showError) }, "Cancel");
-    replace(header, h("div", { class: "heading" }, h("h1", { class: "mono" }, job.id), badge(job.status), cancel));
+    replace(header, h("div", { class: "heading" }, h("h1", { class: "mono" }, job.id), badge(job.status), ...fineTuneActions(job)));
 
     const progress = log.progress();
     const metrics = job.metrics || {};
@@ -491,6 +520,10 @@ function fineTuneView(jobId) {
         ["Base model", h("span", { class: "mono" }, job.model)],
         job.queue ? ["Queue", queueText(job.queue, "train")] : [],
         ["Fine-tuned model", playground],
+        ["Result files", job.result_files.length
+          ? h("span", {}, ...job.result_files.map((id) =>
+            h("button", { type: "button", class: "download", "data-file": id, onclick: () => download(id).catch(showError) }, `Download ${id}`)))
+          : "–"],
         ["Data", job.training_file || (job.dataset ? `${job.dataset.name || "hub dataset"}` : "–")],
         ["Validation", job.validation_file || "–"],
         ["Hyperparameters", h("span", { class: "mono small" }, hyperparameterText(job))],
@@ -631,6 +664,12 @@ function field(label, input) {
 async function playgroundView() {
   const params = new URLSearchParams(location.search);
   const model = h("select", { name: "model", id: "model" });
+  // Base vs fine-tuned side by side: the same request on a second model, answered in a second column.
+  const compare = h("select", { name: "compare", id: "compare" });
+  const mode = h("select", { name: "mode", id: "mode" },
+    h("option", { value: "completion", selected: params.get("mode") !== "chat" }, "Completion"),
+    h("option", { value: "chat", selected: params.get("mode") === "chat" }, "Chat"));
+  const system = h("input", { type: "text", name: "system", id: "system", value: params.get("system") || "", placeholder: "optional" });
   const prompt = h("textarea", { name: "prompt", id: "prompt", rows: 6, placeholder: "Write a prompt…" });
   prompt.value = params.get("prompt") || "";
   const maxTokens = h("input", { type: "number", name: "max_tokens", min: 1, value: params.get("max_tokens") || "64" });
@@ -641,20 +680,47 @@ async function playgroundView() {
   const stream = h("input", { type: "checkbox", name: "stream", checked: params.get("stream") !== "0" });
   const run = h("button", { type: "submit", id: "run" }, "Run");
   const stop = h("button", { type: "button", class: "quiet", disabled: true }, "Stop");
-  const output = h("pre", { id: "output", class: "completion" });
+  const clear = h("button", { type: "button", class: "quiet", id: "clear" }, "New conversation");
   const status = h("p", { id: "run-status", class: "muted" });
+  // One column per model: its chat history (chat mode), its transcript and its latest output.
+  const column = (id) => ({ history: [], transcript: h("div", { class: "transcript" }), output: h("pre", { id, class: "completion" }), heading: h("h3", { class: "mono" }) });
+  const columns = [column("output"), column("output-compare")];
+  const outputs = h("div", { class: "side-by-side" });
+  const templateLabel = h("label", { class: "inline" }, template, " Treat the prompt as an instruction (the model's chat template)");
+  const systemField = field("System message", system);
   const form = h(
     "form",
     { class: "playground" },
-    field("Model", model),
+    h("div", { class: "row" }, field("Model", model), field("Side by side with", compare), field("Mode", mode)),
+    systemField,
     field("Prompt", prompt),
     h("div", { class: "row" },
       field("Max tokens", maxTokens), field("Temperature", temperature), field("Top p", topP), field("Seed", seed)),
-    h("label", { class: "inline" }, template, " Treat the prompt as an instruction (the model's Alpaca template)"),
+    templateLabel,
     h("label", { class: "inline" }, stream, " Stream the text as it is generated"),
-    h("div", { class: "row" }, run, stop),
+    h("div", { class: "row" }, run, stop, clear),
   );
-  replace(main(), h("h1", {}, "Playground"), form, h("h2", {}, "Output"), status, output);
+  replace(main(), h("h1", {}, "Playground"), form, h("h2", {}, "Output"), status, outputs);
+
+  const chatMode = () => mode.value === "chat";
+  const layout = () => {
+    systemField.hidden = !chatMode();
+    clear.hidden = !chatMode();
+    templateLabel.hidden = chatMode();
+    const shown = compare.value ? columns : columns.slice(0, 1);
+    columns[0].heading.textContent = model.value;
+    columns[1].heading.textContent = compare.value;
+    replace(outputs, shown.map((c) => h("div", {}, compare.value ? c.heading : null, c.transcript, c.output)));
+  };
+  const forget = () => {
+    for (const c of columns) {
+      c.history = [];
+      replace(c.transcript);
+      c.output.textContent = "";
+    }
+  };
+  for (const input of [mode, model, compare]) input.addEventListener("change", () => { forget(); layout(); });
+  clear.addEventListener("click", () => { forget(); status.textContent = ""; });
 
   let controller = null;
   stop.addEventListener("click", () => controller && controller.abort());
@@ -667,29 +733,25 @@ async function playgroundView() {
     controller = new AbortController();
     run.disabled = true;
     stop.disabled = false;
-    output.textContent = "";
     status.textContent = "running…";
     const started = performance.now();
+    const sampling = {
+      max_tokens: Number(maxTokens.value),
+      temperature: Number(temperature.value),
+      top_p: Number(topP.value),
+    };
+    if (seed.value !== "") sampling.seed = Number(seed.value);
+    const models = compare.value ? [model.value, compare.value] : [model.value];
     try {
-      const body = {
-        model: model.value,
-        prompt: prompt.value,
-        max_tokens: Number(maxTokens.value),
-        temperature: Number(temperature.value),
-        top_p: Number(topP.value),
-        template: template.checked ? "model" : "raw",
-      };
-      if (seed.value !== "") body.seed = Number(seed.value);
-      const onText = (text) => output.append(text);
-      const done = stream.checked
-        ? await streamCompletion(body, controller.signal, onText)
-        : await completion(body, controller.signal, onText);
+      const results = await Promise.all(models.map((id, i) => runOn(id, columns[i], sampling, controller.signal)));
+      const done = results[0];
       const usage = done.usage ? ` · ${done.usage.prompt_tokens} prompt + ${done.usage.completion_tokens} completion tokens` : "";
       status.replaceChildren(
-        done.id ? h("a", { href: `/ui/generations/${done.id}`, class: "mono" }, done.id) : "",
+        ...results.map((r, i) => [i ? " · " : "", r.id ? h("a", { href: `/ui/generations/${r.id}`, class: "mono" }, r.id) : ""]),
         ` · ${done.finish_reason || "done"} · ${duration((performance.now() - started) / 1000)}${usage}`,
       );
       status.dataset.done = "true";
+      if (chatMode()) prompt.value = "";
     } catch (error) {
       status.textContent = error.name === "AbortError" ? "stopped" : `failed: ${error.message}`;
       status.dataset.done = "error";
@@ -699,15 +761,41 @@ async function playgroundView() {
     }
   });
 
+  // One model's run: a completion of the prompt, or (chat mode) the next turn of its conversation.
+  async function runOn(id, col, sampling, signal) {
+    col.output.textContent = "";
+    const onText = (text) => col.output.append(text);
+    if (!chatMode()) {
+      const body = { model: id, prompt: prompt.value, ...sampling, template: template.checked ? "model" : "raw" };
+      return stream.checked ? await streamCompletion(body, signal, onText) : await completion(body, signal, onText);
+    }
+    const turn = { role: "user", content: prompt.value };
+    const start = system.value.trim() ? [{ role: "system", content: system.value }] : [];
+    const body = { model: id, messages: [...start, ...col.history, turn], ...sampling };
+    const done = stream.checked
+      ? await streamCompletion(body, signal, onText, "/v1/chat/completions")
+      : await chatCompletion(body, signal, onText);
+    col.history.push(turn, { role: "assistant", content: col.output.textContent });
+    col.transcript.append(
+      h("p", { class: "turn user" }, h("b", {}, "You: "), turn.content),
+      h("p", { class: "turn assistant" }, h("b", {}, "Model: "), col.output.textContent),
+    );
+    col.output.textContent = "";
+    return done;
+  }
+
   try {
     const models = await api("/v1/models");
     const wanted = params.get("model");
-    replace(model, models.data.map((m) =>
-      h("option", { value: m.id, selected: m.id === wanted }, m.parent ? `${m.id} (fine-tuned from ${m.parent})` : m.id)));
+    const label = (m) => (m.parent ? `${m.id} (fine-tuned from ${m.parent})` : m.id);
+    replace(model, models.data.map((m) => h("option", { value: m.id, selected: m.id === wanted }, label(m))));
+    replace(compare, h("option", { value: "" }, "(none)"),
+      models.data.map((m) => h("option", { value: m.id, selected: m.id === params.get("compare") }, label(m))));
   } catch (error) {
     showError(error);
     return;
   }
+  layout();
   if (params.get("run") === "1" && prompt.value.trim()) form.requestSubmit();
 }
 
@@ -719,13 +807,22 @@ async function completion(body, signal, onText) {
   return { id: answer.id, finish_reason: choice.finish_reason, usage: answer.usage };
 }
 
-// POST /v1/completions with stream: true; calls onText with each piece of text; resolves with the last
-// chunk's id, finish reason and usage.
-async function streamCompletion(body, signal, onText) {
-  const response = await fetch("/v1/completions", {
+// POST /v1/chat/completions, answered when the job is done; same contract as streamCompletion.
+async function chatCompletion(body, signal, onText) {
+  const answer = await api("/v1/chat/completions", { method: "POST", json: body, signal });
+  const choice = answer.choices[0] || {};
+  onText((choice.message && choice.message.content) || "");
+  return { id: answer.id, finish_reason: choice.finish_reason, usage: answer.usage };
+}
+
+// POST a completion (or, with path /v1/chat/completions, a chat completion) with stream: true; calls onText
+// with each piece of text; resolves with the last chunk's id, finish reason and usage.
+async function streamCompletion(body, signal, onText, path = "/v1/completions") {
+  const chat = path === "/v1/chat/completions";
+  const response = await fetch(path, {
     method: "POST",
     headers: { ...authHeaders(), "Content-Type": "application/json" },
-    body: JSON.stringify({ ...body, stream: true }),
+    body: JSON.stringify({ ...body, stream: true, ...(chat ? { stream_options: { include_usage: true } } : {}) }),
     signal,
   });
   if (!response.ok) throw await errorOf(response);
@@ -748,7 +845,8 @@ async function streamCompletion(body, signal, onText) {
       done.id = chunk.id || done.id;
       if (chunk.usage) done.usage = chunk.usage;
       for (const choice of chunk.choices || []) {
-        if (choice.text) onText(choice.text);
+        const text = chat ? choice.delta && choice.delta.content : choice.text;
+        if (text) onText(text);
         if (choice.finish_reason) done.finish_reason = choice.finish_reason;
       }
     }

@@ -1,0 +1,186 @@
+"""Continuous batching: rows join a running batch between steps and leave when done. The engine in process on
+the real tiny GPT-2 (with real LoRA adapters); the serving loop on real Postgres and Redis, with step hooks
+that act at a chosen step (a job arrives, a client cancels, an adapter vanishes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.artifacts import ArtifactStore
+from tests.test_adapters import make_adapter, publish
+from tests.test_batch_isolation import add_job, good_params, rows
+from tests.test_batch_isolation import own_base as own_base
+from tests.test_batch_isolation import worker_settings as worker_settings
+from worker.adapter_cache import AdapterDiskCache
+from worker.adapters import AdapterCache
+from worker.continuous import RunningBatch, generate_continuously, new_row
+from worker.generation import Request, SamplingParams, generate
+from worker.model_loading import LoadedModel, load_base_model
+
+PROMPTS = ["Below is an instruction that describes a task.", "Hello", "The quick brown fox jumps", "Reverse"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model: Path) -> LoadedModel:
+    return load_base_model(str(tiny_model), "main", "fp32", "cpu")
+
+
+def sampled(seed: int, max_new_tokens: int = 12) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, top_p=0.9, seed=seed)
+
+
+def test_seeded_row_draws_the_same_tokens_alone_and_while_rows_join_and_leave(loaded: LoadedModel) -> None:
+    seeded = Request(PROMPTS[0], sampled(1234, 16))
+    alone = generate(loaded, [seeded])[0]
+    batch = RunningBatch(loaded)
+    row = new_row(loaded, "seeded", seeded)
+    batch.admit([new_row(loaded, "short", Request(PROMPTS[1], sampled(1, 2))), row])
+    for step in range(16):
+        if step in (2, 5):  # newcomers with longer prompts widen the cache on the left
+            batch.admit([new_row(loaded, f"late{step}", Request(PROMPTS[2] * 3, sampled(step, 4 + step)))])
+        if not row.done:
+            batch.step()
+    assert row.generation(loaded) == alone
+
+
+def test_continuous_outputs_equal_static_outputs_greedy_and_seeded(loaded: LoadedModel) -> None:
+    requests = [Request(p, SamplingParams(max_new_tokens=4 + 5 * i, temperature=0)) for i, p in enumerate(PROMPTS)]
+    requests += [Request(p, sampled(i, 3 + 7 * i)) for i, p in enumerate(PROMPTS)]
+    assert generate_continuously(loaded, requests) == generate(loaded, requests)
+
+
+def test_grouped_lora_rows_are_token_identical_to_each_adapter_alone(tiny_model: Path, tmp_path: Path) -> None:
+    loaded = load_base_model(str(tiny_model), "main", "fp32", "cpu")
+    store = ArtifactStore((tmp_path / "store").as_uri(), {"auto_mkdir": True})
+    cache = AdapterCache(loaded, capacity=4, disk=AdapterDiskCache(store, tmp_path / "cache", 2**30))
+    folders = {
+        f"ft:{i}": publish(store, make_adapter(tiny_model, tmp_path / f"a{i}", seed=i), f"a{i}") for i in range(3)
+    }
+    names = list(cache.ensure(folders).values())
+    greedy = SamplingParams(max_new_tokens=8, temperature=0)
+    # Interleaved on purpose: the running batch regroups its rows by adapter.
+    requests = [Request(p, greedy, adapter=a) for p in PROMPTS for a in [None, *names]]
+    alone = [generate(loaded, [r])[0] for r in requests]  # peft's own path, one row at a time
+    assert generate_continuously(loaded, requests) == alone
+    assert len({g.text for g in alone}) > len(PROMPTS)  # the adapters change the output
+
+
+def serve(settings: Any, hook: Callable[[Any], None]) -> list[Any]:
+    """Runs the serving loop with a step hook; every report it saw."""
+    from worker.scheduler import serve_continuously
+    from worker.serving import ModelHolder
+
+    reports: list[Any] = []
+
+    def record(report: Any) -> None:
+        reports.append(report)
+        hook(report)
+
+    every_step = settings.model_copy(update={"batch_poll_seconds": 0})  # a newcomer or a cancel seen at once
+    serve_continuously(every_step, ModelHolder(settings), hooks=[record])
+    return reports
+
+
+def step_of(reports: list[Any], job_id: str) -> int:
+    """The step at which a job ended."""
+    return next(r.step for r in reports if job_id in r.finished)
+
+
+def test_job_arriving_mid_batch_finishes_before_its_long_neighbour(worker_settings: Any) -> None:
+    base = worker_settings.base_model
+    long = add_job(base, "bob", good_params(PROMPTS[0], max_tokens=40, temperature=1.0, seed=7))
+    arrived: list[str] = []
+
+    def arrive(report: Any) -> None:
+        if report.step == 3:
+            arrived.append(add_job(base, "alice", good_params(PROMPTS[1], max_tokens=3, temperature=1.0, seed=1)))
+
+    reports = serve(worker_settings, arrive)
+
+    (short,) = arrived
+    joined_at = next(r.step for r in reports if short in r.joined)
+    assert joined_at == 4 and long in reports[joined_at - 1].in_flight  # it joined the running batch
+    assert step_of(reports, short) < step_of(reports, long)
+    found = rows([long, short])
+    assert found[short].finished_at < found[long].finished_at
+    assert found[long].result["outputs"][0]["completion_tokens"] > 8  # the long one was still going
+    assert found[short].result["batch_size"] == 2
+
+
+def test_cancel_of_running_job_leaves_the_batch_at_the_next_step(worker_settings: Any) -> None:
+    from shared import job_states
+    from shared.db import get_sessionmaker
+
+    base = worker_settings.base_model
+    doomed = add_job(base, "bob", good_params(PROMPTS[0], max_tokens=60, temperature=1.0, seed=3))
+    kept = add_job(base, "bob", good_params(PROMPTS[2], max_tokens=12, temperature=1.0, seed=4))
+
+    def cancel_at_step_3(report: Any) -> None:
+        if report.step == 3:
+            with get_sessionmaker()() as session:
+                job_states.cancel(session, doomed)
+
+    reports = serve(worker_settings, cancel_at_step_3)
+
+    assert step_of(reports, doomed) == 4
+    assert reports[3].rows == 1  # step 4 decoded only the other job's row
+    found = rows([doomed, kept])
+    assert found[doomed].status == "cancelled" and found[kept].status == "succeeded"
+
+
+def test_row_whose_decoding_fails_fails_alone_and_the_rest_are_unchanged(worker_settings: Any, tmp_path: Path) -> None:
+    from shared import job_states
+    from shared.artifacts import ADAPTER_SEAL
+    from shared.db import get_sessionmaker
+    from shared.job_data import FineTuneParams
+    from shared.models import FineTunedModel
+    from worker.scheduler import ContinuousLoop
+    from worker.serving import ModelHolder
+
+    base = worker_settings.base_model
+    store = ArtifactStore.from_settings(worker_settings)
+    make_adapter(Path(base), tmp_path / "kept", seed=5)
+    files = store.put_sealed(tmp_path / "kept", "adapters/kept", ADAPTER_SEAL, {})
+    with get_sessionmaker()() as session:
+        owner = job_states.create_job(session, kind="train", model=base, base_model=base,
+                                      params=FineTuneParams(hyperparameters={}), max_attempts=1,
+                                      tenant="alice")  # fmt: skip
+        session.flush()
+        adapter = f"ft:tiny:kept:{owner.id}"
+        session.add(FineTunedModel(id=adapter, tenant="alice", job_id=owner.id, base_model=base,
+                                   path="adapters/kept", manifest={"files": files}))  # fmt: skip
+        session.commit()
+
+    def jobs() -> dict[str, str]:
+        params = good_params(PROMPTS[0], max_tokens=10)
+        return {"base": add_job(base, "bob", params), "kept": add_job(base, "bob", params, model=adapter),
+                "broken": add_job(base, "bob", good_params(PROMPTS[1], max_tokens=10))}  # fmt: skip
+
+    first = jobs()
+    loop: ContinuousLoop | None = None
+
+    def break_a_row_at_step_2(report: Any) -> None:
+        # From the next step on, peft itself refuses the row in the middle of the batched forward pass: it names
+        # an adapter that is not loaded (and so does its job, when it is decoded again).
+        if report.step == 2 and loop is not None:
+            broken = loop.jobs[first["broken"]]
+            broken.job.requests[0] = replace(broken.job.requests[0], adapter="ft_not_loaded")
+            broken.rows[0].request = broken.job.requests[0]
+
+    loop = ContinuousLoop(worker_settings, ModelHolder(worker_settings), [break_a_row_at_step_2])
+    loop.run()
+    found = rows(list(first.values()))
+    assert found[first["broken"]].status == "failed"
+    assert found[first["broken"]].error["code"] == "generation_failed"
+    assert "ft_not_loaded" in found[first["broken"]].error["message"]
+    again = jobs()  # the same jobs on a healthy worker
+    ContinuousLoop(worker_settings, ModelHolder(worker_settings), []).run()
+    found_again = rows(list(again.values()))
+    for name in ("base", "kept"):
+        assert found[first[name]].status == "succeeded"
+        assert found[first[name]].result["outputs"] == found_again[again[name]].result["outputs"]

@@ -1,0 +1,157 @@
+"""The gateway's hot paths on the event loop (gateway/front_door.py, gateway/pg.py, gateway/publish.py): the message
+it publishes is the one Celery sends, a revoked key stops within key_cache_seconds, a broker that is down loses
+no job, and the asyncpg paths answer like the SQLAlchemy ones (real Postgres and Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import delete
+
+from tests.process_settings import configure
+
+BASE = "test-base-model"
+
+
+def test_published_message_is_the_message_celery_sends(quiet_redis_url: str) -> None:
+    from gateway.publish import broker_client, publish
+    from shared.celery_app import TASKS, make_celery
+    from shared.settings import Settings
+
+    queue = redis.Redis.from_url(quiet_redis_url)
+    queue.delete("generate")
+    make_celery(Settings(broker_url=quiet_redis_url)).send_task(TASKS["generate"], args=["gen-1"], queue="generate")
+    theirs = json.loads(queue.rpop("generate") or b"")
+
+    async def ours_published() -> bool:
+        client = broker_client(quiet_redis_url)
+        assert client is not None
+        try:
+            return await publish(client, "generate", "gen-1")
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(ours_published())
+    ours = json.loads(queue.rpop("generate") or b"")
+    assert ours.keys() == theirs.keys()
+    assert json.loads(base64.b64decode(ours["body"])) == json.loads(base64.b64decode(theirs["body"]))
+    per_message = {"id", "root_id", "origin", "correlation_id", "delivery_tag", "reply_to"}
+    for part in ("headers", "properties"):
+        assert ours[part].keys() == theirs[part].keys()
+        assert {k: v for k, v in ours[part].items() if k not in per_message} == {
+            k: v for k, v in theirs[part].items() if k not in per_message
+        }
+    assert ours["headers"]["id"] == ours["headers"]["root_id"] == ours["properties"]["correlation_id"]
+    assert {k: v for k, v in ours.items() if k not in ("body", "headers", "properties")} == {
+        k: v for k, v in theirs.items() if k not in ("body", "headers", "properties")
+    }
+
+
+def test_publish_to_a_broker_that_is_down_answers_false_without_raising() -> None:
+    from gateway.publish import broker_client, publish
+
+    async def published() -> bool:
+        client = broker_client("redis://127.0.0.1:1/0")
+        try:
+            return await publish(client, "generate", "gen-1")
+        finally:
+            assert client is not None
+            await client.aclose()
+
+    assert asyncio.run(published()) is False
+
+
+@pytest.fixture
+def client(
+    postgres_url: str, quiet_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[TestClient]:
+    configure(
+        monkeypatch,
+        database_url=postgres_url,
+        broker_url=quiet_redis_url,
+        base_model=BASE,
+        data_dir=str(tmp_path),
+        require_api_keys="true",
+        key_cache_seconds="0.5",
+        max_active_jobs_per_tenant="3",
+    )
+    from gateway.app import create_app
+    from shared.db import get_sessionmaker
+    from shared.models import ApiKey, Job
+
+    with get_sessionmaker()() as session:
+        for table in (Job, ApiKey):
+            session.execute(delete(table))
+        session.commit()
+    redis.Redis.from_url(quiet_redis_url).delete("generate")
+    with TestClient(create_app()) as test_client:
+        assert test_client.app.state.front_door.pg is not None  # type: ignore[attr-defined]
+        yield test_client
+
+
+def _key(tenant: str) -> tuple[str, dict[str, str]]:
+    from shared.api_keys import create_key
+    from shared.db import get_sessionmaker
+
+    with get_sessionmaker()() as session:
+        key = create_key(session, tenant, "test")
+    return key.key_id, {"Authorization": f"Bearer {key.token}"}
+
+
+def test_a_revoked_key_stops_working_within_key_cache_seconds(client: TestClient) -> None:
+    from shared.api_keys import revoke_key
+    from shared.db import get_sessionmaker
+
+    key_id, headers = _key("acme")
+    assert client.get("/v1/jobs", headers=headers).status_code == 200
+    with get_sessionmaker()() as session:
+        assert revoke_key(session, key_id)
+    time.sleep(0.6)
+    assert client.get("/v1/jobs", headers=headers).status_code == 401
+
+
+def test_submit_and_poll_on_the_asyncpg_path_write_and_read_the_row_and_publish_its_id(
+    client: TestClient, quiet_redis_url: str
+) -> None:
+    from shared.db import get_sessionmaker
+    from shared.models import Job
+
+    _, headers = _key("acme")
+    submitted = client.post("/v1/generations", json={"prompt": "hello\u2028", "max_tokens": 2}, headers=headers)
+    assert submitted.status_code == 202, submitted.text
+    job_id = submitted.json()["id"]
+    with get_sessionmaker()() as session:
+        row = session.get(Job, job_id)
+        assert row is not None
+        assert (row.tenant, row.status, row.params["prompts"], row.base_model) == (
+            "acme",
+            "queued",
+            ["hello\u2028"],
+            BASE,
+        )
+    message = json.loads(redis.Redis.from_url(quiet_redis_url).rpop("generate") or b"")
+    assert json.loads(base64.b64decode(message["body"]))[0] == [job_id]
+    polled = client.get(f"/v1/generations/{job_id}", headers=headers)
+    assert polled.status_code == 200
+    assert {k: v for k, v in polled.json().items() if k != "queue_seconds"} == {
+        k: v for k, v in submitted.json().items() if k != "queue_seconds"
+    }
+    _, other = _key("other")
+    assert client.get(f"/v1/generations/{job_id}", headers=other).status_code == 404
+
+
+def test_quota_on_the_asyncpg_path_refuses_the_submit_past_it(client: TestClient) -> None:
+    _, headers = _key("acme")
+    answers = [
+        client.post("/v1/generations", json={"prompt": "hi", "max_tokens": 1}, headers=headers).status_code
+        for _ in range(4)
+    ]
+    assert answers == [202, 202, 202, 429]

@@ -1,0 +1,259 @@
+"""Models in and out through the official openai SDK, against real processes (gateway, train and generate
+workers) on their own Postgres database and Redis db: result files, checkpoints served as models, pause and
+resume, deleting a model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import secrets
+import tarfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import psycopg
+import pytest
+import redis
+
+from tests.servers import TEST_DATABASE_URL, admin_dsn, redis_db
+from tests.systems import System, start_system
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SAMPLE = Path(__file__).resolve().parent.parent / "worker" / "data" / "alpaca_sample.jsonl"
+# How long a tiny fine-tune may take to end (a machine shared with other test runs may need more).
+FINISH_SECONDS = float(os.environ.get("LLMQ_TEST_FINISH_SECONDS", "280"))
+FAST = {"batch_size": 8, "learning_rate": 2e-3, "max_seq_len": 128, "lora_dropout": 0.0, "lora_r": 4}
+
+
+@pytest.fixture(scope="module")
+def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """Gateway + train and generate workers on a database and Redis db of their own (no other system's
+    workers claim these jobs), serving the tiny GPT-2."""
+    from shared.migrate import upgrade
+
+    name = f"llmq_models_io_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    database_url = f"{TEST_DATABASE_URL.rpartition('/')[0]}/{name}"
+    upgrade(database_url)
+    broker_url = redis_db(11)
+    redis.Redis.from_url(broker_url).flushdb()
+    data = tmp_path_factory.mktemp("models-io")
+    env = {
+        "LLMQ_DATABASE_URL": database_url,
+        "LLMQ_BROKER_URL": broker_url,
+        "LLMQ_DATA_DIR": str(data),
+        "LLMQ_BASE_MODEL": str(tiny_model),
+        "HF_HUB_OFFLINE": "1",
+    }
+    started = start_system(env, data / "logs", queues=("generate", "train"))
+    yield started
+    started.children.stop_all()
+    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def sdk(system: System) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{system.base_url}/v1", api_key="unused", max_retries=0)
+
+
+def until(check: Callable[[], Any], timeout: float, what: str, system: System) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        system.children.check_alive()
+        if value := check():
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout} s")
+
+
+def fine_tune(client: openai.OpenAI, system: System, **hyper: Any) -> str:
+    uploaded = client.files.create(file=SAMPLE.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=system.env["LLMQ_BASE_MODEL"],
+        training_file=uploaded.id,
+        suffix="io",
+        seed=3,
+        method={"type": "supervised", "supervised": {"hyperparameters": {**FAST, **hyper}}},  # type: ignore[typeddict-unknown-key]
+    )
+    return job.id
+
+
+def finished(client: openai.OpenAI, system: System, job_id: str, timeout: float = FINISH_SECONDS) -> Any:
+    def done() -> Any:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        return job if job.status in ("succeeded", "failed", "cancelled", "paused") else None
+
+    return until(done, timeout, f"fine-tune {job_id} finished", system)
+
+
+def complete(client: openai.OpenAI, model: str) -> str:
+    return client.completions.create(model=model, prompt="Give three tips", max_tokens=6, temperature=0).choices[0].text
+
+
+@pytest.fixture(scope="module")
+def trained(system: System) -> Any:
+    """A succeeded 6-step fine-tune with checkpoints at steps 3 and 6."""
+    client = sdk(system)
+    job = finished(client, system, fine_tune(client, system, max_steps=6, save_every_steps=3))
+    assert job.status == "succeeded", job.error
+    return job
+
+
+def test_result_files_are_the_tenants_files_streamed_by_files_content(system: System, trained: Any) -> None:
+    client = sdk(system)
+    model = trained.fine_tuned_model
+    assert model == f"ft:{Path(system.env['LLMQ_BASE_MODEL']).name}:io:{trained.id}"
+    archive_id, metrics_id = trained.result_files
+    assert client.files.retrieve(archive_id).purpose == "fine-tune-results"
+    assert {archive_id, metrics_id} <= {f.id for f in client.files.list().data}
+    with tarfile.open(fileobj=io.BytesIO(client.files.content(archive_id).read())) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+        assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= set(tar.getnames())
+    assert manifest["fine_tuned_model"] == model and manifest["lineage"] == [system.env["LLMQ_BASE_MODEL"]]
+    rows = list(csv.DictReader(io.StringIO(client.files.content(metrics_id).text)))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(float(r["train_loss"]) > 0 and float(r["learning_rate"]) >= 0 and int(r["tokens"]) for r in rows)
+
+
+def test_checkpoints_serve_as_models_in_completions_and_generations(system: System, trained: Any) -> None:
+    client, model = sdk(system), trained.fine_tuned_model
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(trained.id).data
+    assert [c.step_number for c in checkpoints] == [6, 3]
+    ids = [c.fine_tuned_model_checkpoint for c in checkpoints]
+    assert ids == [f"{model}:ckpt-step-6", f"{model}:ckpt-step-3"]
+    assert client.models.retrieve(ids[1]).id == ids[1]
+    assert ids[1] not in [m.id for m in client.models.list().data]  # served, not listed
+    assert complete(client, ids[0]) == complete(client, model)  # the last checkpoint holds the published weights
+    complete(client, ids[1])
+    ask = {"prompt": "Hi", "model": ids[1], "max_tokens": 3}
+    generation = httpx.post(f"{system.base_url}/v1/generations", json=ask).json()
+    done = httpx.get(f"{system.base_url}/v1/generations/{generation['id']}", params={"wait": 60}).json()
+    assert done["status"] == "succeeded", done
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=f"{model}:ckpt-step-4", prompt="x", max_tokens=2)
+
+
+def test_continued_fine_tune_starts_from_a_checkpoint_and_records_the_chain(system: System, trained: Any) -> None:
+    client = sdk(system)
+    start = f"{trained.fine_tuned_model}:ckpt-step-3"
+    uploaded = client.files.create(file=SAMPLE.open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        model=start, training_file=uploaded.id, suffix="more",
+        method={"type": "supervised", "supervised": {"hyperparameters": {**FAST, "max_steps": 2}}},  # type: ignore[typeddict-unknown-key]
+    )  # fmt: skip
+    assert job.model == start
+    done = finished(client, system, job.id)
+    assert done.status == "succeeded", done.error
+    assert client.models.retrieve(done.fine_tuned_model).parent == start
+    with tarfile.open(fileobj=io.BytesIO(client.files.content(done.result_files[0]).read())) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert manifest["parent_model"] == start
+    assert manifest["lineage"] == [start, system.env["LLMQ_BASE_MODEL"]]
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100).data]
+    assert f"Continuing from {start}." in messages
+    with pytest.raises(openai.NotFoundError):
+        client.fine_tuning.jobs.create(model=f"{trained.fine_tuned_model}:ckpt-step-5", training_file=uploaded.id)
+
+
+def test_deleting_a_model_unlists_and_unserves_it_and_keeps_its_history(system: System, trained: Any) -> None:
+    client, model = sdk(system), trained.fine_tuned_model
+    queued = queue_generation_without_message(system, model)
+    deleted = client.models.delete(model)
+    assert deleted.deleted and deleted.id == model
+    assert model not in [m.id for m in client.models.list().data]
+    with pytest.raises(openai.NotFoundError):
+        complete(client, model)
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(model)
+    with pytest.raises(openai.NotFoundError):
+        client.models.delete(system.env["LLMQ_BASE_MODEL"])
+    # A job queued before the delete fails with a clear code once a worker takes it.
+    send_message(system, queued)
+    failed = httpx.get(f"{system.base_url}/v1/generations/{queued}", params={"wait": 60}).json()
+    assert failed["status"] == "failed" and failed["error"]["code"] == "model_deleted", failed
+    # The job, its checkpoints (still served) and its result files stay.
+    assert client.fine_tuning.jobs.retrieve(trained.id).fine_tuned_model == model
+    complete(client, f"{model}:ckpt-step-3")
+    assert client.files.content(trained.result_files[1]).text
+
+
+def queue_generation_without_message(system: System, model: str) -> str:
+    """A generation job queued for model, its message not yet sent (as if it waited behind others)."""
+    from shared import job_states
+    from shared.job_data import GenerationParams
+    from shared.models import Job
+
+    with connected(system) as session:
+        job: Job = job_states.create_job(
+            session, kind="generate", model=model, base_model=system.env["LLMQ_BASE_MODEL"],
+            params=GenerationParams(prompts=["Hi"], max_tokens=2), max_attempts=3,
+        )  # fmt: skip
+        session.commit()
+        return job.id
+
+
+def send_message(system: System, job_id: str) -> None:
+    from shared.celery_app import enqueue
+
+    with connected(system):
+        enqueue("generate", job_id)
+
+
+@contextmanager
+def connected(system: System) -> Iterator[Any]:
+    """A session on the system's database, this process's settings pointed at its database and broker."""
+    from shared.db import get_sessionmaker
+    from tests.process_settings import reset_caches
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in system.env.items():
+            if key.startswith("LLMQ_"):
+                mp.setenv(key, value)
+        reset_caches()
+        try:
+            with get_sessionmaker()() as session:
+                yield session
+        finally:
+            mp.undo()
+            reset_caches()
+
+
+def test_pause_frees_the_worker_and_resume_continues_from_the_checkpoint(system: System) -> None:
+    client = sdk(system)
+    job_id = fine_tune(client, system, max_steps=20, save_every_steps=1000)
+    until(lambda: client.fine_tuning.jobs.retrieve(job_id).status == "running", 120, "running", system)
+    assert client.fine_tuning.jobs.pause(job_id).status in ("running", "paused")
+    paused = finished(client, system, job_id)
+    assert paused.status == "paused", paused.error
+    (checkpoint,) = client.fine_tuning.jobs.checkpoints.list(job_id).data
+    assert 0 < checkpoint.step_number < 20
+    # The paused checkpoint serves as a model meanwhile; the train worker is free for another fine-tune.
+    complete(client, checkpoint.fine_tuned_model_checkpoint)
+    other = fine_tune(client, system, max_steps=2)
+    assert finished(client, system, other).status == "succeeded"
+
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.pause(job_id)  # already paused
+    assert client.fine_tuning.jobs.resume(job_id).status == "queued"
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.resume(job_id)  # queued or running, not paused
+    done = finished(client, system, job_id)
+    assert done.status == "succeeded", done.error
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=100).data]
+    assert f"Resuming from the checkpoint at step {checkpoint.step_number}." in messages
+    assert f"Fine-tuning paused at step {checkpoint.step_number}." in messages
+    rows = list(csv.DictReader(io.StringIO(client.files.content(done.result_files[1]).text)))
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))  # every step once, across both attempts
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.pause(job_id)  # finished
+    with pytest.raises(openai.ConflictError):
+        client.fine_tuning.jobs.resume(job_id)

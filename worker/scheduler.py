@@ -1,0 +1,284 @@
+"""The generate worker's continuous loop: claims waiting jobs between decoding steps, lets their rows join the
+running batch (worker.continuous), and writes each job back, and tells its waiters, the moment its last row ends.
+
+One iteration of the loop:
+  (at most every batch_poll_seconds) claim jobs while the batch has room, prepare them (adapters, prompts),
+  prefill their rows into the batch, and drop the rows of jobs cancelled since the last look
+  -> one decoding step -> stream deltas -> write back the jobs whose rows all ended -> the step hooks.
+The loop ends when no job is in flight and none is waiting; the Celery message that started it is then done.
+
+What holds for a static batch holds here. Each claim's lease is renewed from its claim to its write-back.
+A job that ran before (its worker died with it) runs without neighbours: it is claimed only by an empty
+batch, and nothing joins it. One job's failure stays its own: a job that cannot be prepared fails at once;
+if the prefill of newcomers or a decoding step raises, the jobs it touched are decoded again from scratch by
+serving.decode_isolating, which narrows the failure down to the jobs that cause it (every row keeps its seed,
+so the others draw the same tokens, and text already streamed is not streamed again).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from shared import job_states
+from shared.db import get_sessionmaker
+from shared.job_states import Claim, Outcome
+from shared.notify import publish_finished, publish_stream_end
+from shared.settings import Settings
+from worker.continuous import Row, RunningBatch, new_row
+from worker.identity import worker_id
+from worker.leases import lease_keeper
+from worker.model_loading import LoadedModel
+from worker.serving import (
+    Decoded,
+    ModelHolder,
+    PreparedJob,
+    _budget,
+    _fault_injection,
+    _params,
+    _write_back,
+    decode_isolating,
+    outcome_of,
+    prepare_jobs,
+)
+from worker.streaming import DeltaPublisher, StreamRow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one iteration of the loop did; what a step hook sees."""
+
+    step: int  # iterations so far in this loop, from 1
+    rows: int  # rows decoded together in this step
+    in_flight: tuple[str, ...]  # jobs with rows still decoding after the step
+    joined: tuple[str, ...]  # jobs whose rows joined (and got their first token) in this iteration
+    finished: tuple[str, ...]  # jobs written back, or cancelled, in this iteration
+    seconds: float  # wall time of the iteration
+
+
+StepHook = Callable[[StepReport], None]
+
+# Hooks every loop of this process calls after each iteration (metrics: batch size, time to first token).
+step_hooks: list[StepHook] = []
+
+# Set to drain: the loop stops claiming jobs, finishes the rows in flight and returns (warm shutdown).
+stop_claiming = threading.Event()
+
+
+@dataclass
+class InFlight:
+    """A claimed job whose rows are in the running batch."""
+
+    claim: Claim
+    job: PreparedJob
+    rows: list[Row]
+    batch_size: int = 0  # most rows decoded together while it ran (its result reports it)
+    streams: dict[int, StreamRow] = field(default_factory=dict)  # output index -> where its text streams
+
+
+def serve_continuously(settings: Settings, models: ModelHolder, hooks: Sequence[StepHook] | None = None) -> list[str]:
+    """Serves waiting generation jobs until none is in flight or waiting; the ids of the jobs it ended."""
+    return ContinuousLoop(settings, models, step_hooks if hooks is None else hooks).run()
+
+
+class ContinuousLoop:
+    """One run of the loop: its running batch, its jobs in flight and what it has streamed."""
+
+    def __init__(self, settings: Settings, models: ModelHolder, hooks: Sequence[StepHook]) -> None:
+        self.settings = settings
+        self.models = models
+        self.hooks = hooks
+        self.keeper = lease_keeper(settings.lease_seconds)
+        self.loaded: LoadedModel | None = None
+        self.batch: RunningBatch | None = None
+        self.jobs: dict[str, InFlight] = {}
+        self.sent: dict[tuple[str, int], str] = {}  # text streamed so far, per (job, output)
+        self.served: list[str] = []
+        self.polled = -float("inf")  # when the loop last looked for waiting jobs and cancels (perf_counter)
+
+    def run(self) -> list[str]:
+        with get_sessionmaker()() as session:
+            try:
+                step = 0
+                while True:
+                    started = time.perf_counter()
+                    # A database round trip per step costs more than a small model's step: with rows in flight,
+                    # the loop looks for newcomers and cancels at most every batch_poll_seconds.
+                    poll = not self.jobs or started - self.polled >= self.settings.batch_poll_seconds
+                    claimed, joined = self._claim_and_join(session) if poll else (False, [])
+                    if not self.jobs and not claimed:
+                        break
+                    cancelled = self._cancel_requested(session) if poll else []
+                    self.polled = started if poll else self.polled
+                    rows = self._step(session)
+                    finished = cancelled + self._end_finished(session)
+                    step += 1
+                    self._after_step(StepReport(step, rows, tuple(self.jobs), tuple(joined), tuple(finished),
+                                                time.perf_counter() - started))  # fmt: skip
+            finally:
+                # Jobs still in flight (the loop was interrupted) are left to their leases: the reaper requeues them.
+                self.keeper.release([j.claim for j in self.jobs.values()])
+        return self.served
+
+    def _after_step(self, report: StepReport) -> None:
+        for hook in self.hooks:
+            try:
+                hook(report)
+            except Exception:
+                log.exception("a step hook failed; the loop goes on")
+
+    # Joining: claim, prepare, prefill.
+
+    def _claim_and_join(self, session: Session) -> tuple[bool, list[str]]:
+        """Claims what fits the batch's room and lets it join; (whether it claimed any, the jobs that joined)."""
+        claims = self._claim(session)
+        if not claims:
+            return False, []
+        log.info("claimed %d jobs: %s", len(claims), " ".join(f"{c.job_id}@{c.attempt}" for c in claims))
+        _fault_injection(claims)
+        self.keeper.hold(claims)
+        keep = [j.claim for j in self.jobs.values()]
+        loaded, runnable, outcomes = prepare_jobs(session, claims, self.settings, self.models, keep)
+        refused = [(c, o) for c, o in zip(claims, outcomes, strict=True) if o is not None]
+        self._write(session, refused)
+        if loaded is None or not runnable:
+            return True, []
+        self.loaded = loaded
+        if self.batch is None or self.batch.loaded is not loaded:
+            self.batch = RunningBatch(loaded)
+        joining = [self._in_flight(claims[job.index], job) for job in runnable]
+        try:
+            self.batch.admit([row for j in joining for row in j.rows])
+        except Exception as exc:
+            log.warning("prefill of %d joining jobs failed (%s); decoding them apart", len(joining), exc)
+            self._decode_apart(session, joining)
+            return True, []
+        self.jobs.update({j.claim.job_id: j for j in joining})
+        self._stream()  # their first tokens, without waiting for the next step
+        together = len(self.batch) + sum(r.done for j in joining for r in j.rows)
+        for j in self.jobs.values():
+            j.batch_size = max(j.batch_size, together)
+        return True, [j.claim.job_id for j in joining]
+
+    def _claim(self, session: Session) -> list[Claim]:
+        if stop_claiming.is_set() or any(j.claim.attempt > 1 for j in self.jobs.values()):
+            return []  # draining, or a job that ran before runs without neighbours
+        s = self.settings
+        rows = self.batch.rows if self.batch is not None else []
+        room = s.max_batch_size - len(rows)
+        tokens = s.max_batch_tokens - sum(len(r.prompt_ids) + r.request.params.max_new_tokens for r in rows)
+        if room <= 0 or tokens <= 0:
+            return []
+        return job_states.claim_batch(
+            session,
+            kind="generate",
+            base_model=s.base_model,
+            worker=worker_id(),
+            lease_seconds=s.lease_seconds,
+            limit=room,
+            pick=_budget(s, room, tokens),
+            fresh_only=bool(self.jobs),
+        )
+
+    def _in_flight(self, claim: Claim, job: PreparedJob) -> InFlight:
+        assert self.loaded is not None
+        rows = [new_row(self.loaded, (job.job_id, k), r) for k, r in enumerate(job.requests)]
+        streams = {k: s for k, s in enumerate(job.streams) if s is not None}
+        return InFlight(claim, job, rows, streams=streams)
+
+    # Decoding and streaming.
+
+    def _step(self, session: Session) -> int:
+        """One decoding step of every running row; how many rows it decoded."""
+        batch = self.batch
+        if batch is None or not len(batch):
+            self._stream()
+            return 0
+        rows = len(batch)
+        try:
+            batch.step()
+        except Exception as exc:
+            jobs = [j for j in self.jobs.values() if any(not r.done for r in j.rows)]
+            log.warning("decoding step of %d jobs failed (%s); decoding them again apart", len(jobs), exc)
+            batch.clear()
+            for j in jobs:
+                del self.jobs[j.claim.job_id]
+            self._decode_apart(session, jobs)
+        self._stream()
+        return rows
+
+    def _stream(self) -> None:
+        """Publishes the new text of every streaming job in flight."""
+        streaming = [j for j in self.jobs.values() if j.streams]
+        if not streaming or self.loaded is None:
+            return
+        rows = [j.streams[k] for j in streaming for k in sorted(j.streams)]
+        generated = [j.rows[k].generated for j in streaming for k in sorted(j.streams)]
+        publisher = DeltaPublisher(self.loaded, rows, self.sent)
+        publisher(generated)
+        for row, now in zip(rows, publisher.rows, strict=True):
+            if now is None:  # its publishing failed: the job stops streaming, its client gets the final result
+                self.jobs[row.job_id].streams.pop(row.output_index, None)
+
+    def _decode_apart(self, session: Session, jobs: Sequence[InFlight]) -> None:
+        """Decodes these jobs from scratch, isolating whichever fails, and writes every outcome."""
+        assert self.loaded is not None
+        decoded = decode_isolating(self.loaded, [j.job for j in jobs], self.settings.max_batch_size, self.sent)
+        self._write(session, [(j.claim, outcome_of(j.job, d)) for j, d in zip(jobs, decoded, strict=True)])
+
+    # Leaving: done, cancelled.
+
+    def _end_finished(self, session: Session) -> list[str]:
+        """Writes back every job whose rows have all ended; their ids."""
+        if self.batch is None:
+            return []
+        ended = {row.key[0] for row in self.batch.take_finished()}  # type: ignore[index]
+        done = [self.jobs.pop(i) for i in ended if i in self.jobs and all(r.done for r in self.jobs[i].rows)]
+        if not done:
+            return []
+        assert self.loaded is not None
+        loaded = self.loaded
+        decoded: list[Decoded] = [([r.generation(loaded) for r in j.rows], j.batch_size) for j in done]
+        self._write(session, [(j.claim, outcome_of(j.job, d)) for j, d in zip(done, decoded, strict=True)])
+        return [j.claim.job_id for j in done]
+
+    def _cancel_requested(self, session: Session) -> list[str]:
+        """Drops the rows of jobs cancelled (or taken over) since the last step, before the next one; their ids."""
+        gone = job_states.cancels_requested(session, [j.claim for j in self.jobs.values()])
+        if not gone:
+            return []
+        if self.batch is not None:
+            self.batch.remove(lambda row: row.key[0] in gone)
+        leaving = [self.jobs.pop(i) for i in gone]
+        for j in leaving:
+            if job_states.finish_cancelled(session, j.claim):
+                log.info("wrote %s@%d:cancelled", j.claim.job_id, j.claim.attempt)
+            else:
+                log.warning("%s@%d dropped: the claim is no longer current", j.claim.job_id, j.claim.attempt)
+        self._notify([j.claim for j in leaving])
+        return sorted(gone)
+
+    def _write(self, session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) -> None:
+        """Writes these outcomes (one transaction) and tells the jobs' waiters."""
+        if not outcomes:
+            return
+        claims = [c for c, _ in outcomes]
+        _write_back(session, claims, [o for _, o in outcomes])
+        self._notify(claims)
+
+    def _notify(self, claims: Sequence[Claim]) -> None:
+        self.keeper.release(claims)
+        ids = [c.job_id for c in claims]
+        publish_finished(ids)
+        for claim in claims:
+            params = _params(claim.job)
+            if params is not None and params.stream:
+                publish_stream_end(claim.job_id)
+        self.served += ids
