@@ -315,14 +315,26 @@ def families(text: str) -> dict[str, Any]:
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
+def answered(url: str, timeout: float = 180) -> httpx.Response:
+    """GET url once it answers (connection refused until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=10)
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.mark.e2e
 def test_live_counters_count_requests_jobs_tokens_and_time_to_first_token_and_only_go_up(
     production_system: System,
 ) -> None:
     base = production_system.base_url
     worker = f"http://127.0.0.1:{production_system.env['LLMQ_WORKER_METRICS_PORT']}/metrics"
+    before_worker = scrape(answered(worker).text)  # the worker may still be starting (its port opens when ready)
     before_gateway = scrape(httpx.get(f"{base}/metrics", timeout=10).text)
-    before_worker = scrape(httpx.get(worker, timeout=10).text)
 
     body = {"prompts": ["Counted"], "max_tokens": 4, "temperature": 0}
     job = httpx.post(f"{base}/v1/generations", json=body, timeout=10).json()
