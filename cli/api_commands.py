@@ -184,7 +184,9 @@ def status(ctx: typer.Context, job_id: JobIdArgument, as_json: JsonOption = Fals
     if as_json:
         print_json(job)
     elif isinstance(job, GenerationJob):
-        print_lines(views.generation_lines(job))
+        queue = connect(ctx).get_job(job_id).queue if job.status == "queued" else None
+        queued = [f"queue     {views.queue_text(queue, 'generate')}"] if queue is not None else []
+        print_lines(views.generation_lines(job) + queued)
     else:
         print_lines(views.fine_tune_lines(job))
     if job.status in ("failed", "cancelled"):

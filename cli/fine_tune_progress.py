@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-from cli.views import duration, event_line
+from cli.views import duration, event_line, queue_text
 from client import LlmqClient
 from shared.schemas import FineTuningEvent, FineTuningJob
 
@@ -55,7 +55,12 @@ def follow_fine_tune(client: LlmqClient, job_id: str, console: Console, poll_int
     )
     with progress:
         task = progress.add_task(job_id, total=None, loss="-", speed="- tok/s", eta="-")
+        queue = client.get_fine_tuning_job(job_id).queue
+        if queue is not None:  # while queued no event comes: say where it stands, and whether anything will run it
+            progress.update(task, description=f"{job_id} queued #{queue.position}")
+            progress.console.print(f"queued: {queue_text(queue, 'train')}", markup=False, highlight=False)
         for event in client.follow_events(job_id, poll_interval=poll_interval):
+            progress.update(task, description=job_id)
             fields = progress_fields(event.data)
             if fields:
                 progress.update(task, **fields)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import time
@@ -90,7 +91,14 @@ def serve(
     settings = get_settings()
     host = host or settings.api_host
     _refuse_open_without_keys(host, settings.require_api_keys)
-    command = gateway_command(host, port or settings.api_port, workers or settings.gateway_workers)
+    processes = workers or settings.gateway_workers
+    command = gateway_command(host, port or settings.api_port, processes)
+    if processes > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # Several processes answer /metrics in turn: they share their counters through files (shared/counters.py).
+        shared = settings.data_dir / "prometheus"
+        shutil.rmtree(shared, ignore_errors=True)
+        shared.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared)
     os.execv(command[0], command)
 
 
@@ -133,8 +141,12 @@ def up() -> None:
     try:
         children.start("gateway", gateway_command(settings.api_host, settings.api_port))
         threads = {"LLMQ_TORCH_THREADS": str(threads_per_worker(settings.torch_threads, workers=2))}
-        children.start("worker-generate", worker_command("generate"), env=threads)
-        children.start("worker-train", worker_command("train"), env=threads)
+        port = settings.worker_metrics_port or settings.api_port
+        generate_env = {**threads, "LLMQ_WORKER_METRICS_PORT": str(port + 1)}  # each worker's own /metrics
+        children.start("worker-generate", worker_command("generate"), env=generate_env)
+        children.start(
+            "worker-train", worker_command("train"), env={**threads, "LLMQ_WORKER_METRICS_PORT": str(port + 2)}
+        )
         wait_ready(base_url, children)
         console.print(f"llmq is up at {base_url} (logs in {children.log_dir}); Ctrl-C stops it")
         while True:

@@ -16,6 +16,7 @@ from shared.schemas import (
     GenerationJob,
     JobSummary,
     ModelObject,
+    QueueState,
 )
 
 
@@ -116,31 +117,77 @@ def _metric(metrics: dict[str, Any] | None, key: str) -> str | None:
     return None if value is None else str(value)
 
 
+def queue_text(queue: QueueState, kind: str) -> str:
+    """Where a queued job stands: 'position 2; no train worker is alive: ...'."""
+    if queue.worker_alive:
+        plural = "" if queue.live_workers == 1 else "s"
+        return f"position {queue.position}; {queue.live_workers} {kind} worker{plural} alive"
+    return (
+        f"position {queue.position}; no {kind} worker is alive: it waits until one starts (llmq worker --queue {kind})"
+    )
+
+
+def settings_text(job: FineTuningJob) -> str:
+    """The settings the job runs with, as the worker resolved them (max_steps, learning rate, ...)."""
+    hp = (job.method.get("supervised") or {}).get("hyperparameters") or {}
+    parts = []
+    if hp.get("max_steps") is not None:
+        parts.append(f"max_steps {hp['max_steps']}")
+    else:
+        parts.append(f"{hp.get('n_epochs', job.hyperparameters.n_epochs)} epochs")
+    parts.append(f"batch {hp.get('batch_size', job.hyperparameters.batch_size)}")
+    if isinstance(hp.get("learning_rate"), int | float):
+        parts.append(f"lr {hp['learning_rate']:g}")
+    else:
+        parts.append(f"lr x{job.hyperparameters.learning_rate_multiplier:g}")
+    for key, label in (("lora_r", "LoRA r"), ("max_seq_len", "max_seq_len")):
+        if hp.get(key) is not None:
+            parts.append(f"{label} {hp[key]}")
+    parts.append(f"seed {job.seed}")
+    return ", ".join(parts)
+
+
+def progress_parts(job: FineTuningJob) -> list[str]:
+    """Step, total and losses: live progress while it runs, the final figures once it ended.
+
+    "train loss" is the mean training loss of the steps since the previous report while running; at the end,
+    "final train loss" is that of the last report and "mean train loss" the mean over the whole run."""
+    metrics = job.metrics or {}
+    parts = []
+    if job.progress is not None:
+        parts.append(f"step {job.progress.step}/{job.progress.total_steps}")
+        if job.progress.train_loss is not None:
+            parts.append(f"train loss {job.progress.train_loss:.4f} (recent steps)")
+    else:
+        step, total = metrics.get("step", metrics.get("steps")), metrics.get("total_steps")
+        if step is not None:
+            parts.append(f"step {step}/{total if total is not None else step}")
+        for key, label in (("final_train_loss", "final train loss"), ("train_loss", "mean train loss")):
+            value = _metric(metrics, key)
+            if value is not None:
+                parts.append(f"{label} {value}")
+    value = _metric(metrics, "val_loss")
+    if value is not None:
+        parts.append(f"val loss {value}")
+    if job.trained_tokens is not None:
+        parts.append(f"{job.trained_tokens} tokens")
+    if job.estimated_finish is not None:
+        parts.append(f"ETA {local_time(job.estimated_finish)}")
+    return parts
+
+
 def fine_tune_lines(job: FineTuningJob) -> list[str]:
     """A fine-tuning job's status, data, progress, result and error."""
     lines = [f"{job.id}  train  {job.status}", f"model     {job.model}"]
+    if job.queue is not None:
+        lines.append(f"queue     {queue_text(job.queue, 'train')}")
     data = job.training_file or (f"{job.dataset['name']} (hub)" if job.dataset else "-")
     if job.validation_file:
         data += f", validation {job.validation_file}"
     lines.append(f"data      {data}")
-    hp = job.hyperparameters
-    lines.append(
-        f"settings  {hp.n_epochs} epochs, batch {hp.batch_size}, lr x{hp.learning_rate_multiplier:g}, seed {job.seed}"
-    )
+    lines.append(f"settings  {settings_text(job)}")
     lines.append(f"created   {local_time(job.created_at)}  finished {local_time(job.finished_at)}")
-    metrics = job.metrics or {}
-    step, total = metrics.get("step"), metrics.get("total_steps")
-    progress = []
-    if step is not None:
-        progress.append(f"step {step}/{total if total is not None else '?'}")
-    for key, label in (("train_loss", "loss"), ("val_loss", "val loss")):
-        value = _metric(metrics, key)
-        if value is not None:
-            progress.append(f"{label} {value}")
-    if job.trained_tokens is not None:
-        progress.append(f"{job.trained_tokens} tokens")
-    if job.estimated_finish is not None:
-        progress.append(f"ETA {local_time(job.estimated_finish)}")
+    progress = progress_parts(job)
     if progress:
         lines.append(f"progress  {', '.join(progress)}")
     if job.fine_tuned_model:

@@ -25,7 +25,9 @@ WORKDIR /app
 
 # torch alone is several GB: its own layer, kept when any other pin changes. The pin matches the
 # `worker` extra in pyproject.toml (a test holds them together).
-RUN pip install --no-cache-dir torch==2.13.0
+# The CPU override (docker-compose.cpu.yml) builds with https://download.pytorch.org/whl/cpu instead.
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+RUN pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" torch==2.13.0
 
 # The rest of the dependencies, read from pyproject.toml, before the source is copied.
 COPY pyproject.toml README.md ./

@@ -20,6 +20,7 @@ from gateway.front_door import open_front_door
 from gateway.log_context import JobLogContext
 from gateway.methods import AnswerOptions
 from gateway.params import check_params
+from gateway.request_metrics import RequestMetrics
 from gateway.routes import (
     batches,
     chat,
@@ -31,6 +32,7 @@ from gateway.routes import (
     jobs,
     metrics,
     models,
+    workers,
 )
 from gateway.ui import routes as ui
 from gateway.waiting import FinishedJobs
@@ -95,10 +97,12 @@ def create_app() -> FastAPI:
     app.add_middleware(Authenticate)  # outside BodyLimit: a request without a valid key has none of its body read
     app.add_middleware(AnswerOptions, router=app.router)
     app.add_middleware(JobLogContext)
+    app.add_middleware(RequestMetrics)  # outermost: every answer counted, 401s included
     app.include_router(health.router)
     for v1 in (generations, completions, chat, jobs, files, fine_tuning, models, batches):
         app.include_router(v1.router, dependencies=[Depends(check_params)])
     app.include_router(metrics.router)
+    app.include_router(workers.router)
     app.include_router(ui.router)
     openapi.install(app, settings)
     return app

@@ -174,11 +174,15 @@ def _tenant_of(authorization: str, address: str, settings: Settings) -> str:
     return tenant
 
 
+# Operator routes under /v1: they take the operator's token (metrics_token), not a tenant's key.
+OPERATOR_PATHS = frozenset({"/v1/workers"})
+
+
 def needs_key(scope: Scope) -> bool:
     """Whether a request must carry an API key (when keys are required): every /v1 request but OPTIONS,
-    whose answer (the methods a path allows) the public OpenAPI schema states anyway."""
+    whose answer (the methods a path allows) the public OpenAPI schema states anyway, and the operator's."""
     path: str = scope["path"]
-    return (path == "/v1" or path.startswith("/v1/")) and scope["method"] != "OPTIONS"
+    return (path == "/v1" or path.startswith("/v1/")) and scope["method"] != "OPTIONS" and path not in OPERATOR_PATHS
 
 
 class Authenticate:

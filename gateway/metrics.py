@@ -1,4 +1,5 @@
-"""Prometheus metrics of the whole service, read from the database (and the broker) at scrape time.
+"""Prometheus metrics of the whole service: the gateway's counters (shared/counters.py) and figures read from
+the database (and the broker) at scrape time.
 
 Workers may run on other machines, so nothing here counts in process memory: every scrape runs a few cheap
 queries and reports what the rows say. Any gateway gives the same job figures; scrape one of them (or take
@@ -25,13 +26,16 @@ from functools import lru_cache
 
 from prometheus_client import GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR, CollectorRegistry
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from shared import workers
 from shared.celery_app import QUEUES, waiting_messages
+from shared.counters import GATEWAY_COUNTERS, multiprocess_dir
 from shared.db import get_sessionmaker
 from shared.job_data import FineTuneResult
 from shared.models import Job, JobEvent, utcnow
@@ -336,6 +340,17 @@ def _training_families(snapshot: Snapshot) -> Iterator[Metric]:
     yield val_loss
 
 
+def _workers_family(live: dict[str, int]) -> Metric:
+    family = GaugeMetricFamily(
+        "llmq_workers_live",
+        "Workers per kind with a fresh heartbeat, not draining (0: its jobs wait).",
+        labels=["kind"],
+    )
+    for kind, count in sorted(live.items()):
+        family.add_metric([kind], count)
+    return family
+
+
 class ServiceCollector(Collector):
     """Reads fresh figures from the database and the broker on every scrape."""
 
@@ -349,6 +364,7 @@ class ServiceCollector(Collector):
         try:
             with get_sessionmaker()() as session:
                 snapshot = read_snapshot(session, settings, now)
+                live = workers.live_kinds(session, settings.worker_stale_seconds)
         except SQLAlchemyError as exc:
             log.warning("metrics: database unreadable: %s", exc)
             up.add_metric(["database"], 0)
@@ -358,6 +374,7 @@ class ServiceCollector(Collector):
                 *_job_families(snapshot, now),
                 *_window_families(snapshot, settings),
                 *_training_families(snapshot),
+                _workers_family(live),
             ]
         try:
             messages = broker_messages()
@@ -380,9 +397,16 @@ class ServiceCollector(Collector):
 
 @lru_cache
 def registry() -> CollectorRegistry:
-    """This process's registry: the service figures plus the gateway process's own (CPU, memory, GC)."""
+    """This process's registry: the service figures, the counters (this process's, or every gateway process's
+    in multiprocess mode) and the gateway process's own (CPU, memory, GC)."""
     collectors = CollectorRegistry(auto_describe=False)
     collectors.register(ServiceCollector())
+    shared_dir = multiprocess_dir()
+    if shared_dir is not None:
+        MultiProcessCollector(collectors, path=shared_dir)  # type: ignore[no-untyped-call]
+    else:
+        for counter in GATEWAY_COUNTERS:
+            collectors.register(counter)
     for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
         collectors.register(collector)
     return collectors

@@ -17,6 +17,7 @@ from gateway.front_door import FrontDoor
 from gateway.publish import publish
 from shared import job_states
 from shared.celery_app import enqueue_after_commit
+from shared.counters import JOBS_SUBMITTED
 from shared.db import get_sessionmaker
 from shared.job_data import JobKind, JobParams
 from shared.models import Job, new_id, utcnow
@@ -141,6 +142,7 @@ def submit(
             job_states.note(session, job, event)
         session.commit()
     enqueue_after_commit(kind, job.id)
+    JOBS_SUBMITTED.labels(kind).inc()
     return job
 
 
@@ -181,6 +183,7 @@ async def submit_async(
     )
     await pg.insert_job(door.pg, job, settings.max_active_jobs_per_tenant)
     await publish(door.broker, kind, job.id)
+    JOBS_SUBMITTED.labels(kind).inc()
     return job
 
 

@@ -2,7 +2,8 @@
 
     queued -> running -> succeeded | failed | cancelled
     queued -> cancelled                      (a client cancels before any worker claimed it)
-    running -> queued                        (a lease expired: the reaper hands it to the next worker)
+    running -> queued                        (a lease expired: the reaper hands it to the next worker;
+                                              or its worker drains on SIGTERM and hands it back, hand_back)
     running -> paused                        (a client asked to pause: the worker checkpoints and lets go)
     queued -> paused                         (a client pauses a fine-tune no worker claimed yet)
     paused -> queued                         (a client resumes it: any train worker continues from the checkpoint)
@@ -23,6 +24,7 @@ from typing import Literal
 from sqlalchemy import ColumnElement, case, delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
+from shared.counters import JOBS_FINISHED, QUEUE_WAIT
 from shared.job_data import ErrorCode, Figures, GenerationResult, JobError, JobParams, JobResult
 from shared.models import DEFAULT_TENANT, Checkpoint, Job, JobEvent, new_id, utcnow
 from shared.statuses import JobStatus
@@ -145,6 +147,8 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
         return []
     attempts = {row.id: row.attempt for row in claimed}
     jobs = session.scalars(select(Job).where(Job.id.in_(attempts)).execution_options(populate_existing=True)).all()
+    for job in jobs:
+        QUEUE_WAIT.labels(job.kind).observe(max((now - job.created_at).total_seconds(), 0.0))
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
 
@@ -156,7 +160,10 @@ def _guarded_finish(session: Session, claim: Claim, status: JobStatus, **values:
         .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
         .values(status=status, finished_at=now, updated_at=now, lease_expires_at=None, **values)
     )
-    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
+    changed = bool(done.rowcount == 1)  # type: ignore[attr-defined]
+    if changed:
+        JOBS_FINISHED.labels(claim.job.kind, status.value).inc()
+    return changed
 
 
 def _finish(session: Session, claim: Claim, status: JobStatus, *, add: Sequence[object] = (), **values: object) -> bool:
@@ -207,23 +214,43 @@ def finish_cancelled(session: Session, claim: Claim, result: JobResult | None = 
     return _finish(session, claim, JobStatus.CANCELLED, result=stored(result) if result is not None else None)
 
 
+def hand_back(session: Session, claim: Claim) -> bool:
+    """A stopping worker gives its running job back to the queue at once (no lease to wait out), and commits.
+
+    The attempt it ran is not counted against max_attempts: a drain is not a failure. False when the claim is
+    no longer current. The caller sends the job's message again.
+    """
+    now = utcnow()
+    done = session.execute(
+        update(Job)
+        .where(Job.id == claim.job_id, Job.attempt == claim.attempt, Job.status == JobStatus.RUNNING)
+        .values(status=JobStatus.QUEUED, lease_expires_at=None, published_at=now, updated_at=now,
+                max_attempts=Job.max_attempts + 1)
+    )  # fmt: skip
+    session.commit()
+    return bool(done.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def cancel(session: Session, job_id: str) -> Job | None:
     """Cancels a job for a client and commits: a queued or paused job at once, a running one at its next step.
 
     Returns the job as it stands afterwards, or None when there is no such job.
     """
     now = utcnow()
-    session.execute(
+    cancelled = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status.in_([JobStatus.QUEUED, JobStatus.PAUSED]))
         .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, cancel_requested=True)
-    )
+        .returning(Job.kind)
+    ).scalar_one_or_none()
     session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
         .values(cancel_requested=True, updated_at=now)
     )
     session.commit()
+    if cancelled is not None:
+        JOBS_FINISHED.labels(cancelled, JobStatus.CANCELLED.value).inc()
     return session.get(Job, job_id, populate_existing=True)
 
 

@@ -200,3 +200,19 @@ class Batch(Base):
     expires_at: Mapped[datetime] = mapped_column()
 
     __table_args__ = (Index("ix_batches_tenant_created", "tenant", "created_at"),)
+
+
+class Worker(Base):
+    """A worker process, as it last reported itself (shared/workers.py): live while its heartbeat is fresh."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # host:pid, as jobs' `worker` column names it
+    kind: Mapped[str] = mapped_column(String(16))  # "generate" | "train": the queue it consumes
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(512))  # the base model it serves or trains on
+    current_jobs: Mapped[dict[str, Any]] = mapped_column(StoredJSON)  # {"ids": [...]}: jobs it runs now
+    draining: Mapped[bool] = mapped_column(default=False)  # stopping: claims nothing new
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -119,6 +119,14 @@ class GenerationJob(BaseModel):
     error: JobError | None
 
 
+class QueueState(BaseModel):
+    """Where a queued job stands: its place in its queue and whether any worker of its kind is alive to run it."""
+
+    position: int = Field(description="1: the next job of its kind (and base model) to be claimed.")
+    live_workers: int = Field(description="Workers of the job's kind whose heartbeat is fresh and not draining.")
+    worker_alive: bool = Field(description="False: no worker of this kind is running; the job waits until one starts.")
+
+
 class JobSummary(BaseModel):
     id: str
     kind: JobKind
@@ -129,6 +137,7 @@ class JobSummary(BaseModel):
     finished_at: datetime | None
     attempt: int
     error: JobError | None
+    queue: QueueState | None = Field(None, description="While queued (GET of one job): position and worker liveness.")
 
 
 class JobList(BaseModel):
@@ -137,8 +146,28 @@ class JobList(BaseModel):
     has_more: bool
 
 
+class WorkerObject(BaseModel):
+    id: str = Field(description="host:pid, as a running job's worker.")
+    object: Literal["worker"] = "worker"
+    kind: JobKind
+    host: str
+    pid: int
+    model: str = Field(description="The base model it serves or trains on.")
+    current_jobs: list[str]
+    draining: bool = Field(description="Stopping (SIGTERM): it finishes or hands back what it runs, claims nothing.")
+    live: bool = Field(description="Its last heartbeat is younger than worker_stale_seconds.")
+    started_at: datetime
+    heartbeat_at: datetime
+    heartbeat_age_seconds: float
+
+
+class WorkerList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[WorkerObject]
+
+
 class Readiness(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str]
 
 
@@ -270,6 +299,9 @@ class FineTuningJob(BaseModel):
     metrics: Figures | None = Field(description="llmq extension: losses and throughput so far.")
     progress: FineTuningJobProgress | None = Field(
         default=None, description="llmq extension: the current step and training loss while the job runs; else null."
+    )
+    queue: QueueState | None = Field(
+        default=None, description="llmq extension: while queued, its queue position and whether a train worker lives."
     )
 
 

@@ -146,6 +146,18 @@ class Settings(BaseSettings):
         description="How long a claimed job stays a worker's without a heartbeat before it is handed on; "
         "workers renew it every third of this.",
     )
+    worker_heartbeat_seconds: float = Field(
+        5.0, gt=0, description="How often a worker process records that it is alive (GET /v1/workers, /readyz)."
+    )
+    worker_stale_seconds: float = Field(
+        20.0, gt=0, description="A worker whose last heartbeat is older than this counts as gone."
+    )
+    drain_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="After SIGTERM a train worker checkpoints at its current step, hands the job back and exits; "
+        "a generate worker finishes its batch. It exits within this (compose's stop_grace_period is above it).",
+    )
     reaper_interval_seconds: float = Field(
         5.0, gt=0, description="How often the reaper looks for expired leases and lost messages."
     )
@@ -206,6 +218,15 @@ class Settings(BaseSettings):
         "jobs of every tenant). Unset: open while API keys are not required (one tenant, localhost), closed (401) "
         "while they are.",
     )
+
+    worker_metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port a worker process serves its own GET /metrics on (tokens, time to first token, batch "
+        "sizes, adapter loads, training steps); 0: not served. `llmq up` gives its workers api_port+1 and +2.",
+    )
+    worker_metrics_host: str = Field("127.0.0.1", description="Address a worker's /metrics binds (0.0.0.0 in compose).")
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")

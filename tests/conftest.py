@@ -101,6 +101,7 @@ def production_system(
         "LLMQ_DATA_DIR": str(data),
         "LLMQ_BASE_MODEL": str(tiny_model),
         "HF_HUB_OFFLINE": "1",
+        "LLMQ_WORKER_METRICS_PORT": str(free_port()),  # the generate worker's own /metrics
     }
     system = start_system(env, data / "logs")
     yield system

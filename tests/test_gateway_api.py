@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -138,7 +139,44 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "broker": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "workers": ready.json()["checks"]["workers"]}
+
+
+def test_readiness_is_degraded_naming_each_kind_without_a_live_worker(client: TestClient) -> None:
+    from shared import workers
+    from shared.db import get_sessionmaker
+    from shared.models import Worker
+
+    def beat(worker_id: str, kind: str) -> None:
+        with get_sessionmaker()() as session:
+            workers.heartbeat(session, workers.Beat(worker_id, kind, "host", 1, "m", ["gen-1"]))
+
+    def ready() -> Any:
+        # Only this test's rows: a real worker of another test on this database is left out (it beats every 5 s).
+        with get_sessionmaker()() as session:
+            session.query(Worker).filter(Worker.host != "host").delete()
+            session.commit()
+        return client.get("/readyz")
+
+    with get_sessionmaker()() as session:
+        session.query(Worker).delete()
+        session.commit()
+    none = ready()
+    assert none.status_code == 200  # the gateway still takes jobs; they wait
+    assert none.json()["status"] == "degraded"
+    assert none.json()["checks"]["workers"] == "degraded: no live generate or train worker"
+    beat("host:1", "generate")
+    one = ready().json()
+    assert one["status"] == "degraded" and one["checks"]["workers"] == "degraded: no live train worker"
+    beat("host:2", "train")
+    assert ready().json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok", "workers": "ok"}}
+    listed = [w for w in client.get("/v1/workers").json()["data"] if w["host"] == "host"]
+    assert [(w["id"], w["kind"], w["live"], w["current_jobs"]) for w in listed] == [
+        ("host:1", "generate", True, ["gen-1"]), ("host:2", "train", True, ["gen-1"])
+    ]  # fmt: skip
+    with get_sessionmaker()() as session:  # a worker that stopped beating goes stale
+        workers.deregister(session, "host:2")
+    assert ready().json()["status"] == "degraded"
 
 
 def test_readiness_names_the_broker_when_it_is_unreachable(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -308,3 +308,113 @@ def test_generate_worker_records_its_batch_size_and_metrics_see_the_work(
     assert value(samples, "llmq_batch_size_gcount") >= 1
     assert value(samples, "llmq_model_requests", model=done["model"], status="succeeded") >= 1
     assert value(samples, "process_resident_memory_bytes") > 0
+
+
+def families(text: str) -> dict[str, Any]:
+    """The families of a scrape by name, parsed by prometheus_client's own parser."""
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def answered(url: str, timeout: float = 180) -> httpx.Response:
+    """GET url once it answers (connection refused until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return httpx.get(url, timeout=10)
+        except httpx.ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+@pytest.mark.e2e
+def test_live_counters_count_requests_jobs_tokens_and_time_to_first_token_and_only_go_up(
+    production_system: System,
+) -> None:
+    base = production_system.base_url
+    worker = f"http://127.0.0.1:{production_system.env['LLMQ_WORKER_METRICS_PORT']}/metrics"
+    before_worker = scrape(answered(worker).text)  # the worker may still be starting (its port opens when ready)
+    before_gateway = scrape(httpx.get(f"{base}/metrics", timeout=10).text)
+
+    body = {"prompts": ["Counted"], "max_tokens": 4, "temperature": 0}
+    job = httpx.post(f"{base}/v1/generations", json=body, timeout=10).json()
+    done = wait_done(production_system, job["id"])
+    assert done["status"] == "succeeded"
+    httpx.get(f"{base}/v1/generations/gen-not-there", timeout=10)
+
+    gateway_text = httpx.get(f"{base}/metrics", timeout=10).text
+    gateway = families(gateway_text)
+    assert gateway["llmq_http_requests"].type == "counter"
+    assert gateway["llmq_http_request_duration_seconds"].type == "histogram"
+    assert gateway["llmq_jobs_submitted"].type == "counter"
+    after_gateway = scrape(gateway_text)
+
+    def grew(after: Samples, before: Samples, name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after[key] - before.get(key, 0.0)
+
+    assert grew(after_gateway, before_gateway, "llmq_jobs_submitted_total", kind="generate") == 1
+    # The route template, never the id: ids would make a label value per job.
+    assert grew(after_gateway, before_gateway, "llmq_http_requests_total",
+                method="POST", route="/v1/generations", status="202") == 1  # fmt: skip
+    assert grew(after_gateway, before_gateway, "llmq_http_requests_total",
+                method="GET", route="/v1/generations/{job_id}", status="404") == 1  # fmt: skip
+    assert not any("gen-" in dict(labels).get("route", "") for _, labels in after_gateway)
+    # The database-only gauges stay.
+    assert gateway["llmq_queue_depth"].type == "gauge"
+    assert gateway["llmq_queue_oldest_seconds"].type == "gauge"
+
+    worker_text = httpx.get(worker, timeout=10).text
+    at_worker = families(worker_text)
+    for name, kind in {
+        "llmq_prompt_tokens": "counter",
+        "llmq_generation_tokens": "counter",
+        "llmq_time_to_first_token_seconds": "histogram",
+        "llmq_time_per_output_token_seconds": "histogram",
+        "llmq_batch_size": "histogram",
+        "llmq_request_queue_time_seconds": "histogram",
+        "llmq_jobs_finished": "counter",
+        "llmq_adapter_cache_hits": "counter",
+        "llmq_adapter_cache_evictions": "counter",
+        "llmq_adapter_loads": "counter",
+        "llmq_train_steps": "counter",
+        "llmq_train_tokens": "counter",
+    }.items():
+        assert at_worker[name].type == kind, name
+    after_worker = scrape(worker_text)
+    model = done["model"]
+    usage = done["usage"]
+    assert grew(after_worker, before_worker, "llmq_generation_tokens_total", model=model) == usage["completion_tokens"]
+    assert grew(after_worker, before_worker, "llmq_prompt_tokens_total", model=model) == usage["prompt_tokens"]
+    assert grew(after_worker, before_worker, "llmq_time_to_first_token_seconds_count", model=model) == 1
+    assert grew(after_worker, before_worker, "llmq_jobs_finished_total", kind="generate", status="succeeded") == 1
+    assert grew(after_worker, before_worker, "llmq_request_queue_time_seconds_count", kind="generate") == 1
+
+
+def test_several_gateway_processes_add_up_their_counters_in_multiprocess_mode(
+    postgres_url: str, quiet_redis_url: str, tmp_path: Path
+) -> None:
+    import os
+
+    from cli.processes import Children, gateway_command, wait_ready
+    from tests.systems import free_port
+
+    shared = tmp_path / "prometheus"
+    shared.mkdir()
+    port = free_port()
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("LLMQ_")}
+    env = {**inherited, "LLMQ_DATABASE_URL": postgres_url, "LLMQ_BROKER_URL": quiet_redis_url,
+           "LLMQ_DATA_DIR": str(tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(shared)}  # fmt: skip
+    children = Children(env=env, log_dir=tmp_path / "logs")
+    children.start("gateway", gateway_command("127.0.0.1", port, workers=2))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, children)
+        with httpx.Client() as http:  # new connections: uvicorn's processes share the socket
+            for _ in range(40):
+                http.get(f"{base}/healthz", headers={"connection": "close"}, timeout=10)
+        samples = scrape(httpx.get(f"{base}/metrics", timeout=10).text)
+    finally:
+        children.stop_all()
+    # Whichever process answered the scrape, it counts the requests every process answered.
+    assert value(samples, "llmq_http_requests_total", method="GET", route="/healthz", status="200") == 40

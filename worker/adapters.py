@@ -39,6 +39,8 @@ class AdapterCache:
         self.capacity = capacity
         self.disk = disk
         self._lru: OrderedDict[str, str] = OrderedDict()  # model id -> adapter name
+        self.loads = 0  # adapters loaded and unloaded by this process (worker/metrics.py serves them)
+        self.unloads = 0
 
     @property
     def names(self) -> list[str]:
@@ -100,9 +102,11 @@ class AdapterCache:
                 self.loaded.model = PeftModel.from_pretrained(model, str(folder), adapter_name=name, is_trainable=False)
         self.loaded.model.eval()
         self._lru[model_id] = name
+        self.loads += 1
         log.info("loaded adapter %s", model_id)
 
     def _unload(self, model_id: str) -> None:
         name = self._lru.pop(model_id)
         self.loaded.model.delete_adapter(name)
+        self.unloads += 1
         log.info("unloaded adapter %s", model_id)

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from shared import job_states
 from shared.artifacts import ArtifactStore
+from shared.celery_app import enqueue
 from shared.db import get_sessionmaker
 from shared.fine_tuning import ResolvedHyperparameters
 from shared.job_data import ErrorCode, Figures, FineTuneParams, FineTuneResult
@@ -137,6 +138,9 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
         if callback.stop_reason in ("cancelled", "paused"):
             _finish_stopped(session, claim, callback)
             return
+        if callback.stop_reason == "drained":
+            _hand_back(session, claim, callback)
+            return
 
         if data.validation:
             metrics["val_loss"] = _final_val_loss(callback)
@@ -161,6 +165,16 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
             lineage=chain,
         )
         publish_adapter(session, claim, settings, adapter, scratch / "adapter")
+
+
+def _hand_back(session: Session, claim: Claim, callback: JobCallback) -> None:
+    """The worker is stopping: the job goes back to the queue at once, to resume from the checkpoint just saved."""
+    step = callback.trainer.state.global_step
+    job_states.add_event(session, claim, f"Worker stopping: job handed back at step {step} (checkpoint saved).")
+    if not job_states.hand_back(session, claim):
+        raise ClaimLost(claim.job_id)
+    enqueue("train", claim.job_id)
+    log.info("fine-tune %s handed back at step %d", claim.job_id, step)
 
 
 @contextmanager

@@ -59,6 +59,11 @@ class LeaseKeeper:
                 self._claims.pop(c.job_id, None)
                 self.lost.discard(c.job_id)
 
+    def job_ids(self) -> list[str]:
+        """The jobs this process runs now (what its worker heartbeat reports)."""
+        with self._lock:
+            return sorted(self._claims)
+
     def _run(self) -> None:
         while True:
             threading.Event().wait(self.lease_seconds / 3)

@@ -22,6 +22,7 @@ from shared.job_data import CheckpointNote, Figures, FineTuneResult
 from shared.job_states import Claim
 from shared.models import utcnow
 from shared.settings import Settings
+from worker import drain, metrics
 from worker.checkpoints import drop_rotated, is_complete, store_checkpoint
 from worker.guarded_writes import add_event
 from worker.trainer_setup import CountingSFTTrainer
@@ -71,7 +72,7 @@ class JobCallback(TrainerCallback):
         self.trainer = trainer
         self.lease_seconds = settings.lease_seconds
         self.heartbeat_every = min(HEARTBEAT_EVERY_SECONDS, settings.lease_seconds / 4)
-        self.stop_reason: str | None = None  # None | "cancelled" | "paused" | "claim_lost"
+        self.stop_reason: str | None = None  # None | "cancelled" | "paused" | "drained" | "claim_lost"
         self.in_training = False
         self.last_loss: float | None = None
         self.val_loss: float | None = None
@@ -84,6 +85,7 @@ class JobCallback(TrainerCallback):
         self._train_ended: float | None = None
         self._start_step = 0
         self._start_tokens = 0
+        self._counted = (0, 0)  # step and trained tokens already added to this worker's counters
 
     # -- guarded writes ---------------------------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class JobCallback(TrainerCallback):
         self._train_started = time.monotonic()
         self._start_step = state.global_step
         self._start_tokens = self.trainer.trained_tokens
+        self._counted = (state.global_step, self.trainer.trained_tokens)  # a resumed run counts only its own
         self._write(
             job_states.add_event(
                 self.session,
@@ -172,6 +175,9 @@ class JobCallback(TrainerCallback):
                 return
             self.stop_reason = "cancelled"
             stop_with_checkpoint(control)  # keep the work done so far as a checkpoint
+        elif drain.requested() and self.stop_reason is None:
+            self.stop_reason = "drained"  # SIGTERM: the job goes back to the queue from this step
+            stop_with_checkpoint(control)
 
     def on_log(
         self,
@@ -194,6 +200,8 @@ class JobCallback(TrainerCallback):
         train_loss = self._window.take_mean()
         eta = self._eta_seconds(step, total)
         tokens = self.trainer.trained_tokens
+        metrics.training_logged(step - self._counted[0], tokens - self._counted[1])
+        self._counted = (step, tokens)
         figures = {
             "step": step,
             "total_steps": total,

@@ -25,6 +25,7 @@ from shared.logging import job_context
 from shared.models import FineTunedModel, Job
 from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
+from worker import metrics
 from worker.adapter_cache import AdapterDiskCache, StoredAdapter
 from worker.adapters import AdapterCache
 from worker.chat_rendering import with_rendered_prompts
@@ -67,6 +68,10 @@ class ModelHolder:
             disk = AdapterDiskCache(ArtifactStore.from_settings(s), s.adapter_cache_dir, s.adapter_cache_bytes)
             self._adapters = AdapterCache(self._loaded, s.max_loaded_adapters, disk)
         return self._loaded
+
+    def loaded_adapters(self) -> AdapterCache | None:
+        """The adapters, once the model has loaded (None before: nothing loads for asking)."""
+        return self._adapters
 
     @property
     def adapters(self) -> AdapterCache:
@@ -242,6 +247,7 @@ def _write_back(session: Session, claims: Sequence[Claim], outcomes: Sequence[Ou
     outcomes are written one by one, and a job whose result is refused fails alone with result_not_storable.
     """
     pairs = list(zip(claims, outcomes, strict=True))
+    metrics.jobs_decoded(pairs)
     try:
         written = job_states.finish_batch(session, pairs)
     except OUTAGE:

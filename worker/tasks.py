@@ -6,9 +6,10 @@ import logging
 
 from sqlalchemy.exc import OperationalError
 
-from shared.celery_app import get_celery
+from shared.celery_app import enqueue, get_celery
 from shared.db import answers, get_engine, wait_until_reachable
 from shared.settings import get_settings
+from worker import drain
 from worker.process_model import generate_models
 from worker.serving import serve_waiting_jobs
 
@@ -24,6 +25,10 @@ def generate(job_id: str) -> None:
     is unreachable the task waits for it, holding its message (acknowledged only after the task), so an
     outage does not spend the queue's messages one failed task after another.
     """
+    if drain.requested():
+        # Stop claiming new work; finish what's in flight. The message goes back for another worker.
+        enqueue("generate", job_id)
+        return
     while True:
         try:
             serve_waiting_jobs(get_settings(), generate_models())
@@ -41,5 +46,9 @@ def train(job_id: str) -> None:
     """Runs the fine-tuning job to a terminal state; a message for a job no longer queued does nothing."""
     # The training stack (TRL, the Trainer) costs seconds to import; generate workers never pay for it.
     from worker.fine_tune import run_fine_tune
+
+    if drain.requested():  # stopping: the job stays queued for another worker
+        enqueue("train", job_id)
+        return
 
     run_fine_tune(job_id, get_settings())

@@ -13,6 +13,7 @@ from gateway.auth import TenantDep
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import BODY_ERRORS, V1_ERRORS, JobStateConflict, documented
 from gateway.fine_tuning_checks import check_fine_tuning_request
+from gateway.queue_state import queue_state
 from gateway.submission import submit
 from shared import job_states, statuses
 from shared.celery_app import enqueue_after_commit
@@ -84,7 +85,8 @@ def list_fine_tuning_jobs(
 @router.get("/{job_id}", response_model=FineTuningJob, responses=documented(404))
 def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: TenantDep) -> FineTuningJob:
     """One fine-tuning job, with progress while it runs."""
-    return views.fine_tuning_job(owned.job_or_404(session, tenant, job_id, kind="train"))
+    job = owned.job_or_404(session, tenant, job_id, kind="train")
+    return views.fine_tuning_job(job).model_copy(update={"queue": queue_state(session, job)})
 
 
 @router.post("/{job_id}/cancel", response_model=FineTuningJob, responses=documented(404))

@@ -11,6 +11,7 @@ from gateway import owned, views
 from gateway.auth import TenantDep
 from gateway.deps import SessionDep
 from gateway.errors import V1_ERRORS, documented
+from gateway.queue_state import queue_state
 from shared.job_data import JobKind
 from shared.models import Job
 from shared.schemas import JobList, JobSummary
@@ -49,4 +50,5 @@ def list_jobs(
 @router.get("/{job_id}", response_model=JobSummary, responses=documented(404))
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobSummary:
     """One job of any kind."""
-    return views.job_summary(owned.job_or_404(session, tenant, job_id))
+    job = owned.job_or_404(session, tenant, job_id)
+    return views.job_summary(job).model_copy(update={"queue": queue_state(session, job)})

@@ -196,9 +196,12 @@ function seconds(from, to) {
 function duration(value) {
   if (value === null || value === undefined) return "–";
   if (value < 1) return `${Math.round(value * 1000)} ms`;
-  if (value < 60) return `${value.toFixed(1)} s`;
-  if (value < 3600) return `${Math.floor(value / 60)} min ${Math.round(value % 60)} s`;
-  return `${Math.floor(value / 3600)} h ${Math.round((value % 3600) / 60)} min`;
+  if (value < 59.95) return `${value.toFixed(1)} s`;
+  // Rounded once, then split: 479.6 s is "8 min 0 s", never "7 min 60 s".
+  const whole = Math.round(value);
+  if (whole < 3600) return `${Math.floor(whole / 60)} min ${whole % 60} s`;
+  const minutes = Math.round(value / 60);
+  return `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
 }
 
 function when(value) {
@@ -241,6 +244,15 @@ function facts(pairs) {
 // ------------------------------------------------------------------------------------------------------
 // Jobs
 // ------------------------------------------------------------------------------------------------------
+
+// A queued job's place in its queue and whether a worker of its kind is alive (null when not queued).
+function queueText(queue, kind) {
+  if (!queue) return null;
+  const workers = queue.worker_alive
+    ? `${queue.live_workers} ${kind} worker${queue.live_workers === 1 ? "" : "s"} alive`
+    : `no ${kind} worker is alive: it waits until one starts`;
+  return h("span", { class: queue.worker_alive ? "" : "error-text", id: "queue-state" }, `position ${queue.position} · ${workers}`);
+}
 
 function jobLink(job) {
   const href = job.kind === "train" ? `/ui/fine-tunes/${job.id}` : `/ui/generations/${job.id}`;
@@ -316,6 +328,7 @@ function generationView(jobId) {
   replace(main(), h("p", { class: "crumbs" }, h("a", { href: "/ui/jobs" }, "Jobs"), " / ", jobId), body);
   poll(async () => {
     const job = await api(`/v1/generations/${encodeURIComponent(jobId)}`);
+    const queue = job.status === "queued" ? (await api(`/v1/jobs/${encodeURIComponent(jobId)}`)).queue : null;
     clearError();
     const cancel = job.status === "queued"
       ? h("button", { type: "button", onclick: () => api(`/v1/generations/${job.id}/cancel`, { method: "POST" }).catch(showError) }, "Cancel")
@@ -326,6 +339,7 @@ function generationView(jobId) {
       h("div", { class: "heading" }, h("h1", { class: "mono" }, job.id), badge(job.status), cancel),
       facts([
         ["Model", h("span", { class: "mono" }, job.model)],
+        queue ? ["Queue", queueText(queue, "generate")] : [],
         ["Created", when(job.created_at)],
         ["Queue wait", duration(job.queue_seconds)],
         ["Run time", duration(job.run_seconds)],
@@ -504,6 +518,7 @@ function fineTuneView(jobId) {
         : null,
       facts([
         ["Base model", h("span", { class: "mono" }, job.model)],
+        job.queue ? ["Queue", queueText(job.queue, "train")] : [],
         ["Fine-tuned model", playground],
         ["Result files", job.result_files.length
           ? h("span", {}, ...job.result_files.map((id) =>
