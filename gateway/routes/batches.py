@@ -62,7 +62,7 @@ def create_batch(body: BatchRequest, session: SessionDep, settings: SettingsDep,
     return batch_object(session, batches.create(session, settings, tenant, body))
 
 
-@router.get("", response_model=BatchList)
+@router.get("", response_model=BatchList, responses=documented(404))
 def list_batches(
     session: SessionDep,
     settings: SettingsDep,
