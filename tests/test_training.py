@@ -554,19 +554,30 @@ class FakeAdapter:
         (folder / "adapter_model.safetensors").write_text(self.who)
 
 
+class FakeTokenizer:
+    """Stands in for the tokenizer the adapter folder and its archive carry: saving writes one config file."""
+
+    eos_token = "<e>"
+    chat_template: str | None = None
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "tokenizer_config.json").write_text(json.dumps({"chat_template": self.chat_template}))
+
+
 def test_a_stale_attempt_never_writes_into_the_adapter_folder_of_the_attempt_that_succeeded(
     store: Settings, tmp_path: Path
 ) -> None:
     job_id = add_job("base", training_file="file-x")
     hp = ResolvedHyperparameters.model_validate(job_row(job_id).params["hyperparameters"])
     loaded: Any = SimpleNamespace(
-        model=SimpleNamespace(config=SimpleNamespace(_commit_hash=None)), tokenizer=SimpleNamespace(eos_token="<e>")
+        model=SimpleNamespace(config=SimpleNamespace(_commit_hash=None)), tokenizer=FakeTokenizer()
     )
     data: Any = SimpleNamespace(source={"train": {"sha256": "x"}})
 
     def succeed(session: Any, claim: job_states.Claim, who: str) -> None:
         adapter = adapter_publishing.TrainedAdapter(FakeAdapter(who), loaded, data, hp, 7, {"trained_tokens": 1})
-        adapter_publishing.publish_adapter(session, claim, store, adapter, tmp_path / who.replace(" ", "-"))
+        adapter_publishing.publish_adapter(session, claim, store, adapter, tmp_path / who.replace(" ", "-") / "adapter")
 
     with get_sessionmaker()() as session:
         stale = job_states.claim(session, job_id, worker="a", lease_seconds=60)

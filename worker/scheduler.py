@@ -141,7 +141,12 @@ class ContinuousLoop:
         claims = self._claim(session)
         if not claims:
             return False, []
-        log.info("claimed %d jobs: %s", len(claims), " ".join(f"{c.job_id}@{c.attempt}" for c in claims))
+        log.info(
+            "claimed %d jobs: %s",
+            len(claims),
+            " ".join(f"{c.job_id}@{c.attempt}" for c in claims),
+            extra={"job_ids": [c.job_id for c in claims]},
+        )
         _fault_injection(claims)
         self.keeper.hold(claims)
         keep = [j.claim for j in self.jobs.values()]

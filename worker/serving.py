@@ -215,7 +215,12 @@ def serve_static_batch(settings: Settings, models: ModelHolder) -> list[str]:
             return []
         # One line per claim and one per write-back: the audit trail the chaos tests read to prove that a
         # job, however often it ran, had its outcome written exactly once.
-        log.info("claimed %d jobs: %s", len(claims), " ".join(f"{c.job_id}@{c.attempt}" for c in claims))
+        log.info(
+            "claimed %d jobs: %s",
+            len(claims),
+            " ".join(f"{c.job_id}@{c.attempt}" for c in claims),
+            extra={"job_ids": [c.job_id for c in claims]},
+        )
         _fault_injection(claims)
         started = time.perf_counter()
         with lease_keeper(settings.lease_seconds).holding(claims), job_context(*(c.job_id for c in claims)):
