@@ -172,7 +172,7 @@ def _union_member(part: object) -> bool:
 
 # Routes in OpenAI's shape answer a bad request as OpenAI does: 400 invalid_request_error, with the parameter at
 # fault (`messages[0].role`) and a code. The llmq-only routes (/v1/generations, /v1/jobs, ...) keep 422.
-OPENAI_ROUTES = ("/v1/completions", "/v1/chat/", "/v1/files", "/v1/fine_tuning/", "/v1/models")
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/", "/v1/files", "/v1/fine_tuning/", "/v1/models", "/v1/batches")
 
 # pydantic's error types -> OpenAI's error codes (any other type: invalid_value).
 _OPENAI_CODES = {
