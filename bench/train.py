@@ -26,6 +26,14 @@ Useful tokens are what a fine-tune is for: response tokens (and each response's 
 counted batch by batch from the inputs each step actually ran. All tokens are every position the model ran,
 padding included. The first --warmup steps of each configuration are not timed.
 
+--time-to-loss races the fair TRL baseline (trl) and llmq's default (ours) to a validation loss instead: the
+project's small pretrained GPT-2 (worker/data/pretrained_gpt2, a model that learns) in nf4, the shipped Alpaca
+sample (worker/data/alpaca_sample.jsonl) for training and its held-out file for validation, the same seed and
+the same --steps budget for both. Every --eval-every steps both are scored by the same evaluator (this
+script's validation_loss: mean cross-entropy over the held-out responses + EOS, token-weighted), its time kept
+out of the clock. The target is the loss both reached (the higher of the two best losses); reported is the
+training time (wall and CPU) each took to first reach it.
+
 Data: --records synthetic Alpaca-shaped records with Alpaca's length spread (prompt with the Stanford header
 about 70 tokens, responses with a median of about 50 tokens and a long tail, 40% with an input), built
 deterministically from the project's corpus (worker/data/corpus.txt); or --data FILE.jsonl.
@@ -103,6 +111,7 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
     from worker.trainer_setup import build_trainer, keep_4bit_trainable
 
     records = read_jsonl(data, data.name)
+    validation = read_jsonl(args.validation, args.validation.name) if args.validation else []
     loaded = load_base_model(str(model_dir), "main", "nf4", args.device)
     keep_4bit_trainable(loaded.model)
     tokenizer = loaded.tokenizer
@@ -144,7 +153,7 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
         def count_useful(inputs: dict[str, Any]) -> int:
             return int((inputs["labels"] != -100).sum())
 
-    stats: dict[str, Any] = {"useful": 0, "all": 0, "real": 0, "timing": False}
+    stats: dict[str, Any] = {"useful": 0, "all": 0, "real": 0, "timing": False, "curve": []}
     original_step = trainer.training_step
 
     def training_step(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Any:
@@ -167,6 +176,27 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
             if state.global_step == total_steps:
                 stats.update(timing=False, ended=time.perf_counter(), cpu_ended=time.process_time())
                 stats["load_ended"] = loadavg()
+            if (
+                validation
+                and stats.get("started")
+                and (state.global_step % args.eval_every == 0 or state.global_step == total_steps)
+            ):
+                wall, cpu = time.perf_counter(), time.process_time()
+                loss = validation_loss(trainer.model, tokenizer, validation, args.max_seq_len)
+                # the training time so far, then the evaluation's own time moved out of the clock
+                stats["curve"].append(
+                    {
+                        "step": state.global_step,
+                        "val_loss": loss,
+                        "wall_s": wall - stats["started"],
+                        "cpu_s": cpu - stats["cpu_started"],
+                    }
+                )
+                stats["started"] += time.perf_counter() - wall
+                stats["cpu_started"] += time.process_time() - cpu
+                if state.global_step == total_steps:
+                    stats["ended"] = wall
+                    stats["cpu_ended"] = cpu
 
     trainer.add_callback(Timer())
     try:
@@ -190,7 +220,35 @@ def run_config(name: str, model_dir: Path, data: Path, args: argparse.Namespace)
         "load": (stats["load_started"] + stats["load_ended"]) / 2,
         "peak_mb": peak_mb,
         "threads": torch.get_num_threads(),
+        "curve": stats["curve"],
     }
+
+
+def validation_loss(model: Any, tokenizer: Any, records: list[dict[str, str]], max_len: int) -> float:
+    """Mean cross-entropy over the held-out responses + EOS (prompt tokens not scored), token-weighted: one
+    evaluator for every configuration, whatever each trainer computes itself."""
+    import torch
+
+    from worker.alpaca_data import to_examples
+
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for example in to_examples(records):
+            prompt = tokenizer(example["prompt"])["input_ids"]
+            full = (prompt + tokenizer(example["completion"])["input_ids"] + [tokenizer.eos_token_id])[:max_len]
+            if len(full) <= len(prompt):
+                continue
+            ids = torch.tensor([full], device=model.device)
+            labels = ids.clone()
+            labels[0, : len(prompt)] = -100
+            scored = len(full) - len(prompt)
+            total += float(model(input_ids=ids, labels=labels).loss) * scored
+            count += scored
+    if was_training:
+        model.train()
+    return total / count
 
 
 def _baseline_trainer(
@@ -290,6 +348,63 @@ def _response_lookup(tokenizer: Any, records: list[dict[str, str]], max_len: int
 # ----------------------------------------------------------------------------------------------------------
 
 
+def run_child(name: str, model_dir: Path, data: Path, args: argparse.Namespace) -> dict[str, Any] | None:
+    """One configuration in its own process (so its peak memory is its own); its figures, None if it failed."""
+    command = [sys.executable, __file__, "--child", name, "--model-dir", str(model_dir), "--data", str(data)]
+    command += ["--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size)]
+    command += ["--max-seq-len", str(args.max_seq_len), "--device", args.device, "--eval-every", str(args.eval_every)]
+    if args.validation:
+        command += ["--validation", str(args.validation)]
+    started = time.perf_counter()
+    done = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        print(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+        return None
+    print(f"  {name}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
+    return result
+
+
+def race_to_loss(args: argparse.Namespace, model_dir: Path) -> int:
+    """trl against ours to the validation loss both reach, same seed, data and steps budget; prints the table."""
+    shipped = ROOT / "worker" / "data"
+    data = args.data or shipped / "alpaca_sample.jsonl"
+    args.validation = args.validation or shipped / "alpaca_sample_val.jsonl"
+    configs = [c for c in args.configs if c != "baseline"] if args.configs != list(CONFIGS) else ["trl", "ours"]
+    print(f"model: llmq's small pretrained GPT-2 ({model_dir.name}), nf4 + LoRA r={LORA['r']}, {os.cpu_count()} CPUs")
+    print(f"data: {describe_data(model_dir, data)}; validation: {args.validation.name}")
+    print(
+        f"batch {args.batch_size}, max_seq_len {args.max_seq_len}, {args.steps} steps, scored every {args.eval_every}\n"
+    )
+    results = []
+    for name in configs:
+        result = run_child(name, model_dir, data, args)
+        if result is None:
+            return 1
+        results.append(result)
+    target = max(min(point["val_loss"] for point in r["curve"]) for r in results)
+    print(f"target validation loss: {target:.3f} (the higher of the best losses reached)\n")
+    print("| config | first score | best val loss | steps to target | wall s to target | CPU s to target | load avg |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    reached = {}
+    for r in results:
+        hit = next(point for point in r["curve"] if point["val_loss"] <= target)
+        reached[r["config"]] = hit
+        print(
+            f"| {r['config']} | {r['curve'][0]['val_loss']:.3f} | {min(p['val_loss'] for p in r['curve']):.3f} "
+            f"| {hit['step']} | {hit['wall_s']:.1f} | {hit['cpu_s']:.1f} | {r['load']:.1f} |"
+        )
+    if "trl" in reached and "ours" in reached:
+        print(
+            f"\nours / trl time to target: wall {reached['ours']['wall_s'] / reached['trl']['wall_s']:.2f}x, "
+            f"CPU {reached['ours']['cpu_s'] / reached['trl']['cpu_s']:.2f}x (below 1 = ours sooner)"
+        )
+    return 0
+
+
 def describe_data(model_dir: Path, data: Path) -> str:
     from transformers import AutoTokenizer
 
@@ -314,24 +429,37 @@ def describe_data(model_dir: Path, data: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/train.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per configuration")
+    parser.add_argument(
+        "--steps", type=int, help="timed optimizer steps per configuration (default 3; 60 with --time-to-loss)"
+    )
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-seq-len", type=int, default=256)
     parser.add_argument("--records", type=int, default=2000, help="synthetic records (unless --data)")
     parser.add_argument("--data", type=Path, help="a JSONL of Alpaca records instead of synthetic ones")
+    parser.add_argument("--validation", type=Path, help="held-out Alpaca JSONL, scored every --eval-every steps")
+    parser.add_argument("--eval-every", type=int, default=10, help="steps between validation scores")
+    parser.add_argument(
+        "--time-to-loss",
+        action="store_true",
+        help="race trl and ours to a validation loss on the small pretrained GPT-2 and the shipped sample",
+    )
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "llmq-bench-cache")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every configuration trains")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.steps = args.steps or (60 if args.time_to_loss else 3)
 
     if args.child:
         print("RESULT " + json.dumps(run_config(args.child, args.model_dir, args.data, args)), flush=True)
         return 0
 
-    from worker.model_factory import build_full_size_gpt2
+    from worker.model_factory import build_full_size_gpt2, install_pretrained_gpt2
+
+    if args.time_to_loss:
+        return race_to_loss(args, install_pretrained_gpt2(args.cache_dir / "small-gpt2"))
 
     model_dir = build_full_size_gpt2(args.cache_dir / "gpt2-full-size")
     data = args.data
@@ -346,36 +474,10 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     for name in args.configs:
-        command = [
-            sys.executable,
-            __file__,
-            "--child",
-            name,
-            "--model-dir",
-            str(model_dir),
-            "--data",
-            str(data),
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-            "--batch-size",
-            str(args.batch_size),
-            "--max-seq-len",
-            str(args.max_seq_len),
-            "--device",
-            args.device,
-        ]
-        started = time.perf_counter()
-        done = subprocess.run(
-            command, capture_output=True, text=True, check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-        )
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            print(f"{name} failed (exit {done.returncode}):\n{done.stderr[-3000:]}", file=sys.stderr)
+        result = run_child(name, model_dir, data, args)
+        if result is None:
             return 1
-        results.append(json.loads(lines[-1][len("RESULT ") :]))
-        print(f"  {name}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        results.append(result)
 
     base = next((r for r in results if r["config"] == "baseline"), None)
     careful = next((r for r in results if r["config"] == "trl"), None)  # the fair baseline
