@@ -65,6 +65,7 @@ def _failure(job: GenerationJob | FineTuningJob) -> CliError:
 class Kind(StrEnum):
     generate = "generate"
     train = "train"
+    export = "export"
 
 
 def upload(

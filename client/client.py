@@ -32,6 +32,8 @@ from shared.schemas import (
     FineTuningCheckpointList,
     FineTuningEvent,
     FineTuningEventList,
+    FineTuningExport,
+    FineTuningExportList,
     FineTuningJob,
     FineTuningJobList,
     GenerationJob,
@@ -394,6 +396,35 @@ class LlmqClient:
         params = _params(after=after, limit=limit)
         path = f"/v1/fine_tuning/jobs/{_id(job_id)}/checkpoints"
         return self._call(FineTuningCheckpointList, "GET", path, params=params)
+
+    def export_fine_tuning_job(
+        self, job_id: str, *, dtype: str | None = None, checkpoint: str | None = None
+    ) -> FineTuningExport:
+        """The queued export of the job's model (or of one of its checkpoints) merged into its unquantized base."""
+        body = _params(dtype=dtype, checkpoint=checkpoint)
+        return self._call(FineTuningExport, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/export", json=body)
+
+    def get_export(self, job_id: str, export_id: str) -> FineTuningExport:
+        """One export of a fine-tune: its status, and its file id once it succeeded."""
+        return self._call(FineTuningExport, "GET", f"/v1/fine_tuning/jobs/{_id(job_id)}/exports/{_id(export_id)}")
+
+    def list_exports(self, job_id: str, *, after: str | None = None, limit: int | None = None) -> FineTuningExportList:
+        """A page of the job's exports, newest first."""
+        params = _params(after=after, limit=limit)
+        return self._call(FineTuningExportList, "GET", f"/v1/fine_tuning/jobs/{_id(job_id)}/exports", params=params)
+
+    def wait_export(
+        self, job_id: str, export_id: str, *, timeout: float | None = None, poll_interval: float = 2.0
+    ) -> FineTuningExport:
+        """The export once it ended, polled every poll_interval seconds; WaitTimeout after timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            export = self.get_export(job_id, export_id)
+            if export.status in TERMINAL:
+                return export
+            if deadline is not None and time.monotonic() + poll_interval > deadline:
+                raise WaitTimeout(f"{export_id} still {export.status} after {timeout:g} s")
+            self._sleep(poll_interval)
 
     def wait_fine_tuning(
         self, job_id: str, *, timeout: float | None = None, poll_interval: float = 2.0
