@@ -295,20 +295,26 @@ def test_export_is_close_to_the_adapter_on_the_nf4_base(
     assert worst <= NF4_LOGPROB_TOLERANCE < adapter_effect
 
 
-def test_a_checkpoint_exports_in_float16(system: System, trained: Any, tmp_path: Path) -> None:
+def test_llmq_export_follows_a_checkpoint_export_in_float16_and_unpacks_it(
+    system: System, trained: Any, tmp_path: Path
+) -> None:
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
 
-    checkpoint = f"{trained.fine_tuned_model}:ckpt-step-3"
-    done, _ = exported(system, trained.id, tmp_path, checkpoint=checkpoint)
-    assert done["model"] == checkpoint and done["dtype"] == "float16"
-    with safe_open(str(tmp_path / "model.safetensors"), "pt") as weights:
+    from cli.main import app
+
+    checkpoint, folder = f"{trained.fine_tuned_model}:ckpt-step-3", tmp_path / "model"
+    args = ["--url", system.base_url, "export", trained.id, "--checkpoint", checkpoint, "--follow", "-o", str(folder)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and result.stdout == f"{folder}\n", result.output
+    with safe_open(str(folder / "model.safetensors"), "pt") as weights:
         assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"F16"}  # noqa: SIM118
-    assert AutoModelForCausalLM.from_pretrained(tmp_path).dtype == torch.float16
-    assert '"step": 3' in (tmp_path / "README.md").read_text()
-    listed = httpx.get(f"{system.base_url}/v1/fine_tuning/jobs/{trained.id}/exports").json()["data"]
-    assert done["id"] in [e["id"] for e in listed]
+    assert AutoModelForCausalLM.from_pretrained(folder).dtype == torch.float16
+    assert '"step": 3' in (folder / "README.md").read_text() and not list(folder.glob("*.tar"))
+    (newest, *_) = httpx.get(f"{system.base_url}/v1/fine_tuning/jobs/{trained.id}/exports").json()["data"]
+    assert (newest["model"], newest["dtype"], newest["status"]) == (checkpoint, "float16", "succeeded")
 
 
 def test_exports_refuse_what_cannot_be_exported(system: System, trained: Any) -> None:
