@@ -259,11 +259,15 @@ class LlmqClient:
         """Any job's summary (its kind, status, timing and error)."""
         return self._call(JobSummary, "GET", f"/v1/jobs/{_id(job_id)}")
 
-    def get_job_detail(self, job_id: str) -> GenerationJob | FineTuningJob:
-        """The full view of a job of either kind: outputs of a generation, progress of a fine-tune."""
-        if self.get_job(job_id).kind == "generate":
+    def get_job_detail(self, job_id: str) -> GenerationJob | FineTuningJob | JobSummary:
+        """The full view of a job: outputs of a generation, progress of a fine-tune; an export's summary (its full
+        view, with its file, is get_export)."""
+        summary = self.get_job(job_id)
+        if summary.kind == "generate":
             return self.get_generation(job_id)
-        return self.get_fine_tuning_job(job_id)
+        if summary.kind == "train":
+            return self.get_fine_tuning_job(job_id)
+        return summary
 
     def cancel(self, job_id: str) -> GenerationJob | FineTuningJob:
         """Cancels a job of either kind; the job as it is afterwards."""

@@ -315,6 +315,8 @@ def test_llmq_export_follows_a_checkpoint_export_in_float16_and_unpacks_it(
     assert '"step": 3' in (folder / "README.md").read_text() and not list(folder.glob("*.tar"))
     (newest, *_) = httpx.get(f"{system.base_url}/v1/fine_tuning/jobs/{trained.id}/exports").json()["data"]
     assert (newest["model"], newest["dtype"], newest["status"]) == (checkpoint, "float16", "succeeded")
+    shown = CliRunner().invoke(app, ["--url", system.base_url, "status", newest["id"]])
+    assert shown.exit_code == 0 and "kind      export" in shown.stdout and "succeeded" in shown.stdout, shown.output
 
 
 def test_exports_refuse_what_cannot_be_exported(system: System, trained: Any) -> None:
