@@ -65,6 +65,7 @@ def _failure(job: GenerationJob | FineTuningJob) -> CliError:
 class Kind(StrEnum):
     generate = "generate"
     train = "train"
+    export = "export"
 
 
 def upload(
@@ -179,7 +180,7 @@ def jobs(
 
 
 def status(ctx: typer.Context, job_id: JobIdArgument, as_json: JsonOption = False) -> None:
-    """Show any job (generation or fine-tune); exits 1 when it failed or was cancelled."""
+    """Show any job (generation, fine-tune or export); exits 1 when it failed or was cancelled."""
     job = connect(ctx).get_job_detail(job_id)
     if as_json:
         print_json(job)
@@ -187,8 +188,12 @@ def status(ctx: typer.Context, job_id: JobIdArgument, as_json: JsonOption = Fals
         queue = connect(ctx).get_job(job_id).queue if job.status == "queued" else None
         queued = [f"queue     {views.queue_text(queue, 'generate')}"] if queue is not None else []
         print_lines(views.generation_lines(job) + queued)
-    else:
+    elif isinstance(job, FineTuningJob):
         print_lines(views.fine_tune_lines(job))
+    else:
+        lines = [f"id        {job.id}", f"kind      {job.kind}", f"status    {job.status}", f"model     {job.model}"]
+        error = [f"error     {job.error.code}: {job.error.message}"] if job.error is not None else []
+        print_lines(lines + error)
     if job.status in ("failed", "cancelled"):
         raise typer.Exit(FAILED)
 

@@ -63,6 +63,7 @@ for _command in (
     chat_command.chat,
     batch_command.batch,
     model_commands.download,
+    model_commands.export,
     model_commands.pause,
     model_commands.resume,
 ):

@@ -32,6 +32,8 @@ from shared.schemas import (
     FineTuningCheckpointList,
     FineTuningEvent,
     FineTuningEventList,
+    FineTuningExport,
+    FineTuningExportList,
     FineTuningJob,
     FineTuningJobList,
     GenerationJob,
@@ -257,11 +259,15 @@ class LlmqClient:
         """Any job's summary (its kind, status, timing and error)."""
         return self._call(JobSummary, "GET", f"/v1/jobs/{_id(job_id)}")
 
-    def get_job_detail(self, job_id: str) -> GenerationJob | FineTuningJob:
-        """The full view of a job of either kind: outputs of a generation, progress of a fine-tune."""
-        if self.get_job(job_id).kind == "generate":
+    def get_job_detail(self, job_id: str) -> GenerationJob | FineTuningJob | JobSummary:
+        """The full view of a job: outputs of a generation, progress of a fine-tune; an export's summary (its full
+        view, with its file, is get_export)."""
+        summary = self.get_job(job_id)
+        if summary.kind == "generate":
             return self.get_generation(job_id)
-        return self.get_fine_tuning_job(job_id)
+        if summary.kind == "train":
+            return self.get_fine_tuning_job(job_id)
+        return summary
 
     def cancel(self, job_id: str) -> GenerationJob | FineTuningJob:
         """Cancels a job of either kind; the job as it is afterwards."""
@@ -394,6 +400,35 @@ class LlmqClient:
         params = _params(after=after, limit=limit)
         path = f"/v1/fine_tuning/jobs/{_id(job_id)}/checkpoints"
         return self._call(FineTuningCheckpointList, "GET", path, params=params)
+
+    def export_fine_tuning_job(
+        self, job_id: str, *, dtype: str | None = None, checkpoint: str | None = None
+    ) -> FineTuningExport:
+        """The queued export of the job's model (or of one of its checkpoints) merged into its unquantized base."""
+        body = _params(dtype=dtype, checkpoint=checkpoint)
+        return self._call(FineTuningExport, "POST", f"/v1/fine_tuning/jobs/{_id(job_id)}/export", json=body)
+
+    def get_export(self, job_id: str, export_id: str) -> FineTuningExport:
+        """One export of a fine-tune: its status, and its file id once it succeeded."""
+        return self._call(FineTuningExport, "GET", f"/v1/fine_tuning/jobs/{_id(job_id)}/exports/{_id(export_id)}")
+
+    def list_exports(self, job_id: str, *, after: str | None = None, limit: int | None = None) -> FineTuningExportList:
+        """A page of the job's exports, newest first."""
+        params = _params(after=after, limit=limit)
+        return self._call(FineTuningExportList, "GET", f"/v1/fine_tuning/jobs/{_id(job_id)}/exports", params=params)
+
+    def wait_export(
+        self, job_id: str, export_id: str, *, timeout: float | None = None, poll_interval: float = 2.0
+    ) -> FineTuningExport:
+        """The export once it ended, polled every poll_interval seconds; WaitTimeout after timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            export = self.get_export(job_id, export_id)
+            if export.status in TERMINAL:
+                return export
+            if deadline is not None and time.monotonic() + poll_interval > deadline:
+                raise WaitTimeout(f"{export_id} still {export.status} after {timeout:g} s")
+            self._sleep(poll_interval)
 
     def wait_fine_tuning(
         self, job_id: str, *, timeout: float | None = None, poll_interval: float = 2.0

@@ -25,6 +25,7 @@ from gateway.routes import (
     batches,
     chat,
     completions,
+    exports,
     files,
     fine_tuning,
     generations,
@@ -99,7 +100,7 @@ def create_app() -> FastAPI:
     app.add_middleware(JobLogContext)
     app.add_middleware(RequestMetrics)  # outermost: every answer counted, 401s included
     app.include_router(health.router)
-    for v1 in (generations, completions, chat, jobs, files, fine_tuning, models, batches):
+    for v1 in (generations, completions, chat, jobs, files, fine_tuning, exports, models, batches):
         app.include_router(v1.router, dependencies=[Depends(check_params)])
     app.include_router(metrics.router)
     app.include_router(workers.router)

@@ -44,7 +44,7 @@ from shared.statuses import JobStatus
 
 log = logging.getLogger(__name__)
 
-KINDS = ("generate", "train")
+KINDS = ("generate", "train", "export")
 
 # Bucket bounds (upper, inclusive). Queue waits are milliseconds when idle and minutes under load; runs are
 # a fraction of a second for a small generation and hours for a fine-tune.
@@ -205,7 +205,7 @@ def _latest_val_losses(session: Session, job_ids: Sequence[str]) -> dict[str, fl
 
 def broker_messages() -> dict[str, int]:
     """Messages waiting in the broker per queue, not yet handed to a worker (raises when it is unreachable)."""
-    return {queue: waiting_messages(kind) for kind, queue in QUEUES.items()}
+    return {queue: waiting_messages(kind) for kind, queue in QUEUES.items() if kind == queue}  # one kind per queue
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -244,10 +244,10 @@ def _job_families(snapshot: Snapshot, now: datetime) -> Iterator[Metric]:
     oldest = GaugeMetricFamily(
         "llmq_queue_oldest_seconds", "Age of the oldest queued job per queue (0 when none waits).", labels=["queue"]
     )
-    for kind in KINDS:
-        queue = QUEUES[kind]
-        depth.add_metric([queue], snapshot.counts.get((kind, JobStatus.QUEUED.value), 0))
-        since = snapshot.oldest_queued.get(kind)
+    for queue in dict.fromkeys(QUEUES.values()):  # a queue serves one kind or more (train: fine-tunes and exports)
+        kinds = [kind for kind in KINDS if QUEUES[kind] == queue]
+        depth.add_metric([queue], sum(snapshot.counts.get((kind, JobStatus.QUEUED.value), 0) for kind in kinds))
+        since = min((s for kind in kinds if (s := snapshot.oldest_queued.get(kind)) is not None), default=None)
         oldest.add_metric([queue], max((now - since).total_seconds(), 0.0) if since else 0.0)
     yield depth
     yield oldest

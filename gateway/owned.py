@@ -13,7 +13,9 @@ from shared.model_ids import fine_tuned_model_id, parse_checkpoint_id
 from shared.models import Checkpoint, File, FineTunedModel, Job
 
 # How a 404 names a job it did not find, by the kind the route serves.
-JOB_NOUN: dict[JobKind | None, str] = {None: "job", "generate": "generation job", "train": "fine-tuning job"}
+JOB_NOUN: dict[JobKind | None, str] = {
+    None: "job", "generate": "generation job", "train": "fine-tuning job", "export": "export"
+}
 
 
 def job(session: Session, tenant: str, job_id: str, kind: JobKind | None = None) -> Job | None:

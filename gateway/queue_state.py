@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy.orm import Session
 
 from shared import workers
+from shared.celery_app import QUEUES
 from shared.models import Job
 from shared.schemas import QueueState
 from shared.settings import get_settings
@@ -16,5 +17,6 @@ def queue_state(session: Session, job: Job) -> QueueState | None:
     if job.status != JobStatus.QUEUED:
         return None
     position = workers.queue_position(session, job) or 1
-    live = workers.live_kinds(session, get_settings().worker_stale_seconds).get(job.kind, 0)
+    # Workers register by the queue they consume: an export waits for a train worker.
+    live = workers.live_kinds(session, get_settings().worker_stale_seconds).get(QUEUES[job.kind], 0)
     return QueueState(position=position, live_workers=live, worker_alive=live > 0)

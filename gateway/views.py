@@ -7,13 +7,22 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import TypeVar
 
-from shared.job_data import FineTuneParams, FineTuneResult, GenerationParams, GenerationResult, JobError
+from shared.job_data import (
+    ExportParams,
+    ExportResult,
+    FineTuneParams,
+    FineTuneResult,
+    GenerationParams,
+    GenerationResult,
+    JobError,
+)
 from shared.model_ids import checkpoint_model_id, fine_tuned_model_id
 from shared.models import Checkpoint, File, Job, JobEvent
 from shared.schemas import (
     FileObject,
     FineTuningCheckpoint,
     FineTuningEvent,
+    FineTuningExport,
     FineTuningJob,
     FineTuningJobError,
     FineTuningJobHyperparameters,
@@ -180,4 +189,23 @@ def checkpoint(job: Job, row: Checkpoint) -> FineTuningCheckpoint:
         step_number=row.step,
         # OpenAI's SDK reads valid_loss; the worker records val_loss.
         metrics=row.metrics | ({"valid_loss": row.metrics["val_loss"]} if "val_loss" in row.metrics else {}),
+    )
+
+
+def export(job: Job) -> FineTuningExport:
+    """An export job row as the client sees it: its file once it succeeded."""
+    params = ExportParams.model_validate(job.params)
+    result = ExportResult.model_validate(job.result) if job.result is not None else None
+    return FineTuningExport(
+        id=job.id,
+        fine_tuning_job_id=params.fine_tuning_job_id,
+        model=job.model,
+        base_model=job.base_model,
+        dtype=params.dtype,
+        status=JobStatus(job.status),
+        file_id=result.file_id if result is not None else None,
+        bytes=result.bytes if result is not None else None,
+        error=job_error(job),
+        created_at=int(job.created_at.timestamp()),
+        finished_at=_unix(job.finished_at),
     )

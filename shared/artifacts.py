@@ -90,6 +90,11 @@ def results_key(job_id: str, attempt: int) -> str:
     return f"results/{job_id}/attempt-{attempt}"
 
 
+def export_key(export_id: str, attempt: int) -> str:
+    """Folder of the archive one attempt of an export writes (worker/export.py), a file row of the tenant."""
+    return f"exports/{export_id}/attempt-{attempt}"
+
+
 def check_key(key: str) -> str:
     """The key itself when it is a plain relative path; OutsideStore otherwise (keys may come from rows)."""
     parts = key.split("/")

@@ -1,4 +1,5 @@
-"""The one Celery app: JSON messages carrying only a job id, one queue per job kind.
+"""The one Celery app: JSON messages carrying only a job id, one task per job kind; exports share the train queue
+(a train worker runs them: they load the full base model and take minutes on big ones).
 
 The gateway publishes by task name (it never imports worker code); worker.app names worker.tasks in `include`,
 which Celery imports when a worker starts.
@@ -16,8 +17,8 @@ from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-QUEUES = {"generate": "generate", "train": "train"}
-TASKS = {"generate": "llmq.generate", "train": "llmq.train"}
+QUEUES = {"generate": "generate", "train": "train", "export": "train"}
+TASKS = {"generate": "llmq.generate", "train": "llmq.train", "export": "llmq.export"}
 
 
 def make_celery(settings: Settings) -> Celery:

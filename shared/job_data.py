@@ -2,9 +2,11 @@
 
     params  GenerationParams (kind generate)  written by the routes, read by the generate worker and the views
             FineTuneParams   (kind train)     written by the fine-tuning route, read by the train worker and views
+            ExportParams     (kind export)    written by the export route, read by the train worker and views
     result  GenerationResult (kind generate)  written by the generate worker when a job succeeds
             FineTuneResult   (kind train)     progress while the job runs, where a cancel stopped it, the model
                                               and its metrics once it succeeded
+            ExportResult     (kind export)    the exported model's file once the export succeeded
     error   JobError                          written by a worker (or the reaper) when a job fails; its code is
                                               an ErrorCode, which the completions route maps to HTTP
 
@@ -29,7 +31,7 @@ DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 1.0
 
 
-JobKind = Literal["generate", "train"]  # jobs.kind
+JobKind = Literal["generate", "train", "export"]  # jobs.kind (exports run on the train queue)
 
 
 class StoredData(BaseModel):
@@ -51,6 +53,7 @@ class ErrorCode(StrEnum):
     RESULT_NOT_STORABLE = "result_not_storable"  # the database refused the job's result
     DATASET_UNAVAILABLE = "dataset_unavailable"  # the training or validation data could not be loaded
     TRAINING_FAILED = "training_failed"  # anything else that stopped a fine-tune
+    EXPORT_FAILED = "export_failed"  # merging or packaging an exported model failed
     MAX_ATTEMPTS_EXCEEDED = "max_attempts_exceeded"  # the job's worker stopped answering on every attempt
 
 
@@ -187,5 +190,28 @@ class FineTuneResult(StoredData):
     adapter_path: str | None = None
 
 
-JobParams = GenerationParams | FineTuneParams
-JobResult = GenerationResult | FineTuneResult
+# --- Exports of a fine-tuned model ----------------------------------------------------------------------------
+
+ExportDtype = Literal["float16", "float32"]
+
+
+class ExportParams(StoredData):
+    """What an export job merges: the adapter of a fine-tune (its model, or one of its checkpoints) into its base
+    model loaded unquantized in dtype. The job row's model is the adapter's model id, base_model the base."""
+
+    fine_tuning_job_id: str
+    dtype: ExportDtype = "float16"
+    checkpoint: str | None = None  # a checkpoint model id of that job; None: the job's fine-tuned model
+
+
+class ExportResult(StoredData):
+    """A succeeded export: the tar.gz of the Hugging Face model folder, a file row of the tenant."""
+
+    file_id: str
+    bytes: int
+    sha256: str
+    seconds: float | None = None  # from claim to the stored archive
+
+
+JobParams = GenerationParams | FineTuneParams | ExportParams
+JobResult = GenerationResult | FineTuneResult | ExportResult

@@ -30,7 +30,7 @@ from shared.models import DEFAULT_TENANT, Checkpoint, Job, JobEvent, new_id, utc
 from shared.statuses import JobStatus
 from shared.storable import scrub
 
-ID_PREFIX = {"generate": "gen", "train": "ftjob"}
+ID_PREFIX = {"generate": "gen", "train": "ftjob", "export": "ftexport"}
 
 
 @dataclass(frozen=True)

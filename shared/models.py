@@ -57,7 +57,7 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, server_default=DEFAULT_TENANT)
-    kind: Mapped[str] = mapped_column(String(16))  # "generate" | "train"
+    kind: Mapped[str] = mapped_column(String(16))  # "generate" | "train" | "export" (shared.job_data.JobKind)
     status: Mapped[str] = mapped_column(String(16))  # see shared.statuses.JobStatus
     model: Mapped[str] = mapped_column(String(512))  # what the client asked for (base or fine-tuned id)
     base_model: Mapped[str] = mapped_column(String(512))  # the base it runs on: workers claim by it

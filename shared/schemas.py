@@ -12,6 +12,7 @@ from shared.job_data import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_TEMPERATURE,
     DEFAULT_TOP_P,
+    ExportDtype,
     Figures,
     GenerationOutput,
     JobError,
@@ -343,6 +344,44 @@ class FineTuningCheckpointList(BaseModel):
     has_more: bool
     first_id: str | None = None
     last_id: str | None = None
+
+
+class ExportRequest(RequestModel):
+    """POST /v1/fine_tuning/jobs/{job_id}/export (llmq extension: OpenAI has no export)."""
+
+    dtype: ExportDtype = Field(
+        "float16", description="Weights of the exported model: the base is loaded unquantized in this dtype and the "
+        "adapter merged into it (never into nf4 weights)."
+    )  # fmt: skip
+    checkpoint: Name | None = Field(
+        None, min_length=1, max_length=600, description="A checkpoint model id of this job (ft:...:ckpt-step-<n>) to "
+        "export instead of its final model; needed for a cancelled job."
+    )  # fmt: skip
+
+
+class FineTuningExport(BaseModel):
+    """An export of a fine-tune: a job on the train queue that writes a standalone Hugging Face model folder."""
+
+    id: str
+    object: Literal["fine_tuning.export"] = "fine_tuning.export"
+    fine_tuning_job_id: str
+    model: str = Field(description="The fine-tuned model or checkpoint merged into its base.")
+    base_model: str
+    dtype: ExportDtype
+    status: JobStatus
+    file_id: str | None = Field(
+        description="Once succeeded: a tar of the model folder (purpose fine-tune-results), GET /v1/files/{id}/content."
+    )
+    bytes: int | None
+    error: JobError | None
+    created_at: int
+    finished_at: int | None
+
+
+class FineTuningExportList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FineTuningExport]
+    has_more: bool
 
 
 class ModelObject(BaseModel):

@@ -289,7 +289,7 @@ def test_fine_tune_page_draws_train_and_validation_loss_with_events_and_checkpoi
     assert "Validation loss of the base model: 3.3100" in html
     assert 'class="badge succeeded"' in html
     assert "train 1.7100 · validation 1.5200 (base 3.3100)" in html
-    assert ">Delete model</button>" in html and ">Pause</button>" not in html  # a succeeded job's actions
+    assert ">Delete model</button>" in html and ">Export</button>" in html and ">Pause</button>" not in html
     screenshot(url, profile, "dashboard-fine-tune.png", height=1300)
     listing = dom(f"{production_system.base_url}/ui/fine-tunes", profile)
     assert f'<a href="/ui/fine-tunes/{fine_tune}" class="mono">{fine_tune}</a>' in listing

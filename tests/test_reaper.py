@@ -74,6 +74,24 @@ def test_expired_lease_returns_the_job_to_the_queue_and_resends_its_message(
     assert not job_states.succeed(session, claim, FineTuneResult(fine_tuned_model="from the dead worker"))
 
 
+def test_an_export_whose_worker_died_goes_back_to_the_train_queue_as_an_export(
+    session: Session, quiet_redis_url: str
+) -> None:
+    from shared.job_data import ExportParams
+
+    job = job_states.create_job(
+        session, kind="export", model="ft:m:x:ftjob-1", base_model="m",
+        params=ExportParams(fine_tuning_job_id="ftjob-1"), max_attempts=3,
+    )  # fmt: skip
+    session.commit()
+    assert job_states.claim(session, job.id, worker="dead", lease_seconds=60) is not None
+    expire(session, job.id)
+    assert reap(session).requeued == [job.id]  # type: ignore[attr-defined]
+    (message,) = redis.Redis.from_url(quiet_redis_url).lrange("train", 0, -1)
+    assert json.loads(message)["headers"]["task"] == "llmq.export"  # a train worker runs it again, from the start
+    assert queued_ids(quiet_redis_url, "train") == [job.id]
+
+
 def test_live_lease_is_left_alone(session: Session) -> None:
     job_id = new_job(session)
     claim = job_states.claim(session, job_id, worker="w", lease_seconds=60)

@@ -51,9 +51,9 @@ _bound: dict[str, Token[tuple[str, ...]]] = {}  # task id -> what to reset when 
 
 @task_prerun.connect
 def _bind_job(task_id: str, task: object, args: tuple[object, ...] = (), **_kwargs: object) -> None:
-    # A fine-tune task is one job: every line it logs carries the job id. (A generate task serves a batch,
+    # A fine-tune (or export) task is one job: every line it logs carries the job id. (A generate task serves a batch,
     # whichever jobs are waiting; worker/serving.py names the batch's jobs on its lines instead.)
-    if getattr(task, "name", None) == TASKS["train"] and args:
+    if getattr(task, "name", None) in (TASKS["train"], TASKS["export"]) and args:
         _bound[task_id] = bind_job(str(args[0]))
 
 

@@ -88,11 +88,12 @@ def store_result_files(
     for path, records in ((archive, 0), (table, len(rows))):
         key = f"{folder}/{path.name}"
         store.put_file(path, key)
-        files.append(_row(path, key, tenant, records))
+        files.append(file_row(path, key, tenant, records))
     return files
 
 
-def _row(path: Path, key: str, tenant: str, records: int) -> File:
+def file_row(path: Path, key: str, tenant: str, records: int) -> File:
+    """A new file row of the tenant (purpose fine-tune-results) for a local file stored under key."""
     return File(
         id=new_id("file"),
         tenant=tenant,

@@ -52,3 +52,16 @@ def train(job_id: str) -> None:
         return
 
     run_fine_tune(job_id, get_settings())
+
+
+@app.task(name="llmq.export", ignore_result=True)
+def export(job_id: str) -> None:
+    """Runs the export job (on the train queue) to a terminal state; a message for a job no longer queued does
+    nothing."""
+    from worker.export import run_export
+
+    if drain.requested():  # stopping: the export stays queued for another worker
+        enqueue("export", job_id)
+        return
+
+    run_export(job_id, get_settings())

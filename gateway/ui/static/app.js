@@ -447,14 +447,21 @@ class EventLog {
   }
 }
 
-// The buttons a fine-tune's page offers for its status: pause, resume, cancel, delete the model it made.
-function fineTuneActions(job) {
+// The buttons a fine-tune's page offers for its status: pause, resume, cancel; for the model it made, export
+// (a standalone merged model, float16) and delete.
+function fineTuneActions(job, exports) {
   const post = (action) => () => api(`/v1/fine_tuning/jobs/${job.id}/${action}`, { method: "POST" }).catch(showError);
   const button = (label, onclick) => h("button", { type: "button", onclick }, label);
   const actions = [];
   if (job.status === "queued" || job.status === "running") actions.push(button("Pause", post("pause")));
   if (job.status === "paused") actions.push(button("Resume", post("resume")));
   if (!TERMINAL.has(job.status)) actions.push(button("Cancel", post("cancel")));
+  if (job.fine_tuned_model && job.status === "succeeded") {
+    actions.push(button("Export", () =>
+      api(`/v1/fine_tuning/jobs/${job.id}/export`, { method: "POST", json: { dtype: "float16" } })
+        .then(exports.refresh)
+        .catch(showError)));
+  }
   if (job.fine_tuned_model) {
     actions.push(button("Delete model", (event) => {
       if (!window.confirm(`Delete ${job.fine_tuned_model}? It will no longer be listed or served.`)) return;
@@ -464,6 +471,31 @@ function fineTuneActions(job) {
     }));
   }
   return actions;
+}
+
+// A fine-tune's exports: each one's status while it runs, its download once done (polled while any runs).
+function exportsPanel(jobId) {
+  const box = h("span", { id: "exports" }, "–");
+  let stop = null;
+  const refresh = () => {
+    if (stop) stop();
+    stop = poll(async () => {
+      const list = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/exports?limit=10`);
+      replace(box, ...(list.data.length ? list.data.map(exportLine) : ["–"]));
+      return list.data.some((e) => !TERMINAL.has(e.status));
+    });
+  };
+  refresh();
+  return { box, refresh };
+}
+
+function exportLine(e) {
+  if (e.status === "succeeded") {
+    return h("button", { type: "button", class: "download", "data-file": e.file_id, onclick: () => download(e.file_id).catch(showError) },
+      `Download ${e.dtype} model`);
+  }
+  const why = e.error ? ` (${e.error.code}: ${e.error.message})` : "";
+  return h("span", { class: `small export-${e.status}` }, `${e.dtype} export ${e.status}${TERMINAL.has(e.status) ? "" : "…"}${why} `);
 }
 
 function hyperparameterText(job) {
@@ -481,6 +513,7 @@ function fineTuneView(jobId) {
   const chart = h("div", { class: "chart", id: "loss-chart" });
   const checkpoints = h("div", { id: "checkpoints" });
   const events = h("div", { id: "events" });
+  const exports = exportsPanel(jobId);
   replace(
     main(),
     h("p", { class: "crumbs" }, h("a", { href: "/ui/fine-tunes" }, "Fine-tunes"), " / ", jobId),
@@ -498,7 +531,7 @@ function fineTuneView(jobId) {
       api(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/checkpoints?limit=100`),
     ]);
     clearError();
-    replace(header, h("div", { class: "heading" }, h("h1", { class: "mono" }, job.id), badge(job.status), ...fineTuneActions(job)));
+    replace(header, h("div", { class: "heading" }, h("h1", { class: "mono" }, job.id), badge(job.status), ...fineTuneActions(job, exports)));
 
     const progress = log.progress();
     const metrics = job.metrics || {};
@@ -524,6 +557,7 @@ function fineTuneView(jobId) {
           ? h("span", {}, ...job.result_files.map((id) =>
             h("button", { type: "button", class: "download", "data-file": id, onclick: () => download(id).catch(showError) }, `Download ${id}`)))
           : "–"],
+        ["Exports", exports.box],
         ["Data", job.training_file || (job.dataset ? `${job.dataset.name || "hub dataset"}` : "–")],
         ["Validation", job.validation_file || "–"],
         ["Hyperparameters", h("span", { class: "mono small" }, hyperparameterText(job))],
