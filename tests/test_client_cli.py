@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -583,3 +584,72 @@ def test_finetune_follow_of_a_failing_job_exits_1_with_its_error(scripted: Scrip
     assert result.exit_code == 1
     assert result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == "error: ftjob-1 failed: out of memory"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `llmq jobs` and `llmq models`: 80 columns on a terminal, plain tab-separated lines in a pipe
+# ----------------------------------------------------------------------------------------------------------
+
+LONG_ERROR = "the worker ran out of memory while decoding the batch; retry with fewer tokens"
+LISTED_JOBS = [
+    {"id": "ftjob-0123456789abcdef01234567", "kind": "train", "status": "failed", "model": "openai-community/gpt2",
+     "created_at": "2026-01-02T03:04:05Z", "started_at": None, "finished_at": None, "attempt": 1,
+     "error": {"code": "training_failed", "message": LONG_ERROR}},
+    {"id": "gen-0123456789abcdef01234567", "kind": "generate", "status": "succeeded",
+     "model": "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567", "created_at": "2026-01-02T03:04:06Z",
+     "started_at": None, "finished_at": None, "attempt": 1, "error": None},
+]  # fmt: skip
+LISTED_MODELS = [
+    {"id": "openai-community/gpt2", "created": 0, "root": "openai-community/gpt2"},
+    {"id": "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567:ckpt-step-1000", "created": 1_767_322_800,
+     "parent": "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567", "root": "openai-community/gpt2"},
+]  # fmt: skip
+
+
+@pytest.fixture
+def listing_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs":
+            return httpx.Response(200, json={"object": "list", "data": LISTED_JOBS, "has_more": False})
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": LISTED_MODELS})
+        return error(404, "no route")
+
+    factory = functools.partial(LlmqClient, transport=httpx.MockTransport(answer), sleep=lambda _s: None)
+    monkeypatch.setattr(api_commands, "LlmqClient", factory)
+
+
+@pytest.mark.parametrize("command", ["jobs", "models"])
+def test_listings_fit_an_80_column_terminal_without_cutting_an_id(
+    listing_server: None, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    from rich.console import Console
+
+    monkeypatch.setattr(api_commands, "Console", functools.partial(Console, force_terminal=True, width=80))
+    result = CliRunner().invoke(app, ["--url", FAKE_URL, command])
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" in result.stdout  # styled, as on a terminal
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout).splitlines()
+    assert plain[0].split()[0] == "ID"
+    assert max(len(line) for line in plain) <= 80, "\n".join(plain)
+    ids = [row["id"] for row in (LISTED_JOBS if command == "jobs" else LISTED_MODELS)]
+    first_words = [line.split()[0] for line in plain if line.strip()]
+    assert all(i in first_words for i in ids)  # each id whole on one line, copyable
+    assert "…" not in result.stdout
+
+
+def test_listings_in_a_pipe_are_tab_separated_lines_with_nothing_cut(listing_server: None) -> None:
+    jobs = CliRunner().invoke(app, ["--url", FAKE_URL, "jobs"])
+    assert jobs.exit_code == 0, jobs.output
+    assert jobs.stdout.splitlines() == [
+        "ftjob-0123456789abcdef01234567\ttrain\tfailed\t2026-01-02T03:04:05Z\topenai-community/gpt2\t"
+        f"training_failed: {LONG_ERROR}",
+        "gen-0123456789abcdef01234567\tgenerate\tsucceeded\t2026-01-02T03:04:06Z\t"
+        "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567\t-",
+    ]
+    models = CliRunner().invoke(app, ["--url", FAKE_URL, "models"])
+    assert models.exit_code == 0, models.output
+    assert [line.split("\t") for line in models.stdout.splitlines()] == [
+        ["openai-community/gpt2", "-", "-"],
+        [LISTED_MODELS[1]["id"], "2026-01-02T03:00:00Z", LISTED_MODELS[1]["parent"]],
+    ]
