@@ -653,3 +653,36 @@ def test_listings_in_a_pipe_are_tab_separated_lines_with_nothing_cut(listing_ser
         ["openai-community/gpt2", "-", "-"],
         [LISTED_MODELS[1]["id"], "2026-01-02T03:00:00Z", LISTED_MODELS[1]["parent"]],
     ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `llmq finetune`: hyperparameters checked by the gateway's own rules before the file is uploaded
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("n_epochs=0", "n_epochs must be at least 1 or 'auto'"),
+        ("n_epochs=1.5", "n_epochs: Input should be a valid integer (got 1.5)"),
+        ("lora_r=1000", "lora_r: Input should be less than or equal to 256 (got 1000)"),
+        ("learning_rate_multiplier=500", "learning_rate_multiplier must be in (0, 100] or 'auto'"),
+        ("lr_scheduler=cosin", "lr_scheduler: Input should be 'linear', 'cosine'"),
+        ("epochs=3", "epochs: Extra inputs are not permitted"),
+    ],
+)
+def test_finetune_refuses_a_bad_hyperparameter_before_uploading_anything(
+    monkeypatch: pytest.MonkeyPatch, value: str, named: str
+) -> None:
+    requests: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        requests.append(f"{request.method} {request.url.path}")
+        return error(500, "unexpected")
+
+    factory = functools.partial(LlmqClient, transport=httpx.MockTransport(record), sleep=lambda _s: None)
+    monkeypatch.setattr(api_commands, "LlmqClient", factory)
+    result = CliRunner().invoke(app, ["--url", FAKE_URL, "finetune", "--file", str(SAMPLE), "-p", value])
+    assert result.exit_code == 2, result.output
+    assert named in " ".join(result.stderr.split()) and "--hyperparameter" in result.stderr
+    assert requests == []  # nothing uploaded, no job created
