@@ -230,6 +230,12 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+    instance_id: str = Field(
+        "",
+        max_length=64,
+        description="A name the gateway reports in GET /healthz (`instance`); `llmq up` and `llmq demo` give the "
+        "gateway they start a fresh one, so that another program on the port is never taken for it.",
+    )
     gateway_workers: int = Field(
         1, ge=1, description="Gateway processes `llmq serve` starts on its port (one per core is a good start)."
     )

@@ -5,11 +5,14 @@ httpx MockTransport standing in for the server."""
 from __future__ import annotations
 
 import functools
+import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from cli import api_commands
 from cli.fine_tune_progress import progress_fields
 from cli.hyperparameters import parse_hyperparameters, parse_value
 from cli.main import app
+from cli.processes import wait_ready
 from client import (
     AuthError,
     LlmqClient,
@@ -686,3 +690,62 @@ def test_finetune_refuses_a_bad_hyperparameter_before_uploading_anything(
     assert result.exit_code == 2, result.output
     assert named in " ".join(result.stderr.split()) and "--hyperparameter" in result.stderr
     assert requests == []  # nothing uploaded, no job created
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `llmq up` and `llmq demo`: a busy port named with its holder; only their own gateway is ever "up"
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_llmq_up_names_the_busy_gateway_port_and_its_holder_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        configure(monkeypatch, api_port=str(port), data_dir=str(tmp_path))
+        result = CliRunner().invoke(app, ["up"])
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.stderr.split())
+    assert f"port {port} on 127.0.0.1 (the gateway) is in use, held by pid {os.getpid()}: " in line
+    assert "choose another port with LLMQ_API_PORT=<port>" in line
+    assert "is up" not in result.output
+    assert not (tmp_path / "logs").exists()  # no child started
+
+
+class _Healthz(http.server.BaseHTTPRequestHandler):
+    instance: str | None = None
+
+    def do_GET(self) -> None:
+        body = {"status": "ok"} if self.instance is None else {"status": "ok", "instance": self.instance}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("reported", [None, "llmq-someone-else"])
+def test_waiting_for_our_gateway_refuses_another_server_on_its_port(reported: str | None) -> None:
+    handler = type("Foreign", (_Healthz,), {"instance": reported})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(RuntimeError, match=r"another server answers at .* not the gateway this command started"):
+            wait_ready(url, timeout=5, instance="llmq-ours")
+        ours = type("Ours", (_Healthz,), {"instance": "llmq-ours"})
+        server.RequestHandlerClass = ours
+        wait_ready(url, timeout=5, instance="llmq-ours")  # the one that reports our id is ready
+        server.shutdown()
+
+
+def test_the_gateway_reports_the_instance_id_its_starter_gave_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.routes.health import healthz
+
+    configure(monkeypatch, instance_id="llmq-123-abc")
+    assert healthz() == {"status": "ok", "instance": "llmq-123-abc"}
