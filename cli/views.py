@@ -251,4 +251,23 @@ def fine_tune_lines(job: FineTuningJob) -> list[str]:
         lines.append(f"result    {job.fine_tuned_model}")
     if job.error is not None:
         lines.append(f"error     {job.error.code}: {job.error.message}")
+    return lines + sample_lines(job)
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split()) or "(empty)"
+
+
+def sample_lines(job: FineTuningJob) -> list[str]:
+    """The fine-tuned model's greedy answers to a few validation prompts, each beside the base model's."""
+    if not job.samples:
+        return []
+    lines = [f"samples   greedy answers to {len(job.samples)} validation prompts"]
+    for number, sample in enumerate(job.samples, 1):
+        lines.append(f"  [{number}] {_one_line(sample.prompt)}")
+        lines.append(f"      fine-tuned  {_one_line(sample.fine_tuned)}")
+        if sample.base is not None:
+            lines.append(f"      base        {_one_line(sample.base)}")
+        if sample.reference is not None:
+            lines.append(f"      reference   {_one_line(sample.reference)}")
     return lines

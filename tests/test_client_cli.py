@@ -749,3 +749,23 @@ def test_the_gateway_reports_the_instance_id_its_starter_gave_it(monkeypatch: py
 
     configure(monkeypatch, instance_id="llmq-123-abc")
     assert healthz() == {"status": "ok", "instance": "llmq-123-abc"}
+
+
+def test_status_of_a_finished_fine_tune_prints_its_sample_answers_beside_the_base_models() -> None:
+    from cli import views
+
+    job = FineTuningJob.model_validate(
+        ft_job("succeeded", fine_tuned_model="ft:base:llmq:ftjob-1")
+        | {"samples": [{"prompt": "Name a primary\ncolour.", "reference": "Blue.", "fine_tuned": " Red.", "base": ""}]}
+    )
+    lines = views.fine_tune_lines(job)
+    start = lines.index("samples   greedy answers to 1 validation prompts")
+    assert lines[start:] == [
+        "samples   greedy answers to 1 validation prompts",
+        "  [1] Name a primary colour.",
+        "      fine-tuned  Red.",
+        "      base        (empty)",
+        "      reference   Blue.",
+    ]
+    running = FineTuningJob.model_validate(ft_job("running"))
+    assert not any(line.startswith("samples") for line in views.fine_tune_lines(running))

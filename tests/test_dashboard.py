@@ -182,6 +182,9 @@ def val_loss(step: int) -> float:
     return 1.45 + 1.8 * math.exp(-step / 16)
 
 
+SAMPLE = {"prompt": "Name a primary colour.", "reference": "Blue.", "fine_tuned": "Red.", "base": "the the the"}
+
+
 @pytest.fixture(scope="module")
 def fine_tune(production_system: System, postgres_url: str) -> str:
     """A finished fine-tune written straight into the database, as a train worker would have left it."""
@@ -219,6 +222,7 @@ def fine_tune(production_system: System, postgres_url: str) -> str:
             "trained_tokens": 61440,
             "metrics": metrics,
             "result_files": [],
+            "samples": [SAMPLE],
         },
         attempt=1,
         max_attempts=3,
@@ -297,6 +301,8 @@ def test_fine_tune_page_draws_train_and_validation_loss_with_events_and_checkpoi
         assert f"{fine_tune}:ckpt-step-{step}" in html
     assert f"Step {TRAIN_STEPS}/{TRAIN_STEPS}: training loss=" in html  # the events list
     assert "Validation loss of the base model: 3.3100" in html
+    assert "<h2>Sample answers</h2>" in html
+    assert '<tr class="sample"><td class="pre">Name a primary colour.</td><td class="pre fine-tuned">Red.</td>' in html
     assert 'class="badge succeeded"' in html
     assert "train 1.7100 · validation 1.5200 (base 3.3100)" in html
     assert ">Delete model</button>" in html and ">Pause</button>" not in html  # a succeeded job's actions

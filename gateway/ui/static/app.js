@@ -491,6 +491,7 @@ function fineTuneView(jobId) {
   const chart = h("div", { class: "chart", id: "loss-chart" });
   const rateChart = h("div", { class: "chart", id: "learning-rate-chart" });
   const speedChart = h("div", { class: "chart", id: "throughput-chart" });
+  const samples = h("div", { id: "samples" });
   const checkpoints = h("div", { id: "checkpoints" });
   const events = h("div", { id: "events" });
   replace(
@@ -503,6 +504,7 @@ function fineTuneView(jobId) {
     h("div", { class: "columns even" },
       h("section", {}, h("h2", {}, "Learning rate"), rateChart),
       h("section", {}, h("h2", {}, "Throughput"), speedChart)),
+    samples,
     h("div", { class: "columns" }, h("section", {}, h("h2", {}, "Checkpoints"), checkpoints), h("section", {}, h("h2", {}, "Events"), events)),
   );
 
@@ -578,6 +580,20 @@ function fineTuneView(jobId) {
         "No events yet.",
       ));
     }
+    replace(samples, (job.samples || []).length
+      ? h("section", {},
+        h("h2", {}, "Sample answers"),
+        h("p", { class: "muted small" }, "Greedy answers to validation prompts after training, with the base model's for contrast."),
+        table(
+          ["Validation prompt", "Fine-tuned", "Base model", "Reference"],
+          job.samples.map((sample) => h("tr", { class: "sample" },
+            h("td", { class: "pre" }, sample.prompt),
+            h("td", { class: "pre fine-tuned" }, sample.fine_tuned),
+            h("td", { class: "pre base" }, sample.base ?? "–"),
+            h("td", { class: "pre muted" }, sample.reference ?? "–"))),
+          "No samples.",
+        ))
+      : null);
     replace(checkpoints, table(
       ["Step", "Checkpoint", "Train loss", "Validation loss", "Created"],
       saved.data.map((c) =>
