@@ -99,8 +99,11 @@ def run_demo(settings: Settings, console: Console) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model = choose_model(settings, console)
     instance = new_instance_id()  # the demo talks only to the gateway that reports this back
+    # The demo shows base and fine-tuned answers itself (step 3): the train worker's own sample generations
+    # would repeat them (about 25 s on two busy cores), so they are off unless asked for.
+    samples = os.environ.get("LLMQ_FINE_TUNE_SAMPLES", "0")
     env = {**os.environ, "LLMQ_BASE_MODEL": model, "LLMQ_DATA_DIR": str(settings.data_dir.resolve()),
-           "LLMQ_INSTANCE_ID": instance}  # fmt: skip
+           "LLMQ_INSTANCE_ID": instance, "LLMQ_FINE_TUNE_SAMPLES": samples}  # fmt: skip
     os.environ.update(env)
     upgrade(settings.database_url)
     base_url = f"http://{settings.api_host}:{settings.api_port}"
