@@ -7,6 +7,7 @@ Results go to stdout (plain lines, tables, or JSON with --json); progress and no
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 from pydantic import BaseModel
-from rich.console import Console
+from rich.console import Console, RenderableType
 
 from cli import views
 from cli.exit_codes import FAILED, INTERRUPTED, CliError
@@ -24,7 +25,6 @@ from client import LlmqClient
 from shared.schemas import FineTuningJob, GenerationJob
 from shared.statuses import JobStatus
 
-out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the server's JSON answer.")]
@@ -55,6 +55,16 @@ def print_json(model: BaseModel) -> None:
 def print_lines(lines: list[str]) -> None:
     for line in lines:
         typer.echo(line)
+
+
+def print_listing(table: Callable[[int], RenderableType], lines: Callable[[], list[str]]) -> None:
+    """A table sized to the terminal; when stdout is not a terminal (a pipe, a file), plain tab-separated lines
+    with no header and nothing cut, for cut, awk and grep."""
+    console = Console(soft_wrap=False)  # made now: it reads the terminal's size and COLUMNS at this moment
+    if console.is_terminal:
+        console.print(table(console.width))
+    else:
+        print_lines(lines())
 
 
 def _failure(job: GenerationJob | FineTuningJob) -> CliError:
@@ -174,7 +184,7 @@ def jobs(
     if not page.data:
         err.print("no jobs", markup=False)
         return
-    out.print(views.jobs_table(page.data))
+    print_listing(lambda width: views.jobs_table(page.data, width), lambda: views.job_rows(page.data))
     if page.has_more:
         err.print(f"more: llmq jobs --after {page.data[-1].id}", markup=False, highlight=False)
 
@@ -278,4 +288,4 @@ def models(ctx: typer.Context, as_json: JsonOption = False) -> None:
     if as_json:
         print_json(listed)
     else:
-        out.print(views.models_table(listed.data))
+        print_listing(lambda width: views.models_table(listed.data, width), lambda: views.model_rows(listed.data))

@@ -24,7 +24,8 @@ from rich.table import Table
 from rich.text import Text
 
 from cli.fine_tune_progress import follow_fine_tune
-from cli.processes import Children, gateway_command, wait_ready, worker_command
+from cli.ports import check_ports
+from cli.processes import Children, gateway_command, new_instance_id, wait_ready, worker_command
 from client import TERMINAL, LlmqClient
 from shared.job_data import GenerationOutput
 from shared.migrate import upgrade
@@ -94,9 +95,15 @@ def choose_model(settings: Settings, console: Console) -> str:
 
 def run_demo(settings: Settings, console: Console) -> int:
     """Starts gateway and workers, shows base answers, a fine-tune, tuned answers; stops them; exit code."""
+    check_ports(settings)  # a busy port is named with its holder before anything starts
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     model = choose_model(settings, console)
-    env = {**os.environ, "LLMQ_BASE_MODEL": model, "LLMQ_DATA_DIR": str(settings.data_dir.resolve())}
+    instance = new_instance_id()  # the demo talks only to the gateway that reports this back
+    # The demo shows base and fine-tuned answers itself (step 3): the train worker's own sample generations
+    # would repeat them (about 25 s on two busy cores), so they are off unless asked for.
+    samples = os.environ.get("LLMQ_FINE_TUNE_SAMPLES", "0")
+    env = {**os.environ, "LLMQ_BASE_MODEL": model, "LLMQ_DATA_DIR": str(settings.data_dir.resolve()),
+           "LLMQ_INSTANCE_ID": instance, "LLMQ_FINE_TUNE_SAMPLES": samples}  # fmt: skip
     os.environ.update(env)
     upgrade(settings.database_url)
     base_url = f"http://{settings.api_host}:{settings.api_port}"
@@ -110,7 +117,7 @@ def run_demo(settings: Settings, console: Console) -> int:
         children.start("gateway", gateway_command(settings.api_host, settings.api_port))
         children.start("worker-generate", worker_command("generate"))
         children.start("worker-train", worker_command("train"))
-        wait_ready(base_url, children)
+        wait_ready(base_url, children, instance=instance)
         prompts = held_out_prompts()
         instructions = [_instruction(r) for r in held_out_records()]
         with LlmqClient(base_url) as client:

@@ -1,4 +1,5 @@
-"""`--hyperparameter key=value` options as a typed dict (ints, floats, booleans, JSON lists where they look it)."""
+"""`--hyperparameter key=value` options as a typed dict (ints, floats, booleans, JSON lists where they look it),
+checked against the gateway's own rules (shared.fine_tuning.Hyperparameters) before anything is uploaded."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import typer
+from pydantic import ValidationError
+
+from shared.fine_tuning import Hyperparameters
 
 _INT = re.compile(r"^[+-]?\d+$")
 _FLOAT = re.compile(r"^[+-]?(\d+\.\d*|\.\d+|\d+)([eE][+-]?\d+)?$")
@@ -45,4 +49,24 @@ def parse_hyperparameters(items: Iterable[str]) -> dict[str, Any]:
         if key in values:
             raise typer.BadParameter(f"{key} given twice", param_hint="--hyperparameter")
         values[key] = parse_value(text)
+    check_hyperparameters(values)
     return values
+
+
+def check_hyperparameters(values: dict[str, Any]) -> None:
+    """BadParameter naming every value the gateway would refuse (its schema: ranges, types, unknown names).
+
+    The gateway also applies its operator's caps (max_train_epochs, ...), which only it knows; those still
+    answer 422 from the server, after the upload."""
+    try:
+        Hyperparameters.model_validate(values)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors(include_url=False):
+            where = ".".join(
+                str(part) for part in error["loc"] if not str(part).startswith(("int", "float", "literal"))
+            )
+            message = str(error["msg"]).removeprefix("Value error, ")
+            given = f" (got {error['input']!r})" if where and error["type"] != "missing" else ""
+            problems.append(f"{where}: {message}{given}" if where else message)
+        raise typer.BadParameter("; ".join(dict.fromkeys(problems)), param_hint="--hyperparameter") from None

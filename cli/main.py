@@ -17,7 +17,15 @@ from rich.console import Console
 from cli import api_commands, batch_command, chat_command, keys, model_commands
 from cli.api_commands import Connection
 from cli.exit_codes import FAILED, USAGE, CliError, OneLineErrors
-from cli.processes import Children, gateway_command, threads_per_worker, wait_ready, worker_command
+from cli.ports import check_ports
+from cli.processes import (
+    Children,
+    gateway_command,
+    new_instance_id,
+    threads_per_worker,
+    wait_ready,
+    worker_command,
+)
 from client import DEFAULT_URL
 from shared.settings import get_settings
 
@@ -135,20 +143,22 @@ def up() -> None:
 
     settings = get_settings()
     _refuse_open_without_keys(settings.api_host, settings.require_api_keys)
+    port = settings.worker_metrics_port or settings.api_port
+    check_ports(settings, metrics_ports=(port + 1, port + 2))
     upgrade()
     base_url = f"http://{settings.api_host}:{settings.api_port}"
     children = Children(env=dict(os.environ), log_dir=settings.data_dir / "logs")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        children.start("gateway", gateway_command(settings.api_host, settings.api_port))
+        instance = new_instance_id()
+        children.start("gateway", gateway_command(settings.api_host, settings.api_port), {"LLMQ_INSTANCE_ID": instance})
         threads = {"LLMQ_TORCH_THREADS": str(threads_per_worker(settings.torch_threads, workers=2))}
-        port = settings.worker_metrics_port or settings.api_port
         generate_env = {**threads, "LLMQ_WORKER_METRICS_PORT": str(port + 1)}  # each worker's own /metrics
         children.start("worker-generate", worker_command("generate"), env=generate_env)
         children.start(
             "worker-train", worker_command("train"), env={**threads, "LLMQ_WORKER_METRICS_PORT": str(port + 2)}
         )
-        wait_ready(base_url, children)
+        wait_ready(base_url, children, instance=instance)  # "up" only once our own gateway answers
         console.print(f"llmq is up at {base_url} (logs in {children.log_dir}); Ctrl-C stops it")
         while True:
             children.check_alive()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -91,16 +92,43 @@ class Children:
                 raise RuntimeError(f"{name} exited with code {proc.returncode}")
 
 
-def wait_ready(base_url: str, children: Children | None = None, timeout: float = 60) -> None:
-    """Returns once the gateway's /readyz answers 200; raises TimeoutError otherwise."""
+def new_instance_id() -> str:
+    """A fresh name for a gateway this process starts (LLMQ_INSTANCE_ID), which its /healthz reports back."""
+    return f"llmq-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def wait_ready(
+    base_url: str, children: Children | None = None, timeout: float = 60, instance: str | None = None
+) -> None:
+    """Returns once the gateway's /readyz answers 200; raises TimeoutError otherwise.
+
+    With instance: the answering server must be the gateway started with that instance id (its /healthz says
+    so); RuntimeError when another server answers on the address, before anything is sent to it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if children is not None:
             children.check_alive()
         try:
+            if instance is not None:
+                _check_instance(base_url, instance)
             if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"gateway at {base_url} not ready after {timeout} s")
+
+
+def _check_instance(base_url: str, instance: str) -> None:
+    """RuntimeError unless the server at base_url reports this instance id (httpx.HTTPError: nobody answers)."""
+    answer = httpx.get(f"{base_url}/healthz", timeout=2)
+    try:
+        reported = answer.json().get("instance") if answer.status_code == 200 else None
+    except ValueError:
+        reported = None
+    if reported != instance:
+        raise RuntimeError(
+            f"another server answers at {base_url}, not the gateway this command started "
+            f"(it reports instance {reported!r}, ours is {instance!r}): stop it, or choose another port with "
+            "LLMQ_API_PORT=<port>"
+        )

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -55,31 +56,87 @@ def duration(seconds: float | None) -> str:
     return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
 
 
-def jobs_table(jobs: Sequence[JobSummary]) -> Table:
-    """One row per job: id, kind, status, model, created, error."""
+# Tables fit the terminal: ids are never cut (no_wrap), long models and errors fold onto more lines, and a
+# narrow terminal gets shorter timestamps and loses the columns an id already says (a job's kind: gen-, ftjob-).
+WIDE = 110  # columns from which a table shows full timestamps and every column
+
+
+def _created(moment: datetime | int | None, width: int) -> str:
+    if width >= WIDE or moment is None:
+        return local_time(moment)
+    return local_time(moment)[5:16]  # MM-DD HH:MM
+
+
+def iso_time(moment: datetime | int | None) -> str:
+    """A timestamp as ISO 8601 UTC (2026-01-01T12:00:00Z), for scripts; "-" for None."""
+    if moment is None:
+        return "-"
+    if isinstance(moment, int):
+        moment = datetime.fromtimestamp(moment, UTC)
+    elif moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _job_error(job: JobSummary) -> str:
+    return f"{job.error.code}: {job.error.message}" if job.error else ""
+
+
+def jobs_table(jobs: Sequence[JobSummary], width: int) -> RenderableType:
+    """One row per job: id, kind, status, created, model, error; fits width columns. On a narrow terminal the
+    kind is left out (the id says it: gen-, ftjob-) and errors follow the table, one per failed job."""
+    wide = width >= WIDE
     table = Table(box=None, pad_edge=False)
-    table.add_column("ID", no_wrap=True)
-    table.add_column("KIND")
-    table.add_column("STATUS")
-    table.add_column("MODEL", overflow="fold")
-    table.add_column("CREATED", no_wrap=True)
-    table.add_column("ERROR", overflow="fold")
+    table.add_column("ID", no_wrap=True, overflow="ignore")
+    if wide:
+        table.add_column("KIND", no_wrap=True)
+    table.add_column("STATUS", no_wrap=True, overflow="ignore")
+    table.add_column("CREATED", no_wrap=True, overflow="ignore")
+    table.add_column("MODEL", overflow="fold", ratio=1)
+    if wide:
+        table.add_column("ERROR", overflow="fold", ratio=1)
     for job in jobs:
-        error = f"{job.error.code}: {job.error.message}" if job.error else ""
-        table.add_row(job.id, job.kind, str(job.status), Text(job.model), local_time(job.created_at), Text(error))
-    return table
+        cells = [job.id, *([job.kind] if wide else []), str(job.status), _created(job.created_at, width)]
+        table.add_row(*cells, Text(job.model), *([Text(_job_error(job))] if wide else []))
+    errors = [Text(f"{job.id}  {_job_error(job)}") for job in jobs if job.error and not wide]
+    return Group(table, *([Text(""), *errors] if errors else []))
 
 
-def models_table(models: Sequence[ModelObject]) -> Table:
-    """One row per model: id, parent (the base of a fine-tuned model), created."""
+def job_rows(jobs: Sequence[JobSummary]) -> list[str]:
+    """One tab-separated line per job for pipes: id, kind, status, created (ISO UTC), model, error."""
+    return [
+        _tab_line(job.id, job.kind, str(job.status), iso_time(job.created_at), job.model, _job_error(job))
+        for job in jobs
+    ]
+
+
+MIN_FOLDED = 16  # the narrowest a folded column is worth showing
+
+
+def models_table(models: Sequence[ModelObject], width: int) -> Table:
+    """One row per model: id, created, parent (the base of a fine-tuned model); fits width columns. The parent
+    is left out when long ids leave it too little room (a checkpoint's id starts with its parent's)."""
+    created = [_created(m.created, width) if m.created else "-" for m in models]  # the base model says 0
+    used = max(len(m.id) for m in models) + 1 + max(len("CREATED"), *(len(c) for c in created)) + 1
     table = Table(box=None, pad_edge=False)
-    table.add_column("ID", overflow="fold")
-    table.add_column("PARENT", overflow="fold")
-    table.add_column("CREATED", no_wrap=True)
-    for model in models:
-        created = local_time(model.created) if model.created else "-"  # the base model says 0
-        table.add_row(Text(model.id), Text(model.parent or "-"), created)
+    table.add_column("ID", no_wrap=True, overflow="ignore")
+    table.add_column("CREATED", no_wrap=True, overflow="ignore")
+    with_parent = width - used >= MIN_FOLDED
+    if with_parent:
+        table.add_column("PARENT", overflow="fold")
+    for model, when in zip(models, created, strict=True):
+        table.add_row(Text(model.id), when, *([Text(model.parent or "-")] if with_parent else []))
     return table
+
+
+def model_rows(models: Sequence[ModelObject]) -> list[str]:
+    """One tab-separated line per model for pipes: id, created (ISO UTC, - for the base), parent."""
+    return [_tab_line(m.id, iso_time(m.created) if m.created else "-", m.parent or "-") for m in models]
+
+
+def _tab_line(*cells: str) -> str:
+    """Cells joined by tabs, each on one line (tabs and line breaks inside a cell become spaces)."""
+    return "\t".join(" ".join(cell.split()) or "-" for cell in cells)
 
 
 def file_line(file: FileObject) -> str:
@@ -194,4 +251,23 @@ def fine_tune_lines(job: FineTuningJob) -> list[str]:
         lines.append(f"result    {job.fine_tuned_model}")
     if job.error is not None:
         lines.append(f"error     {job.error.code}: {job.error.message}")
+    return lines + sample_lines(job)
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split()) or "(empty)"
+
+
+def sample_lines(job: FineTuningJob) -> list[str]:
+    """The fine-tuned model's greedy answers to a few validation prompts, each beside the base model's."""
+    if not job.samples:
+        return []
+    lines = [f"samples   greedy answers to {len(job.samples)} validation prompts"]
+    for number, sample in enumerate(job.samples, 1):
+        lines.append(f"  [{number}] {_one_line(sample.prompt)}")
+        lines.append(f"      fine-tuned  {_one_line(sample.fine_tuned)}")
+        if sample.base is not None:
+            lines.append(f"      base        {_one_line(sample.base)}")
+        if sample.reference is not None:
+            lines.append(f"      reference   {_one_line(sample.reference)}")
     return lines

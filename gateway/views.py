@@ -142,6 +142,7 @@ def fine_tuning_job(job: Job) -> FineTuningJob:
         dataset=params.dataset,
         metrics=result.metrics,
         progress=_progress(result) if running else None,
+        samples=result.samples,
     )
 
 

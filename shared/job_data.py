@@ -170,12 +170,23 @@ class CheckpointNote(StoredData):
     metrics: Figures
 
 
+class SampleGeneration(StoredData):
+    """A finished fine-tune's greedy answer to one held-out validation prompt, and the base model's, for contrast
+    (worker/sample_generations.py; at most fine_tune_sample_tokens tokens each)."""
+
+    prompt: str  # the instruction (and input) as the record gave it, or the conversation's last user turn
+    reference: str | None = None  # the validation record's own answer, when it has one
+    fine_tuned: str  # the adapter's greedy answer
+    base: str | None = None  # the base model's greedy answer (None: not generated)
+
+
 class FineTuneResult(StoredData):
     """A fine-tuning job's result column, which its worker rewrites as the job goes.
 
     While it runs: the progress figures (step, total_steps, train_loss, trained_tokens, estimated_finish).
     Cancelled: where it stopped (step, total_steps, trained_tokens, checkpoint).
-    Succeeded: the model it made (fine_tuned_model, trained_tokens, metrics, result_files, adapter_path).
+    Succeeded: the model it made (fine_tuned_model, trained_tokens, metrics, result_files, adapter_path) and its
+    answers to a few validation prompts beside the base model's (samples).
     """
 
     step: int | None = None
@@ -188,6 +199,7 @@ class FineTuneResult(StoredData):
     metrics: Figures | None = None
     result_files: list[str] = Field(default_factory=list)
     adapter_path: str | None = None
+    samples: list[SampleGeneration] = Field(default_factory=list)
 
 
 # --- Exports of a fine-tuned model ----------------------------------------------------------------------------

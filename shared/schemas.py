@@ -17,6 +17,7 @@ from shared.job_data import (
     GenerationOutput,
     JobError,
     JobKind,
+    SampleGeneration,
     Usage,
 )
 from shared.request_fields import Name, RequestModel, Text
@@ -303,6 +304,11 @@ class FineTuningJob(BaseModel):
     )
     queue: QueueState | None = Field(
         default=None, description="llmq extension: while queued, its queue position and whether a train worker lives."
+    )
+    samples: list[SampleGeneration] = Field(
+        default_factory=list,
+        description="llmq extension: once succeeded, the fine-tuned model's greedy answers to a few validation "
+        "prompts beside the base model's (settings fine_tune_samples, fine_tune_sample_tokens); else empty.",
     )
 
 

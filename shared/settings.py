@@ -133,6 +133,16 @@ class Settings(BaseSettings):
         ge=1,
         description="Cap on max_steps of a fine-tune, and on its save_every_steps and eval_every_steps.",
     )
+    fine_tune_samples: int = Field(
+        3,
+        ge=0,
+        le=20,
+        description="Validation prompts a finished fine-tune answers greedily, with its adapter and with the base "
+        "for contrast, shown on the job (API `samples`, `llmq status`, dashboard); 0: none.",
+    )
+    fine_tune_sample_tokens: int = Field(
+        48, ge=1, le=512, description="Most new tokens of each of those sample answers."
+    )
     allowed_datasets: list[str] = Field(
         default_factory=lambda: list(DEFAULT_DATASETS),
         description="Hub datasets a fine-tune may name in dataset.name (JSON list of owner/name ids; never a "
@@ -230,6 +240,12 @@ class Settings(BaseSettings):
 
     api_host: str = Field("127.0.0.1", description="Address the gateway binds (llmq serve / up / demo).")
     api_port: int = Field(8000, description="Port the gateway binds (llmq serve / up / demo).")
+    instance_id: str = Field(
+        "",
+        max_length=64,
+        description="A name the gateway reports in GET /healthz (`instance`); `llmq up` and `llmq demo` give the "
+        "gateway they start a fresh one, so that another program on the port is never taken for it.",
+    )
     gateway_workers: int = Field(
         1, ge=1, description="Gateway processes `llmq serve` starts on its port (one per core is a good start)."
     )

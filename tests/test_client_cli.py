@@ -5,10 +5,14 @@ httpx MockTransport standing in for the server."""
 from __future__ import annotations
 
 import functools
+import http.server
 import json
 import os
+import re
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from cli import api_commands
 from cli.fine_tune_progress import progress_fields
 from cli.hyperparameters import parse_hyperparameters, parse_value
 from cli.main import app
+from cli.processes import wait_ready
 from client import (
     AuthError,
     LlmqClient,
@@ -583,3 +588,184 @@ def test_finetune_follow_of_a_failing_job_exits_1_with_its_error(scripted: Scrip
     assert result.exit_code == 1
     assert result.stdout == ""
     assert result.stderr.strip().splitlines()[-1] == "error: ftjob-1 failed: out of memory"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `llmq jobs` and `llmq models`: 80 columns on a terminal, plain tab-separated lines in a pipe
+# ----------------------------------------------------------------------------------------------------------
+
+LONG_ERROR = "the worker ran out of memory while decoding the batch; retry with fewer tokens"
+LISTED_JOBS = [
+    {"id": "ftjob-0123456789abcdef01234567", "kind": "train", "status": "failed", "model": "openai-community/gpt2",
+     "created_at": "2026-01-02T03:04:05Z", "started_at": None, "finished_at": None, "attempt": 1,
+     "error": {"code": "training_failed", "message": LONG_ERROR}},
+    {"id": "gen-0123456789abcdef01234567", "kind": "generate", "status": "succeeded",
+     "model": "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567", "created_at": "2026-01-02T03:04:06Z",
+     "started_at": None, "finished_at": None, "attempt": 1, "error": None},
+]  # fmt: skip
+LISTED_MODELS = [
+    {"id": "openai-community/gpt2", "created": 0, "root": "openai-community/gpt2"},
+    {"id": "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567:ckpt-step-1000", "created": 1_767_322_800,
+     "parent": "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567", "root": "openai-community/gpt2"},
+]  # fmt: skip
+
+
+@pytest.fixture
+def listing_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/jobs":
+            return httpx.Response(200, json={"object": "list", "data": LISTED_JOBS, "has_more": False})
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"object": "list", "data": LISTED_MODELS})
+        return error(404, "no route")
+
+    factory = functools.partial(LlmqClient, transport=httpx.MockTransport(answer), sleep=lambda _s: None)
+    monkeypatch.setattr(api_commands, "LlmqClient", factory)
+
+
+@pytest.mark.parametrize("command", ["jobs", "models"])
+def test_listings_fit_an_80_column_terminal_without_cutting_an_id(
+    listing_server: None, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    from rich.console import Console
+
+    monkeypatch.setattr(api_commands, "Console", functools.partial(Console, force_terminal=True, width=80))
+    result = CliRunner().invoke(app, ["--url", FAKE_URL, command])
+    assert result.exit_code == 0, result.output
+    assert "\x1b[" in result.stdout  # styled, as on a terminal
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", result.stdout).splitlines()
+    assert plain[0].split()[0] == "ID"
+    assert max(len(line) for line in plain) <= 80, "\n".join(plain)
+    ids = [row["id"] for row in (LISTED_JOBS if command == "jobs" else LISTED_MODELS)]
+    first_words = [line.split()[0] for line in plain if line.strip()]
+    assert all(i in first_words for i in ids)  # each id whole on one line, copyable
+    assert "…" not in result.stdout
+
+
+def test_listings_in_a_pipe_are_tab_separated_lines_with_nothing_cut(listing_server: None) -> None:
+    jobs = CliRunner().invoke(app, ["--url", FAKE_URL, "jobs"])
+    assert jobs.exit_code == 0, jobs.output
+    assert jobs.stdout.splitlines() == [
+        "ftjob-0123456789abcdef01234567\ttrain\tfailed\t2026-01-02T03:04:05Z\topenai-community/gpt2\t"
+        f"training_failed: {LONG_ERROR}",
+        "gen-0123456789abcdef01234567\tgenerate\tsucceeded\t2026-01-02T03:04:06Z\t"
+        "ft:gpt2:a-long-suffix:ftjob-0123456789abcdef01234567\t-",
+    ]
+    models = CliRunner().invoke(app, ["--url", FAKE_URL, "models"])
+    assert models.exit_code == 0, models.output
+    assert [line.split("\t") for line in models.stdout.splitlines()] == [
+        ["openai-community/gpt2", "-", "-"],
+        [LISTED_MODELS[1]["id"], "2026-01-02T03:00:00Z", LISTED_MODELS[1]["parent"]],
+    ]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `llmq finetune`: hyperparameters checked by the gateway's own rules before the file is uploaded
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ("n_epochs=0", "n_epochs must be at least 1 or 'auto'"),
+        ("n_epochs=1.5", "n_epochs: Input should be a valid integer (got 1.5)"),
+        ("lora_r=1000", "lora_r: Input should be less than or equal to 256 (got 1000)"),
+        ("learning_rate_multiplier=500", "learning_rate_multiplier must be in (0, 100] or 'auto'"),
+        ("lr_scheduler=cosin", "lr_scheduler: Input should be 'linear', 'cosine'"),
+        ("epochs=3", "epochs: Extra inputs are not permitted"),
+    ],
+)
+def test_finetune_refuses_a_bad_hyperparameter_before_uploading_anything(
+    monkeypatch: pytest.MonkeyPatch, value: str, named: str
+) -> None:
+    requests: list[str] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        requests.append(f"{request.method} {request.url.path}")
+        return error(500, "unexpected")
+
+    factory = functools.partial(LlmqClient, transport=httpx.MockTransport(record), sleep=lambda _s: None)
+    monkeypatch.setattr(api_commands, "LlmqClient", factory)
+    result = CliRunner().invoke(app, ["--url", FAKE_URL, "finetune", "--file", str(SAMPLE), "-p", value])
+    assert result.exit_code == 2, result.output
+    assert named in " ".join(result.stderr.split()) and "--hyperparameter" in result.stderr
+    assert requests == []  # nothing uploaded, no job created
+
+
+# ----------------------------------------------------------------------------------------------------------
+# `llmq up` and `llmq demo`: a busy port named with its holder; only their own gateway is ever "up"
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_llmq_up_names_the_busy_gateway_port_and_its_holder_and_starts_nothing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        configure(monkeypatch, api_port=str(port), data_dir=str(tmp_path))
+        result = CliRunner().invoke(app, ["up"])
+    assert result.exit_code == 1, result.output
+    line = " ".join(result.stderr.split())
+    assert f"port {port} on 127.0.0.1 (the gateway) is in use, held by pid {os.getpid()}: " in line
+    assert "choose another port with LLMQ_API_PORT=<port>" in line
+    assert "is up" not in result.output
+    assert not (tmp_path / "logs").exists()  # no child started
+
+
+class _Healthz(http.server.BaseHTTPRequestHandler):
+    instance: str | None = None
+
+    def do_GET(self) -> None:
+        body = {"status": "ok"} if self.instance is None else {"status": "ok", "instance": self.instance}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("reported", [None, "llmq-someone-else"])
+def test_waiting_for_our_gateway_refuses_another_server_on_its_port(reported: str | None) -> None:
+    handler = type("Foreign", (_Healthz,), {"instance": reported})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(RuntimeError, match=r"another server answers at .* not the gateway this command started"):
+            wait_ready(url, timeout=5, instance="llmq-ours")
+        ours = type("Ours", (_Healthz,), {"instance": "llmq-ours"})
+        server.RequestHandlerClass = ours
+        wait_ready(url, timeout=5, instance="llmq-ours")  # the one that reports our id is ready
+        server.shutdown()
+
+
+def test_the_gateway_reports_the_instance_id_its_starter_gave_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.routes.health import healthz
+
+    configure(monkeypatch, instance_id="llmq-123-abc")
+    assert healthz() == {"status": "ok", "instance": "llmq-123-abc"}
+
+
+def test_status_of_a_finished_fine_tune_prints_its_sample_answers_beside_the_base_models() -> None:
+    from cli import views
+
+    job = FineTuningJob.model_validate(
+        ft_job("succeeded", fine_tuned_model="ft:base:llmq:ftjob-1")
+        | {"samples": [{"prompt": "Name a primary\ncolour.", "reference": "Blue.", "fine_tuned": " Red.", "base": ""}]}
+    )
+    lines = views.fine_tune_lines(job)
+    start = lines.index("samples   greedy answers to 1 validation prompts")
+    assert lines[start:] == [
+        "samples   greedy answers to 1 validation prompts",
+        "  [1] Name a primary colour.",
+        "      fine-tuned  Red.",
+        "      base        (empty)",
+        "      reference   Blue.",
+    ]
+    running = FineTuningJob.model_validate(ft_job("running"))
+    assert not any(line.startswith("samples") for line in views.fine_tune_lines(running))

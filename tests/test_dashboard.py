@@ -182,6 +182,9 @@ def val_loss(step: int) -> float:
     return 1.45 + 1.8 * math.exp(-step / 16)
 
 
+SAMPLE = {"prompt": "Name a primary colour.", "reference": "Blue.", "fine_tuned": "Red.", "base": "the the the"}
+
+
 @pytest.fixture(scope="module")
 def fine_tune(production_system: System, postgres_url: str) -> str:
     """A finished fine-tune written straight into the database, as a train worker would have left it."""
@@ -214,7 +217,13 @@ def fine_tune(production_system: System, postgres_url: str) -> str:
         model=base,
         base_model=base,
         params=params | {"seed": 7, "metadata": None, "hyperparameters": hp},
-        result={"fine_tuned_model": model, "trained_tokens": 61440, "metrics": metrics, "result_files": []},
+        result={
+            "fine_tuned_model": model,
+            "trained_tokens": 61440,
+            "metrics": metrics,
+            "result_files": [],
+            "samples": [SAMPLE],
+        },
         attempt=1,
         max_attempts=3,
         worker="trainer:1",
@@ -228,7 +237,8 @@ def fine_tune(production_system: System, postgres_url: str) -> str:
     ]
     for step in range(1, TRAIN_STEPS + 1):
         loss = train_loss(step)
-        figures = {"step": step, "total_steps": TRAIN_STEPS, "train_loss": loss, "learning_rate": 2e-4}
+        figures = {"step": step, "total_steps": TRAIN_STEPS, "train_loss": loss,
+                   "learning_rate": 2e-4 * (1 - step / TRAIN_STEPS), "tokens_per_second": 900.0 + step}  # fmt: skip
         events.append(event(step, f"Step {step}/{TRAIN_STEPS}: training loss={loss:.4f}", figures))
         if step in VALIDATION_STEPS:
             message = f"Step {step}: validation loss={val_loss(step):.4f}"
@@ -279,7 +289,11 @@ def test_fine_tune_page_draws_train_and_validation_loss_with_events_and_checkpoi
 ) -> None:
     url = f"{production_system.base_url}/ui/fine-tunes/{fine_tune}"
     html = dom(url, profile)
-    assert '<svg viewBox="0 0 760 320" class="loss-chart"' in html
+    assert '<svg viewBox="0 0 760 320" class="line-chart loss-chart"' in html
+    assert '<svg viewBox="0 0 380 220" class="line-chart small" role="img" aria-label="Learning rate by step">' in html
+    assert 'aria-label="Training tokens per second by step"' in html
+    assert f'<g class="series learning-rate" data-points="{TRAIN_STEPS}">' in html
+    assert f'<g class="series throughput" data-points="{TRAIN_STEPS}">' in html
     assert f'<g class="series train" data-points="{TRAIN_STEPS}">' in html
     assert f'<g class="series validation" data-points="{len(VALIDATION_STEPS)}">' in html
     assert html.count('<line class="checkpoint"') == len(CHECKPOINT_STEPS)
@@ -287,6 +301,8 @@ def test_fine_tune_page_draws_train_and_validation_loss_with_events_and_checkpoi
         assert f"{fine_tune}:ckpt-step-{step}" in html
     assert f"Step {TRAIN_STEPS}/{TRAIN_STEPS}: training loss=" in html  # the events list
     assert "Validation loss of the base model: 3.3100" in html
+    assert "<h2>Sample answers</h2>" in html
+    assert '<tr class="sample"><td class="pre">Name a primary colour.</td><td class="pre fine-tuned">Red.</td>' in html
     assert 'class="badge succeeded"' in html
     assert "train 1.7100 · validation 1.5200 (base 3.3100)" in html
     assert ">Delete model</button>" in html and ">Export</button>" in html and ">Pause</button>" not in html

@@ -40,7 +40,12 @@ TEMPLATE_TEXT = ("### Instruction", "### Response", "### Input", "Below is an in
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """Settings for an empty, migrated SQLite database and artifact store in tmp_path."""
     monkeypatch.delenv("LLMQ_BROKER_URL", raising=False)
-    configure(monkeypatch, data_dir=str(tmp_path / "data"), database_url=f"sqlite:///{tmp_path / 'llmq.db'}")
+    configure(
+        monkeypatch,
+        data_dir=str(tmp_path / "data"),
+        database_url=f"sqlite:///{tmp_path / 'llmq.db'}",
+        fine_tune_samples="0",  # this test generates its own answers to the held-out instructions
+    )
     upgrade()
     return get_settings()
 

@@ -95,3 +95,27 @@ def test_api_doc_examples_parse(language: str) -> None:
             ast.parse(block)
         else:
             json.loads(block)
+
+
+def test_readme_describes_the_offline_model_as_the_committed_one_is() -> None:
+    """The README's words on llmq's own small GPT-2 (the model every offline run uses): pretrained, its shape,
+    parameter count, vocabulary and weight size, read from the committed files (no torch)."""
+    import math
+    import struct
+
+    model_dir = ROOT / "worker" / "data" / "pretrained_gpt2"
+    config = json.loads((model_dir / "config.json").read_text())
+    weights = model_dir / "model.safetensors"
+    with weights.open("rb") as f:
+        header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+    parameters = sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    shape = f"{config['n_layer']} layers x {config['n_embd']} wide"
+    assert (
+        f"**llmq's own small GPT-2** (`worker/data/pretrained_gpt2/`: {shape}, {parameters / 1e6:.1f}M parameters, "
+        f"a {config['vocab_size']:,}-token byte-level BPE), which `python -m worker.pretraining` pretrained from "
+        "scratch on English the project ships" in readme
+    )
+    assert f"models/small --pretrained # {shape}, pretrained on shipped English (committed)" in readme
+    assert f"The pretrained weights ({weights.stat().st_size / 1e6:.0f} MB," in readme
+    assert "random weights" not in readme.split("llmq make-model models/tiny")[0]  # only the tiny one is random

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -151,3 +153,27 @@ def test_worker_and_gateway_processes_log_json_lines_naming_the_jobs(production_
     # The claim names its jobs, in either batching mode (worker.scheduler: continuous; worker.serving: static).
     assert batch and batch[0]["logger"] in ("worker.scheduler", "worker.serving") and batch[0]["level"] == "INFO"
     assert any(line["logger"] == "gateway.app" for line in json_lines(logs / "gateway.log"))
+
+
+def test_bitsandbytes_kernels_warning_becomes_a_debug_note_and_other_records_pass(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import worker  # noqa: F401  (installs the filter)
+    from worker.library_logs import BNB_CPU_LOGGER, BNB_KERNELS_NOTE
+
+    logger = logging.getLogger(BNB_CPU_LOGGER)
+    message = "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please `pip install kernels`"
+    with caplog.at_level(logging.INFO):
+        logger.warning(message, "No module named 'kernels'")
+        logger.warning("some other bitsandbytes warning")
+    assert [r.getMessage() for r in caplog.records] == ["some other bitsandbytes warning"]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger=BNB_CPU_LOGGER):
+        logger.warning(message, "No module named 'kernels'")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [("DEBUG", BNB_KERNELS_NOTE)]
+
+
+def test_a_worker_process_starts_without_the_bitsandbytes_kernels_warning() -> None:
+    code = "import logging; logging.basicConfig(); import worker; import bitsandbytes"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert "kernels-community" not in done.stderr and "kernels" not in done.stderr.lower(), done.stderr

@@ -264,6 +264,17 @@ def test_fine_tune_learns_and_leaves_a_servable_adapter(
     assert metrics["steps"] == 90  # 2 epochs of 360 examples (40 of the 400 held out) in batches of 8
     assert result["trained_tokens"] == metrics["trained_tokens"] > 0
 
+    # Greedy answers to the first held-out validation prompts, the fine-tuned model's beside the base's, bounded.
+    samples = result["samples"]
+    _, validation = split_validation(read_jsonl(SAMPLE, "sample"), 0.1, seed=7)
+    assert [s["prompt"] for s in samples] == [
+        "\n".join(p for p in (r["instruction"], r["input"]) if p) for r in validation[: store.fine_tune_samples]
+    ]
+    assert [s["reference"] for s in samples] == [r["output"] for r in validation[: store.fine_tune_samples]]
+    assert all(isinstance(s["fine_tuned"], str) and isinstance(s["base"], str) for s in samples)
+    assert any(s["fine_tuned"] != s["base"] for s in samples)
+    assert "Answered 3 validation prompts greedily (fine-tuned and base)." in [e.message for e in events(job_id)]
+
     # Progress events: the loss falls; figures are complete; the last step is always written.
     progress = [e.data for e in events(job_id, "metrics") if e.data and "train_loss" in e.data]
     assert progress[-1]["step"] == 90 and progress[-1]["trained_tokens"] == result["trained_tokens"]
@@ -727,3 +738,40 @@ def test_other_base_precisions_train_too(store: Settings, tiny_model: Path, quan
     metrics = (job.result or {})["metrics"]
     assert metrics["steps"] == 3 and metrics["trained_tokens"] > 0
     assert metrics["val_loss"] < metrics["base_val_loss"]
+
+
+def test_sample_generations_are_bounded_optional_and_never_fail_the_job(tiny_model: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from worker.sample_generations import sample_generations
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    lora = LoraConfig(r=4, target_modules=["c_attn"], lora_alpha=64, fan_in_fan_out=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 1.0)  # an adapter that changes what the model says
+    new_tokens: list[int] = []
+    generate = model.generate
+
+    def counted(**kwargs: Any) -> torch.Tensor:
+        out = generate(**kwargs)
+        new_tokens.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    model.generate = counted
+    records = read_jsonl(DATA / "alpaca_sample_val.jsonl", "v")
+    kwargs: dict[str, Any] = {"max_tokens": 6, "max_prompt_tokens": 256}
+    samples = sample_generations(model, tokenizer, records, ALPACA_CHAT_TEMPLATE, count=2, **kwargs)
+    assert len(samples) == 2 and samples[0].reference == records[0]["output"]
+    assert all(s.base is not None for s in samples)
+    assert len(new_tokens) == 4 and max(new_tokens) <= 6  # 2 prompts x (fine-tuned, base), bounded
+    assert any(s.fine_tuned != s.base for s in samples)
+    again = sample_generations(model, tokenizer, records, ALPACA_CHAT_TEMPLATE, count=2, **kwargs)
+    assert [s.fine_tuned for s in again] == [s.fine_tuned for s in samples]  # the adapter is on again afterwards
+    assert sample_generations(model, tokenizer, records, ALPACA_CHAT_TEMPLATE, count=0, **kwargs) == []
+    assert sample_generations(model, tokenizer, [], ALPACA_CHAT_TEMPLATE, count=3, **kwargs) == []
+    broken = SimpleNamespace(generate=None, parameters=lambda: iter([torch.zeros(1)]), training=False)
+    assert sample_generations(broken, tokenizer, records, ALPACA_CHAT_TEMPLATE, count=1, **kwargs) == []

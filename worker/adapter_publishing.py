@@ -22,7 +22,7 @@ from shared import artifacts, job_states
 from shared.artifacts import ADAPTER_SEAL, ArtifactStore
 from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.fine_tuning import ResolvedHyperparameters
-from shared.job_data import Figures, FineTuneParams, FineTuneResult
+from shared.job_data import Figures, FineTuneParams, FineTuneResult, SampleGeneration
 from shared.job_states import Claim
 from shared.model_ids import fine_tuned_model_id
 from shared.models import FineTunedModel, Job, utcnow
@@ -49,6 +49,7 @@ class TrainedAdapter:
     chat_template: str = ALPACA_CHAT_TEMPLATE  # what the examples were rendered with; serving renders with it too
     log_history: list[dict[str, Any]] = field(default_factory=list)  # trainer.state.log_history: the metrics CSV
     lineage: list[str] = field(default_factory=list)  # the models it continued from, back to the base
+    samples: list[SampleGeneration] = field(default_factory=list)  # its answers to validation prompts, and the base's
 
 
 def publish_adapter(session: Session, claim: Claim, settings: Settings, adapter: TrainedAdapter, local: Path) -> None:
@@ -80,6 +81,7 @@ def publish_adapter(session: Session, claim: Claim, settings: Settings, adapter:
         metrics=metrics,
         result_files=[row.id for row in results],  # file ids: GET /v1/files/{id}/content
         adapter_path=relative_dir,
+        samples=adapter.samples,
     )
     row = FineTunedModel(
         id=model_id,

@@ -2,7 +2,8 @@
 
 run_fine_tune reads top to bottom: claim -> data -> base model (4-bit) -> LoRA + TRL SFTTrainer -> validation
 loss of the base -> train (a callback checks cancel, renews the lease, writes progress, events and
-checkpoints) -> validation loss of the adapter -> adapter + manifest -> fine-tuned model row + succeeded.
+checkpoints) -> validation loss of the adapter -> greedy sample answers to a few validation prompts (adapter
+and base) -> adapter + manifest -> fine-tuned model row + succeeded.
 
 The parts live in modules named for their job: worker/trainer_setup.py (base model and trainer),
 worker/progress_callback.py (the Trainer-to-job callback), worker/checkpoints.py (checkpoints sealed into the
@@ -43,6 +44,7 @@ from worker.identity import worker_id
 from worker.leases import lease_keeper
 from worker.parent_models import Parent, ParentUnavailable, fetch_parent
 from worker.progress_callback import JobCallback
+from worker.sample_generations import sample_generations
 from worker.trainer_setup import CountingSFTTrainer, ModelLoadFailed, build_trainer, load_trainable_base
 
 log = logging.getLogger(__name__)
@@ -152,6 +154,12 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
             runtime_seconds=round(time.monotonic() - started, 3),
             train_tokens_per_second=callback.tokens_per_second(),
         )
+        samples = sample_generations(
+            trainer.model, loaded.tokenizer, data.validation, template, count=settings.fine_tune_samples,
+            max_tokens=settings.fine_tune_sample_tokens, max_prompt_tokens=hp.max_seq_len,
+        )  # fmt: skip
+        if samples:
+            add_event(session, claim, f"Answered {len(samples)} validation prompts greedily (fine-tuned and base).")
         chain = parent.lineage if parent is not None else [job.base_model]
         adapter = TrainedAdapter(
             trainer.model,
@@ -163,6 +171,7 @@ def _fine_tune(session: Session, claim: Claim, settings: Settings) -> None:
             chat_template=template,
             log_history=list(trainer.state.log_history),
             lineage=chain,
+            samples=samples,
         )
         publish_adapter(session, claim, settings, adapter, scratch / "adapter")
 

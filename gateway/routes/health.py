@@ -17,8 +17,9 @@ router = APIRouter(tags=["health"])
 
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
-    """The process is alive."""
-    return {"status": "ok"}
+    """The process is alive; `instance` names this gateway when its starter gave it a name (instance_id)."""
+    instance = get_settings().instance_id
+    return {"status": "ok", "instance": instance} if instance else {"status": "ok"}
 
 
 def _check_database() -> str:

@@ -421,11 +421,14 @@ class EventLog {
     return fresh.length > 0;
   }
 
-  // Loss series from the metrics events: train loss per reported step; validation loss (of the base model
-  // at step 0, during and after training) per step.
+  // Series from the metrics events, by step: train loss per reported step; validation loss (of the base
+  // model at step 0, during and after training); the learning rate and the training throughput in tokens per
+  // second that each step report carries.
   series() {
     const train = new Map();
     const validation = new Map();
+    const learningRate = new Map();
+    const tokensPerSecond = new Map();
     for (const event of this.events) {
       const data = event.data || {};
       if (event.type !== "metrics" || typeof data.step !== "number") continue;
@@ -433,9 +436,16 @@ class EventLog {
       for (const key of ["val_loss", "base_val_loss"]) {
         if (typeof data[key] === "number") validation.set(data.step, data[key]);
       }
+      if (typeof data.learning_rate === "number") learningRate.set(data.step, data.learning_rate);
+      if (typeof data.tokens_per_second === "number") tokensPerSecond.set(data.step, data.tokens_per_second);
     }
     const points = (map) => [...map.entries()].sort((a, b) => a[0] - b[0]).map(([x, y]) => ({ x, y }));
-    return { train: points(train), validation: points(validation) };
+    return {
+      train: points(train),
+      validation: points(validation),
+      learningRate: points(learningRate),
+      tokensPerSecond: points(tokensPerSecond),
+    };
   }
 
   progress() {
@@ -511,6 +521,9 @@ function fineTuneView(jobId) {
   const header = h("div", {});
   const summary = h("div", {});
   const chart = h("div", { class: "chart", id: "loss-chart" });
+  const rateChart = h("div", { class: "chart", id: "learning-rate-chart" });
+  const speedChart = h("div", { class: "chart", id: "throughput-chart" });
+  const samples = h("div", { id: "samples" });
   const checkpoints = h("div", { id: "checkpoints" });
   const events = h("div", { id: "events" });
   const exports = exportsPanel(jobId);
@@ -521,6 +534,10 @@ function fineTuneView(jobId) {
     summary,
     h("h2", {}, "Loss"),
     chart,
+    h("div", { class: "columns even" },
+      h("section", {}, h("h2", {}, "Learning rate"), rateChart),
+      h("section", {}, h("h2", {}, "Throughput"), speedChart)),
+    samples,
     h("div", { class: "columns" }, h("section", {}, h("h2", {}, "Checkpoints"), checkpoints), h("section", {}, h("h2", {}, "Events"), events)),
   );
 
@@ -572,13 +589,22 @@ function fineTuneView(jobId) {
     );
 
     if (changed || !chart.firstChild) {
-      const { train, validation } = log.series();
-      replace(chart, lossChart(
+      const { train, validation, learningRate, tokensPerSecond } = log.series();
+      const checkpointSteps = saved.data.map((c) => c.step_number);
+      replace(chart, lineChart(
         [
           { name: "train loss", className: "train", points: train },
           { name: "validation loss", className: "validation", points: validation, markers: true },
         ],
-        saved.data.map((c) => c.step_number),
+        { checkpointSteps, yLabel: "loss", label: "Training and validation loss by step", empty: "No loss reported yet." },
+      ));
+      replace(rateChart, lineChart(
+        [{ name: "learning rate", className: "learning-rate", points: learningRate }],
+        { yLabel: "learning rate", label: "Learning rate by step", empty: "No learning rate reported yet.", small: true },
+      ));
+      replace(speedChart, lineChart(
+        [{ name: "tokens/s", className: "throughput", points: tokensPerSecond }],
+        { yLabel: "tokens/s", label: "Training tokens per second by step", empty: "No throughput reported yet.", small: true },
       ));
       replace(events, table(
         ["Time", "Level", "Message"],
@@ -588,6 +614,20 @@ function fineTuneView(jobId) {
         "No events yet.",
       ));
     }
+    replace(samples, (job.samples || []).length
+      ? h("section", {},
+        h("h2", {}, "Sample answers"),
+        h("p", { class: "muted small" }, "Greedy answers to validation prompts after training, with the base model's for contrast."),
+        table(
+          ["Validation prompt", "Fine-tuned", "Base model", "Reference"],
+          job.samples.map((sample) => h("tr", { class: "sample" },
+            h("td", { class: "pre" }, sample.prompt),
+            h("td", { class: "pre fine-tuned" }, sample.fine_tuned),
+            h("td", { class: "pre base" }, sample.base ?? "–"),
+            h("td", { class: "pre muted" }, sample.reference ?? "–"))),
+          "No samples.",
+        ))
+      : null);
     replace(checkpoints, table(
       ["Step", "Checkpoint", "Train loss", "Validation loss", "Created"],
       saved.data.map((c) =>
@@ -608,7 +648,7 @@ function fineTuneView(jobId) {
 }
 
 // ------------------------------------------------------------------------------------------------------
-// The loss chart: inline SVG, drawn here (no library, nothing fetched)
+// Line charts (loss, learning rate, throughput): inline SVG, drawn here (no library, nothing fetched)
 // ------------------------------------------------------------------------------------------------------
 
 // About `count` round tick values covering [low, high].
@@ -622,12 +662,20 @@ function ticks(low, high, count) {
   return values;
 }
 
-function lossChart(series, checkpointSteps) {
+// Tick labels short enough for the axis: 0.0002 as 2e-4, 12000 as 12000.
+function tickText(value) {
+  if (value !== 0 && Math.abs(value) < 1e-3) return value.toExponential(1).replace(/\.0e/, "e");
+  return String(Number(value.toPrecision(4)));
+}
+
+// series: [{ name, className, points: [{x: step, y}], markers }]; options: checkpointSteps (vertical marks),
+// yLabel, label (for screen readers), empty (the text without points), small (the half-width charts).
+function lineChart(series, { checkpointSteps = [], yLabel, label, empty, small = false }) {
   const points = series.flatMap((line) => line.points);
-  if (!points.length) return h("p", { class: "muted" }, "No loss reported yet.");
-  const width = 760;
-  const height = 320;
-  const margin = { left: 56, right: 20, top: 36, bottom: 44 };
+  if (!points.length) return h("p", { class: "muted" }, empty);
+  const width = small ? 380 : 760;
+  const height = small ? 220 : 320;
+  const margin = { left: 64, right: 20, top: 36, bottom: 44 };
   let [x0, x1] = [Math.min(...points.map((p) => p.x)), Math.max(...points.map((p) => p.x))];
   let [y0, y1] = [Math.min(...points.map((p) => p.y)), Math.max(...points.map((p) => p.y))];
   if (x0 === x1) [x0, x1] = [x0 - 1, x1 + 1];
@@ -641,7 +689,7 @@ function lossChart(series, checkpointSteps) {
   const grid = [];
   for (const y of ticks(y0, y1, 5)) {
     grid.push(s("line", { class: "grid", x1: margin.left, x2: width - margin.right, y1: Y(y), y2: Y(y) }));
-    grid.push(s("text", { class: "tick", x: margin.left - 8, y: Y(y) + 4, "text-anchor": "end" }, Number(y.toPrecision(4))));
+    grid.push(s("text", { class: "tick", x: margin.left - 8, y: Y(y) + 4, "text-anchor": "end" }, tickText(y)));
   }
   for (const x of ticks(x0, x1, 6).filter((x) => Number.isInteger(x))) {
     grid.push(s("line", { class: "grid", x1: X(x), x2: X(x), y1: margin.top, y2: height - margin.bottom }));
@@ -658,7 +706,7 @@ function lossChart(series, checkpointSteps) {
     const d = line.points.map((p, i) => `${i ? "L" : "M"}${X(p.x).toFixed(1)},${Y(p.y).toFixed(1)}`).join(" ");
     const marks = line.markers || line.points.length === 1
       ? line.points.map((p) => s("circle", { class: `mark ${line.className}`, cx: X(p.x), cy: Y(p.y), r: 3.5 },
-        s("title", {}, `${line.name} at step ${p.x}: ${p.y.toFixed(4)}`)))
+        s("title", {}, `${line.name} at step ${p.x}: ${tickText(p.y)}`)))
       : [];
     return s("g", { class: `series ${line.className}`, "data-points": line.points.length },
       s("path", { class: `line ${line.className}`, d }), marks);
@@ -675,13 +723,13 @@ function lossChart(series, checkpointSteps) {
 
   return s(
     "svg",
-    { viewBox: `0 0 ${width} ${height}`, class: "loss-chart", role: "img", "aria-label": "Training and validation loss by step" },
+    { viewBox: `0 0 ${width} ${height}`, class: small ? "line-chart small" : "line-chart loss-chart", role: "img", "aria-label": label },
     grid,
     saved,
     s("line", { class: "axis", x1: margin.left, x2: width - margin.right, y1: height - margin.bottom, y2: height - margin.bottom }),
     s("line", { class: "axis", x1: margin.left, x2: margin.left, y1: margin.top, y2: height - margin.bottom }),
     s("text", { class: "axis-label", x: margin.left + plotW / 2, y: height - 8, "text-anchor": "middle" }, "step"),
-    s("text", { class: "axis-label", x: 14, y: margin.top + plotH / 2, "text-anchor": "middle", transform: `rotate(-90 14 ${margin.top + plotH / 2})` }, "loss"),
+    s("text", { class: "axis-label", x: 14, y: margin.top + plotH / 2, "text-anchor": "middle", transform: `rotate(-90 14 ${margin.top + plotH / 2})` }, yLabel),
     lines,
     legend,
   );
