@@ -198,8 +198,13 @@ class Batch(Base):
     cancelling_at: Mapped[datetime | None] = mapped_column(default=None)
     cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
     expires_at: Mapped[datetime] = mapped_column()
+    # Set when the reaper found the batch past expires_at with requests left (0011); it ends `expired`.
+    expired_at: Mapped[datetime | None] = mapped_column(default=None)
 
-    __table_args__ = (Index("ix_batches_tenant_created", "tenant", "created_at"),)
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant", "created_at"),
+        Index("ix_batches_status", "status"),  # the reaper's scan for batches to finalize or expire (0011)
+    )
 
 
 class Worker(Base):
