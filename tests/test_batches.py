@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import job_states
@@ -313,6 +313,28 @@ def test_claims_take_interactive_jobs_before_older_batch_requests(sessions: sess
         first = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
         second = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
     assert [c.job_id for c in first + second] == [newer.id, older.id]
+
+
+def test_an_interactive_job_queued_behind_a_batch_backlog_is_claimed_first(sessions: sessionmaker[Session]) -> None:
+    queued = dict(model="m", base_model="m", params=GenerationParams(prompts=["p"]), max_attempts=3, tenant="t")
+    with sessions() as session:
+        for line in range(1, 41):
+            job_states.create_batch_request(session, batch_id="batch_x", custom_id=f"c{line}", line=line, **queued)  # type: ignore[arg-type]
+        session.commit()
+        interactive = job_states.create_job(session, kind="generate", **queued)  # type: ignore[arg-type]
+        session.commit()
+        claims = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=4)
+    assert claims[0].job_id == interactive.id
+    assert [c.job.custom_id for c in claims[1:]] == ["c1", "c2", "c3"]
+
+
+def test_the_claim_reads_its_order_from_the_claim_index_without_sorting(sessions: sessionmaker[Session]) -> None:
+    query = job_states.queued_in_claim_order("generate", "m").limit(8).with_for_update(skip_locked=True)
+    with sessions() as session:
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        sql = str(query.compile(session.get_bind(), compile_kwargs={"literal_binds": True}))
+        plan = "\n".join(row[0] for row in session.execute(text(f"EXPLAIN {sql}")))
+    assert "ix_jobs_claim" in plan and "Sort" not in plan, plan
 
 
 @pytest.mark.e2e
