@@ -147,9 +147,7 @@ def counts(session: Session, batch: Batch) -> tuple[int, int]:
     if batch.status not in RUNNING_STATUSES:
         return batch.completed, batch.failed
     by_status = dict(
-        session.execute(
-            select(Job.status, func.count()).where(Job.batch_id == batch.id).group_by(Job.status)
-        ).all()
+        session.execute(select(Job.status, func.count()).where(Job.batch_id == batch.id).group_by(Job.status)).all()
     )
     refused = len(batch.line_errors.get("data", []))
     return by_status.get(JobStatus.SUCCEEDED, 0), by_status.get(JobStatus.FAILED, 0) + refused
@@ -187,9 +185,7 @@ def expire_overdue(session: Session, limit: int = 100) -> list[str]:
     session.rollback()
     expired = []
     for batch_id in candidates:
-        taken = session.execute(
-            update(Batch).where(Batch.id == batch_id, overdue).values(expired_at=now)
-        )
+        taken = session.execute(update(Batch).where(Batch.id == batch_id, overdue).values(expired_at=now))
         if taken.rowcount == 1:  # type: ignore[attr-defined]
             job_states.cancel_batch(session, batch_id)
             expired.append(batch_id)
@@ -299,7 +295,7 @@ def _store_lines(
     if not lines:
         return None
     file_id = new_id("file")
-    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+    data = "".join(_jsonl_line(line) for line in lines).encode()
     key = artifacts.file_key(file_id)
     ArtifactStore.from_settings(settings).put_bytes(data, key)
     session.add(
@@ -316,3 +312,13 @@ def _store_lines(
         )
     )
     return file_id
+
+
+# Characters str.splitlines() (and other line splitters) break lines at that JSON leaves as they are (it escapes
+# the control characters below U+0020 already).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _jsonl_line(value: dict[str, Any]) -> str:
+    """One line of a JSONL file: UTF-8 text as it is, except characters any reader might split a line at."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
