@@ -25,7 +25,9 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_claim")
         batch_op.create_index(
-            "ix_jobs_claim", ["kind", "status", "base_model", sa.text("priority DESC"), "created_at", "id"], unique=False
+            "ix_jobs_claim",
+            ["kind", "status", "base_model", sa.text("priority DESC"), "created_at", "id"],
+            unique=False,
         )
 
 
