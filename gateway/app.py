@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 from fastapi.telemetry import TelemetryConfig
 from starlette.concurrency import run_in_threadpool
 
+from gateway import batches as batch_results
 from gateway import errors, openapi
 from gateway.auth import Authenticate
 from gateway.body_limit import BodyLimit
@@ -71,8 +72,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _reap() -> None:
+    """One reaper pass: shared.reaper's (leases, lost messages), then the batches that are due to end."""
     with get_sessionmaker()() as session:
         reap_once(session, get_settings())
+        settled = batch_results.settle_due(session, get_settings())
+    if settled:
+        log.info("finalized batches %s", ", ".join(settled))
 
 
 async def _reaper_loop(settings: Settings) -> None:

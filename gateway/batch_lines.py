@@ -3,7 +3,8 @@
 A line is `{"custom_id", "method": "POST", "url", "body"}`; url must be the batch's endpoint and body a valid
 request of it (the same checks and conversion its route makes: gateway.routes.completions.completion_job_params,
 gateway.chat_jobs.chat_job_params). A bad line (not JSON, another url, an invalid body, a custom_id met before)
-is reported with its line number (1-based) and the rest run.
+is reported with its line number (1-based) and the rest run. A custom_id must be text a row can hold (no NUL, no
+lone surrogate: invalid_custom_id).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from shared.chat_schemas import ChatCompletionRequest
 from shared.job_data import GenerationParams
 from shared.schemas import CompletionRequest
 from shared.settings import Settings
+from shared.storable import unstorable
 
 MAX_CUSTOM_ID = 512
 
@@ -78,7 +80,11 @@ def check_lines(
 
 def _request(raw: bytes) -> dict[str, Any]:
     try:
-        request = json.loads(raw)
+        text = raw.decode("utf-8-sig")  # strictly (json.loads of bytes lets encoded surrogates through)
+    except UnicodeDecodeError as exc:
+        raise _Refused("invalid_json_line", f"the line is not UTF-8 (byte {exc.start + 1})") from None
+    try:
+        request = json.loads(text)
     except (ValueError, RecursionError):
         raise _Refused("invalid_json_line", "the line is not valid JSON") from None
     if not isinstance(request, dict):
@@ -86,6 +92,8 @@ def _request(raw: bytes) -> dict[str, Any]:
     custom_id = request.get("custom_id")
     if not isinstance(custom_id, str) or not 0 < len(custom_id) <= MAX_CUSTOM_ID:
         raise _Refused("missing_custom_id", f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters")
+    if (why := unstorable(custom_id)) is not None:
+        raise _Refused("invalid_custom_id", f"custom_id {why}")
     if request.get("method") != "POST":
         raise _Refused("invalid_method", "method must be POST")
     if not isinstance(request.get("url"), str) or not isinstance(request.get("body"), dict):

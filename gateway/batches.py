@@ -1,9 +1,9 @@
 """OpenAI batches on the job queue: create (each valid line a generation job at batch priority), cancel, and
 finalize (the output and error JSONL files, built from the job rows once none is active).
 
-Finalizing happens lazily, when a client reads the batch (GET or list) and no job of it is queued, running or
-paused; a conditional UPDATE to `finalizing` lets one gateway (of several) write the files. A gateway that
-dies while finalizing leaves the batch `finalizing`; after FINALIZE_STALE another read takes it over.
+Finalizing happens in the background, in every gateway's reaper pass (settle_due), and on a client's read
+(GET or list) when it comes first; either way one transaction that starts with a conditional UPDATE of the
+batch row writes the files and ends the batch, so several gateways and reapers racing finalize it once.
 The output holds one line per custom_id, built from the jobs' rows: a retried job has one row, so it never
 answers twice.
 """
@@ -14,13 +14,13 @@ import hashlib
 import json
 import secrets
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.orm import Session
 
 from gateway import owned
@@ -38,7 +38,6 @@ from shared.schemas import Completion
 from shared.settings import Settings
 from shared.statuses import JobStatus
 
-FINALIZE_STALE = timedelta(minutes=5)
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.PAUSED)
 
 
@@ -143,74 +142,118 @@ def cancel(session: Session, settings: Settings, batch: Batch) -> Batch:
 
 
 def counts(session: Session, batch: Batch) -> tuple[int, int]:
-    """(completed, failed) requests of a batch so far: succeeded jobs; failed jobs and refused lines."""
-    if batch.status not in (*RUNNING_STATUSES, BatchStatus.FINALIZING):
+    """(completed, failed) requests of a batch: while it runs, succeeded jobs and failed jobs with refused lines;
+    once finalized, the lines of its output and error files (they add up to total)."""
+    if batch.status not in RUNNING_STATUSES:
         return batch.completed, batch.failed
     by_status = dict(
-        session.execute(
-            select(Job.status, func.count()).where(Job.batch_id == batch.id).group_by(Job.status)
-        ).all()
+        session.execute(select(Job.status, func.count()).where(Job.batch_id == batch.id).group_by(Job.status)).all()
     )
     refused = len(batch.line_errors.get("data", []))
     return by_status.get(JobStatus.SUCCEEDED, 0), by_status.get(JobStatus.FAILED, 0) + refused
 
 
 def finalize_if_done(session: Session, settings: Settings, batch: Batch) -> Batch:
-    """The batch, finalized first when none of its jobs is active any more and no other gateway is at it."""
-    now = utcnow()
-    waiting = batch.status in RUNNING_STATUSES
-    stale = batch.status == BatchStatus.FINALIZING and (batch.finalizing_at or now) < now - FINALIZE_STALE
-    if not (waiting or stale):
-        return batch
-    active = session.scalar(select(Job.id).where(Job.batch_id == batch.id, Job.status.in_(ACTIVE)).limit(1))
-    if active is not None:
-        return batch
-    ending = BatchStatus.CANCELLED if batch.cancelling_at is not None else BatchStatus.COMPLETED
-    taken = session.execute(
-        update(Batch)
-        .where(
-            Batch.id == batch.id,
-            or_(
-                Batch.status.in_(RUNNING_STATUSES),
-                (Batch.status == BatchStatus.FINALIZING) & (Batch.finalizing_at < now - FINALIZE_STALE),
-            ),
-        )
-        .values(status=BatchStatus.FINALIZING, finalizing_at=now)
-    )
-    session.commit()
-    if taken.rowcount == 1:  # type: ignore[attr-defined]
-        _write_results(session, settings, batch, ending, now)
-    session.refresh(batch)
+    """The batch, finalized first when none of its requests is active any more (and nobody else finalized it)."""
+    if batch.status in RUNNING_STATUSES:
+        finalize(session, settings, batch.id)
+        session.refresh(batch)  # whoever finalized it (this call, another gateway's read, a reaper)
     return batch
 
 
-def _write_results(session: Session, settings: Settings, batch: Batch, ending: BatchStatus, taken_at: Any) -> None:
-    """Writes the output and error files and ends the batch (only while this gateway's finalizing holds)."""
+def settle_due(session: Session, settings: Settings, limit: int = 100) -> list[str]:
+    """The reaper's part (every gateway's reaper pass): batches past their completion window expire, and
+    batches with no active request are finalized; the ids of the batches finalized."""
+    expire_overdue(session, limit)
+    done = session.scalars(
+        select(Batch.id)
+        .where(Batch.status.in_(RUNNING_STATUSES), ~_any_active(Batch.id))
+        .order_by(Batch.created_at)
+        .limit(limit)
+    ).all()
+    session.rollback()
+    return [batch_id for batch_id in done if finalize(session, settings, batch_id)]
+
+
+def expire_overdue(session: Session, limit: int = 100) -> list[str]:
+    """Batches past expires_at (created_at + completion_window) with requests still to run expire: expired_at
+    set, queued requests cancelled at once, running ones at their next step (finished answers stay); committed.
+    The batch ends `expired` when finalized; the ids."""
+    now = utcnow()
+    overdue = (Batch.status == BatchStatus.IN_PROGRESS) & Batch.expired_at.is_(None) & (Batch.expires_at < now)
+    candidates = session.scalars(select(Batch.id).where(overdue, _any_active(Batch.id)).limit(limit)).all()
+    session.rollback()
+    expired = []
+    for batch_id in candidates:
+        taken = session.execute(update(Batch).where(Batch.id == batch_id, overdue).values(expired_at=now))
+        if taken.rowcount == 1:  # type: ignore[attr-defined]
+            job_states.cancel_batch(session, batch_id)
+            expired.append(batch_id)
+        session.commit()
+    return expired
+
+
+def _any_active(batch_id: Any) -> Any:
+    return exists().where(Job.batch_id == batch_id, Job.status.in_(ACTIVE))
+
+
+def finalize(session: Session, settings: Settings, batch_id: str) -> bool:
+    """Ends a batch none of whose requests is active: writes its output and error files, request counts and
+    final status in one transaction; True when this call did it.
+
+    The transaction starts with a conditional UPDATE of the batch row (still running, no request active),
+    which holds the row's lock until the commit: a second finalizer (another gateway's read or reaper) waits
+    for it, then finds the batch ended and does nothing, so no batch gets two output files. A finalizer that
+    dies rolls back whole (its stored bytes, never referenced, are left behind) and the next one starts over.
+    """
+    now = utcnow()
+    taken = session.execute(
+        update(Batch)
+        .where(Batch.id == batch_id, Batch.status.in_(RUNNING_STATUSES), ~_any_active(batch_id))
+        .values(status=BatchStatus.FINALIZING, finalizing_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        session.rollback()
+        return False
+    try:
+        batch = session.get(Batch, batch_id, populate_existing=True)
+        assert batch is not None
+        _write_results(session, settings, batch)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    return True
+
+
+def _ending(batch: Batch, jobs: Sequence[Job]) -> BatchStatus:
+    """cancelled when a client cancelled it; expired when its window ended before all its requests ran."""
+    if batch.cancelling_at is not None:
+        return BatchStatus.CANCELLED
+    if batch.expired_at is not None and any(job.status == JobStatus.CANCELLED for job in jobs):
+        return BatchStatus.EXPIRED
+    return BatchStatus.COMPLETED
+
+
+def _write_results(session: Session, settings: Settings, batch: Batch) -> None:
+    """Writes the output and error files and ends the batch (not committed: the caller's finalizing holds)."""
     jobs = session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.batch_line)).all()
+    ending = _ending(batch, jobs)
     output, errors = [], [(e["line"], _refused_line(e)) for e in batch.line_errors.get("data", [])]
     for job in jobs:
         if job.status == JobStatus.SUCCEEDED:
             output.append(_answer_line(batch, job))
         else:
-            errors.append((job.batch_line or 0, _error_line(job)))
+            errors.append((job.batch_line or 0, _error_line(job, ending)))
     errors.sort(key=lambda pair: pair[0])
-    output_file = _store_lines(session, settings, batch, "output", output)
-    error_file = _store_lines(session, settings, batch, "errors", [line for _, line in errors])
-    done_at = utcnow()
-    moment = {"cancelled_at": done_at} if ending == BatchStatus.CANCELLED else {"completed_at": done_at}
-    session.execute(
-        update(Batch)
-        .where(Batch.id == batch.id, Batch.status == BatchStatus.FINALIZING, Batch.finalizing_at == taken_at)
-        .values(
-            status=ending,
-            output_file_id=output_file,
-            error_file_id=error_file,
-            completed=len(output),
-            failed=sum(1 for job in jobs if job.status == JobStatus.FAILED) + len(batch.line_errors.get("data", [])),
-            **moment,
-        )
-    )
-    session.commit()
+    batch.output_file_id = _store_lines(session, settings, batch, "output", output)
+    batch.error_file_id = _store_lines(session, settings, batch, "errors", [line for _, line in errors])
+    batch.status, batch.completed, batch.failed = ending, len(output), len(errors)
+    if ending == BatchStatus.CANCELLED:
+        batch.cancelled_at = utcnow()
+    elif ending == BatchStatus.COMPLETED:
+        batch.completed_at = utcnow()
 
 
 def _answer_line(batch: Batch, job: Job) -> dict[str, Any]:
@@ -227,9 +270,11 @@ def _answer_line(batch: Batch, job: Job) -> dict[str, Any]:
     return {"id": f"batch_req_{job.id}", "custom_id": job.custom_id, "response": response, "error": None}
 
 
-def _error_line(job: Job) -> dict[str, Any]:
+def _error_line(job: Job, ending: BatchStatus) -> dict[str, Any]:
     error: dict[str, Any]
-    if job.status == JobStatus.CANCELLED:
+    if job.status == JobStatus.CANCELLED and ending == BatchStatus.EXPIRED:
+        error = {"code": "batch_expired", "message": "the batch's completion window ended before this request ran"}
+    elif job.status == JobStatus.CANCELLED:
         error = {"code": "batch_cancelled", "message": "the batch was cancelled before this request finished"}
     else:
         error = {"code": str((job.error or {}).get("code", "failed")), "message": (job.error or {}).get("message")}
@@ -245,12 +290,12 @@ def _refused_line(entry: dict[str, Any]) -> dict[str, Any]:
 def _store_lines(
     session: Session, settings: Settings, batch: Batch, name: str, lines: list[dict[str, Any]]
 ) -> str | None:
-    """Stores JSONL lines as a file of the tenant (purpose batch_output) and commits its row; its id (None
-    when there are no lines)."""
+    """Stores JSONL lines as a file of the tenant (purpose batch_output) and adds its row (not committed); its
+    id (None when there are no lines)."""
     if not lines:
         return None
     file_id = new_id("file")
-    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode()
+    data = "".join(_jsonl_line(line) for line in lines).encode()
     key = artifacts.file_key(file_id)
     ArtifactStore.from_settings(settings).put_bytes(data, key)
     session.add(
@@ -266,5 +311,14 @@ def _store_lines(
             created_at=utcnow(),
         )
     )
-    session.commit()
     return file_id
+
+
+# Characters str.splitlines() (and other line splitters) break lines at that JSON leaves as they are (it escapes
+# the control characters below U+0020 already).
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _jsonl_line(value: dict[str, Any]) -> str:
+    """One line of a JSONL file: UTF-8 text as it is, except characters any reader might split a line at."""
+    return json.dumps(value, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"

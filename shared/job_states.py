@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import ColumnElement, case, delete, exists, func, insert, literal, select, update
+from sqlalchemy import ColumnElement, Select, case, delete, exists, func, insert, literal, select, update
 from sqlalchemy.orm import Session
 
 from shared.counters import JOBS_FINISHED, QUEUE_WAIT
@@ -90,14 +90,10 @@ def claim_batch(
     it must return at least one id when given any candidate. fresh_only leaves jobs that ran before
     (they run alone, see below) for a claim without neighbours.
     """
-    never_ran = [Job.attempt == 0] if fresh_only else []
-    candidates = session.scalars(
-        select(Job)
-        .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model, *never_ran)
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    query = queued_in_claim_order(kind, base_model)
+    if fresh_only:
+        query = query.where(Job.attempt == 0)
+    candidates = session.scalars(query.limit(limit).with_for_update(skip_locked=True)).all()
     # SQLite cannot upgrade a read transaction to a write one under contention; the conditional
     # UPDATE below is what makes the claim safe, the row locks above only spare Postgres work.
     if not candidates or session.get_bind().dialect.name == "sqlite":
@@ -114,6 +110,16 @@ def claim_batch(
     claims = _claim_where(session, worker, lease_seconds, Job.id.in_(ids))
     claims.sort(key=lambda c: (-c.job.priority, c.job.created_at, c.job.id))
     return claims
+
+
+def queued_in_claim_order(kind: str, base_model: str) -> Select[Job]:
+    """The queued jobs a claim takes from: higher priority first (interactive jobs before batch requests), then
+    the oldest. The index ix_jobs_claim holds them in this order (shared/models.py), so no sort is needed."""
+    return (
+        select(Job)
+        .where(Job.kind == kind, Job.status == JobStatus.QUEUED, Job.base_model == base_model)
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+    )
 
 
 def claim(session: Session, job_id: str, *, worker: str, lease_seconds: float) -> Claim | None:

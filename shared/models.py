@@ -85,9 +85,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
-    # The claim scans queued jobs of one kind oldest first; listings go newest first.
+    # The claim (ix_jobs_claim, below the class) scans queued jobs of one kind and base model in claim order;
+    # listings go newest first.
     __table_args__ = (
-        Index("ix_jobs_claim", "kind", "status", "base_model", "created_at"),
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
         Index("ix_jobs_tenant_status", "tenant", "status"),  # the per-tenant quota count
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),  # the reaper's scan
@@ -95,6 +95,12 @@ class Job(Base):
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, {self.kind}, {self.status}, attempt={self.attempt})"
+
+
+# The claim's index, in the claim's order (shared.job_states.claim_batch: priority high to low, then oldest, then
+# id): a worker reads the first queued rows of its kind and base model straight from it, interactive jobs ahead of
+# any batch backlog, with no sort however many batch requests wait (migration 0011).
+Index("ix_jobs_claim", Job.kind, Job.status, Job.base_model, Job.priority.desc(), Job.created_at, Job.id)
 
 
 class File(Base):
@@ -198,8 +204,13 @@ class Batch(Base):
     cancelling_at: Mapped[datetime | None] = mapped_column(default=None)
     cancelled_at: Mapped[datetime | None] = mapped_column(default=None)
     expires_at: Mapped[datetime] = mapped_column()
+    # Set when the reaper found the batch past expires_at with requests left (0011); it ends `expired`.
+    expired_at: Mapped[datetime | None] = mapped_column(default=None)
 
-    __table_args__ = (Index("ix_batches_tenant_created", "tenant", "created_at"),)
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant", "created_at"),
+        Index("ix_batches_status", "status"),  # the reaper's scan for batches to finalize or expire (0011)
+    )
 
 
 class Worker(Base):

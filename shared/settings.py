@@ -105,6 +105,13 @@ class Settings(BaseSettings):
         description="While a continuous batch decodes, how often (at most) it asks the database for waiting jobs "
         "and for cancels of its own; 0 asks at every decoding step.",
     )
+    batch_reserved_rows: int = Field(
+        4,
+        ge=0,
+        description="Rows of a continuous batch that requests of an OpenAI batch leave free, so that an interactive "
+        "job joins at the next step instead of waiting for a batch row to end (at most a quarter of "
+        "max_batch_size).",
+    )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")

@@ -4,21 +4,23 @@ cancel, the output and error files; and the claim order that puts batch requests
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import delete
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import job_states
 from shared.db import make_engine
-from shared.job_data import GenerationParams
-from shared.models import Batch, Job, utcnow
+from shared.job_data import GenerationOutput, GenerationParams, GenerationResult, Usage
+from shared.models import Batch, File, Job, utcnow
 from tests.process_settings import configure
 from tests.systems import System
 
@@ -95,8 +97,8 @@ def test_a_batch_answers_each_good_line_once_and_reports_bad_lines_with_their_li
 def sdk(
     postgres_url: str, quiet_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[openai.OpenAI]:
-    """The SDK on the gateway in process, on real Postgres and Redis, with no worker: jobs stay queued. A tenant
-    may have 2 interactive jobs queued or running."""
+    """The SDK on the gateway in process, on real Postgres and Redis, with no worker (jobs stay queued) and no
+    reaper loop (tests run its passes). A tenant may have 2 interactive jobs queued or running."""
     configure(
         monkeypatch,
         database_url=postgres_url,
@@ -104,6 +106,7 @@ def sdk(
         base_model=BASE,
         data_dir=str(tmp_path),
         max_active_jobs_per_tenant="2",
+        gateway_runs_reaper="false",  # the tests run its passes themselves
     )
     from gateway.app import create_app
     from shared.db import get_sessionmaker
@@ -182,6 +185,113 @@ def test_a_batch_of_a_fine_tuning_file_or_of_no_file_is_refused(sdk: openai.Open
         sdk.batches.create(input_file_id="file-missing", endpoint="/v1/completions", completion_window="24h")
 
 
+def run_requests(settings_sessions: sessionmaker[Session], count: int) -> list[str]:
+    """Claims up to count queued generation jobs as a worker would and answers each (the real state machine)."""
+    with settings_sessions() as session:
+        claims = job_states.claim_batch(
+            session, kind="generate", base_model=BASE, worker="test", lease_seconds=30, limit=count
+        )
+        output = GenerationOutput(index=0, text=" done", finish_reason="length", prompt_tokens=1, completion_tokens=1)
+        usage = Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2)
+        for claim in claims:
+            assert job_states.succeed(session, claim, GenerationResult(outputs=[output], usage=usage))
+    return [claim.job_id for claim in claims]
+
+
+def submit(sdk: openai.OpenAI, count: int) -> openai.types.Batch:
+    lines = [completion_line(f"r{i}", "Hi", BASE) for i in range(count)]
+    uploaded = sdk.files.create(file=("requests.jsonl", batch_file(lines)), purpose="batch")
+    return sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+
+
+def test_the_reaper_pass_finalizes_a_finished_batch_nobody_reads(sdk: openai.OpenAI) -> None:
+    from gateway.app import _reap
+    from shared.db import get_sessionmaker
+
+    batch = submit(sdk, 2)
+    run_requests(get_sessionmaker(), 2)
+    _reap()
+    with get_sessionmaker()() as session:
+        row = session.get(Batch, batch.id)
+        assert row is not None and row.status == "completed" and row.output_file_id is not None
+        assert (row.completed, row.failed) == (2, 0) and row.completed_at is not None
+    read = sdk.batches.retrieve(batch.id)
+    assert read.status == "completed" and read.output_file_id == row.output_file_id
+    assert sorted(a["custom_id"] for a in jsonl(sdk, read.output_file_id)) == ["r0", "r1"]  # type: ignore[type-var]
+
+
+def test_finalizers_racing_on_one_batch_write_one_output_file(sdk: openai.OpenAI) -> None:
+    from gateway import batches
+    from shared.db import get_sessionmaker
+    from shared.settings import get_settings
+
+    batch = submit(sdk, 3)
+    run_requests(get_sessionmaker(), 3)
+    racers = 4
+    start, wins = threading.Barrier(racers), []
+
+    def finalize() -> None:
+        with get_sessionmaker()() as session:
+            start.wait()
+            wins.append(batches.finalize(session, get_settings(), batch.id))
+
+    threads = [threading.Thread(target=finalize) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(wins) == [False] * (racers - 1) + [True]
+    with get_sessionmaker()() as session:
+        outputs = session.scalars(select(File.id).where(File.filename == f"{batch.id}_output.jsonl")).all()
+    assert outputs == [sdk.batches.retrieve(batch.id).output_file_id]
+
+
+def test_a_batch_past_its_window_expires_keeping_finished_answers_and_listing_the_rest_as_expired(
+    sdk: openai.OpenAI,
+) -> None:
+    from gateway.app import _reap
+    from shared.db import get_sessionmaker
+
+    batch = submit(sdk, 3)
+    (answered,) = run_requests(get_sessionmaker(), 1)
+    assert sdk.batches.retrieve(batch.id).status == "in_progress"
+    with get_sessionmaker()() as session:  # the 24h window ends now
+        row = session.get(Batch, batch.id)
+        assert row is not None
+        row.created_at -= timedelta(hours=24, seconds=1)
+        row.expires_at -= timedelta(hours=24, seconds=1)
+        session.commit()
+    _reap()
+
+    expired = sdk.batches.retrieve(batch.id)
+    assert expired.status == "expired" and expired.expired_at is not None and expired.request_counts is not None
+    counts = expired.request_counts
+    assert (counts.total, counts.completed, counts.failed) == (3, 1, 2)
+    assert [a["response"]["request_id"] for a in jsonl(sdk, expired.output_file_id)] == [answered]  # type: ignore[index]
+    errors = jsonl(sdk, expired.error_file_id)
+    assert sorted((e["custom_id"], e["error"]["code"]) for e in errors) == [  # type: ignore[index]
+        ("r1", "batch_expired"),
+        ("r2", "batch_expired"),
+    ]
+    with pytest.raises(openai.ConflictError):
+        sdk.batches.cancel(batch.id)
+
+
+def test_a_batch_whose_requests_all_ran_before_its_window_ended_completes(sdk: openai.OpenAI) -> None:
+    from gateway.app import _reap
+    from shared.db import get_sessionmaker
+
+    batch = submit(sdk, 1)
+    run_requests(get_sessionmaker(), 1)
+    with get_sessionmaker()() as session:
+        row = session.get(Batch, batch.id)
+        assert row is not None
+        row.expires_at -= timedelta(hours=25)
+        session.commit()
+    _reap()
+    assert sdk.batches.retrieve(batch.id).status == "completed"
+
+
 @pytest.fixture
 def sessions(postgres_url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(postgres_url)
@@ -203,6 +313,31 @@ def test_claims_take_interactive_jobs_before_older_batch_requests(sessions: sess
         first = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
         second = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=1)
     assert [c.job_id for c in first + second] == [newer.id, older.id]
+
+
+def test_an_interactive_job_queued_behind_a_batch_backlog_is_claimed_first(sessions: sessionmaker[Session]) -> None:
+    queued = dict(model="m", base_model="m", params=GenerationParams(prompts=["p"]), max_attempts=3, tenant="t")
+    with sessions() as session:
+        for line in range(1, 41):
+            job_states.create_batch_request(session, batch_id="batch_x", custom_id=f"c{line}", line=line, **queued)  # type: ignore[arg-type]
+        session.commit()
+        interactive = job_states.create_job(session, kind="generate", **queued)  # type: ignore[arg-type]
+        session.commit()
+        claims = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=30, limit=4)
+    assert claims[0].job_id == interactive.id
+    assert [c.job.custom_id for c in claims[1:]] == ["c1", "c2", "c3"]
+
+
+def test_the_claim_reads_its_order_from_the_claim_index_without_sorting(sessions: sessionmaker[Session]) -> None:
+    query = job_states.queued_in_claim_order("generate", "m").limit(8).with_for_update(skip_locked=True)
+    with sessions() as session:
+        # Whether an index can serve the order, not what the planner prefers on the test database's few rows: with
+        # scans and sorts priced out, a Sort is left only when no index gives the claim's order.
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        session.execute(text("SET LOCAL enable_sort = off"))
+        sql = str(query.compile(session.get_bind(), compile_kwargs={"literal_binds": True}))
+        plan = "\n".join(row[0] for row in session.execute(text(f"EXPLAIN {sql}")))
+    assert "ix_jobs_claim" in plan and "Sort" not in plan, plan
 
 
 @pytest.mark.e2e

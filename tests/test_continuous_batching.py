@@ -125,6 +125,41 @@ def test_job_arriving_mid_batch_finishes_before_its_long_neighbour(worker_settin
     assert found[short].result["batch_size"] == 2
 
 
+def add_batch_requests(base: str, count: int, max_tokens: int) -> list[str]:
+    from shared import job_states
+    from shared.db import get_sessionmaker
+    from shared.job_data import GenerationParams
+
+    with get_sessionmaker()() as session:
+        params = GenerationParams.model_validate(good_params(PROMPTS[0], max_tokens=max_tokens))
+        jobs = [
+            job_states.create_batch_request(session, batch_id="batch_b", custom_id=f"c{i}", line=i + 1, model=base,
+                                            base_model=base, params=params, max_attempts=3, tenant="bulk")
+            for i in range(count)
+        ]  # fmt: skip
+        session.commit()
+        return [job.id for job in jobs]
+
+
+def test_batch_requests_leave_rows_free_so_an_interactive_job_joins_at_the_next_step(worker_settings: Any) -> None:
+    settings = worker_settings.model_copy(update={"max_batch_size": 4, "batch_reserved_rows": 1})
+    base = settings.base_model
+    bulk = add_batch_requests(base, 6, max_tokens=12)
+    arrived: list[str] = []
+
+    def arrive(report: Any) -> None:
+        if report.step == 2:
+            arrived.append(add_job(base, "alice", good_params(PROMPTS[1], max_tokens=2)))
+
+    reports = serve(settings, arrive)
+
+    (interactive,) = arrived
+    assert reports[0].rows == 3 and set(reports[0].in_flight) == set(bulk[:3])  # one row kept free
+    assert next(r.step for r in reports if interactive in r.joined) == 3  # not after the batch rows end
+    assert step_of(reports, interactive) < min(step_of(reports, job_id) for job_id in bulk)
+    assert max(r.rows for r in reports) <= 4 and all(r.status == "succeeded" for r in rows(bulk).values())
+
+
 def test_cancel_of_running_job_leaves_the_batch_at_the_next_step(worker_settings: Any) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker

@@ -12,8 +12,12 @@ deep, and values of the wrong JSON type. For each answer:
   nesting) are refused; anything else may be accepted only if what was stored reads back (GET answers 200);
 - /readyz is still ready and the tenant's list endpoints still answer 200.
 
-No worker runs: jobs stay queued and completions give up at once (LLMQ_COMPLETION_TIMEOUT_SECONDS).
-LLMQ_HOSTILE_EXAMPLES sets the examples per field (default 3: about 40 s on two cores).
+Batch input files are walked too: generated files of good and bad lines, each line's fate checked (it runs,
+or it is in the error file with its line number; blank lines are skipped).
+
+No worker runs: jobs stay queued and completions give up at once (LLMQ_COMPLETION_TIMEOUT_SECONDS); a batch's
+requests are answered through the job state machine by the test. LLMQ_HOSTILE_EXAMPLES sets the examples per
+field (default 3: about 40 s on two cores), LLMQ_BATCH_FILE_EXAMPLES the batch files (default 12: about 10 s).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -463,6 +467,190 @@ def test_every_field_of_every_request_model_is_walked() -> None:
     ]:
         assert expected in walked, expected
     assert ("GET", "/v1/jobs", "after") in parameters()
+
+
+# --- Batch input files --------------------------------------------------------------------------------------
+#
+# Each example is an input file of generated lines, each of a kind whose fate the rules of gateway.batch_lines
+# decide: a good request runs (one job, its answer in the output file); a bad one (not JSON, not UTF-8, no
+# custom_id, a custom_id met before, another url or method, an oversized or unstorable body, random bytes)
+# goes to the error file with its line number; a blank line is skipped. Every line's fate is checked, and no
+# answer is a 5xx.
+
+BATCH_EXAMPLES = int(os.environ.get("LLMQ_BATCH_FILE_EXAMPLES", "12"))
+SAFE_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=12)
+
+
+@dataclass(frozen=True)
+class Fate:
+    """What must become of one line: ran (custom_id), refused (code, None for any) or skipped (blank)."""
+
+    outcome: str  # ran | refused | skipped
+    custom_id: str | None = None
+    code: str | None = None
+
+
+def _request_line(custom_id: object, prompt: str = "Hi", **change: Any) -> dict[str, Any]:
+    body = {"model": BASE, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/completions", "body": body} | change
+
+
+def _line(request: dict[str, Any]) -> bytes:
+    return encode(request).encode("utf-8", "surrogatepass")
+
+
+Line = tuple[bytes, Fate]
+
+
+def _good(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    return _line(_request_line(fresh, draw(SAFE_TEXT))), Fate("ran", fresh)
+
+
+def _blank(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    return draw(st.sampled_from([b"", b"   ", b"\t"])), Fate("skipped")
+
+
+def _truncated(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    whole = _line(_request_line(fresh))
+    return whole[: draw(st.integers(1, len(whole) - 1))], Fate("refused", code="invalid_json_line")
+
+
+def _not_utf8(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    bad = draw(st.sampled_from([b"\xff", b"\xc3(", b"\xed\xa0\x80"]))
+    return _line(_request_line(fresh, "@@")).replace(b"@@", bad), Fate("refused", code="invalid_json_line")
+
+
+def _no_custom_id(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    custom_id = draw(st.sampled_from([None, "", 7, ["x"], "c" * 513]))
+    request = _request_line(custom_id)
+    if custom_id is None:
+        del request["custom_id"]
+    return _line(request), Fate("refused", code="missing_custom_id")
+
+
+def _hostile_custom_id(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    return _line(_request_line(draw(UNSTORABLE_TEXT) + fresh)), Fate("refused", code="invalid_custom_id")
+
+
+def _duplicate(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    if not seen:
+        return _good(draw, fresh, seen)
+    return _line(_request_line(draw(st.sampled_from(seen)))), Fate("refused", code="duplicate_custom_id")
+
+
+def _other_url(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    url = draw(st.sampled_from(["/v1/chat/completions", "/v1/embeddings", "", "/v1/completions/"]))
+    return _line(_request_line(fresh, url=url)), Fate("refused", fresh, "invalid_url")
+
+
+def _other_method(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    method = draw(st.sampled_from(["GET", "post", None]))
+    return _line(_request_line(fresh, method=method)), Fate("refused", code="invalid_method")
+
+
+def _oversized(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    request = _request_line(fresh)
+    request["body"] |= draw(st.sampled_from([{"prompt": "x" * 20_000}, {"max_tokens": 10**9}, {"n": 10**6}]))
+    return _line(request), Fate("refused", fresh)
+
+
+def _unstorable_body(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    return _line(_request_line(fresh, draw(UNSTORABLE_TEXT))), Fate("refused", fresh)
+
+
+def _random(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
+    raw = draw(st.binary(min_size=1, max_size=40).filter(lambda b: b"\n" not in b))
+    return raw, Fate("skipped") if not raw.strip() else Fate("refused")
+
+
+LINE_KINDS = [_good, _good, _good, _blank, _truncated, _not_utf8, _no_custom_id, _hostile_custom_id, _duplicate,
+              _other_url, _other_method, _oversized, _unstorable_body, _random]  # fmt: skip
+
+
+@st.composite
+def batch_input(draw: st.DrawFn) -> list[Line]:
+    """An input file's lines, each with its fate."""
+    lines: list[Line] = []
+    seen: list[str] = []  # the custom_ids of earlier lines that got as far as the duplicate check
+    for number in range(1, draw(st.integers(1, 12)) + 1):
+        kind = draw(st.sampled_from(LINE_KINDS))
+        fresh = f"{draw(SAFE_TEXT)}#{number}"  # unique: no earlier line can hold it
+        raw, fate = kind(draw, fresh, seen)
+        lines.append((raw, fate))
+        if fate.custom_id == fresh:
+            seen.append(fresh)
+    return lines
+
+
+@pytest.fixture(scope="module")
+def run_jobs(postgres_url: str) -> Iterator[Callable[[list[str]], None]]:
+    """Answers queued jobs by id as a worker would (the real state machine), so that their batch can end."""
+    from sqlalchemy.orm import sessionmaker
+
+    from shared import job_states
+    from shared.db import make_engine
+    from shared.job_data import GenerationOutput, GenerationResult, Usage
+
+    engine = make_engine(postgres_url)
+    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    output = GenerationOutput(index=0, text=" ok", finish_reason="length", prompt_tokens=1, completion_tokens=1)
+    result = GenerationResult(outputs=[output], usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))
+
+    def run(ids: list[str]) -> None:
+        with sessions() as session:
+            for job_id in ids:
+                claim = job_states.claim(session, job_id, worker="hostile-test", lease_seconds=30)
+                assert claim is not None and job_states.succeed(session, claim, result)
+
+    yield run
+    engine.dispose()
+
+
+@settings(HOSTILE, max_examples=BATCH_EXAMPLES)
+@given(lines=batch_input())
+def test_every_line_of_a_batch_input_file_runs_or_is_reported_with_its_line_number(
+    target: Target, run_jobs: Callable[[list[str]], None], lines: list[Line]
+) -> None:
+    content = b"".join(raw + b"\n" for raw, _ in lines)
+    fates = {number: fate for number, (_, fate) in enumerate(lines, start=1) if fate.outcome != "skipped"}
+    uploaded = target.client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("in.jsonl", content)})
+    assert uploaded.status_code == 200, uploaded.text
+    body = {"input_file_id": uploaded.json()["id"], "endpoint": "/v1/completions"}
+    created = target.client.post("/v1/batches", json=body)
+    if not fates:
+        assert created.status_code == 400 and created.json()["error"]["code"] == "invalid_input_file", created.text
+        return
+    assert created.status_code == 200, created.text
+    batch_id = created.json()["id"]
+    jobs = target.database.execute(
+        "SELECT id, batch_line, custom_id FROM jobs WHERE batch_id = %s ORDER BY batch_line", (batch_id,)
+    ).fetchall()
+    ran = {number: fate.custom_id for number, fate in fates.items() if fate.outcome == "ran"}
+    assert {line: custom_id for _, line, custom_id in jobs} == ran
+    run_jobs([job_id for job_id, _, _ in jobs])
+
+    batch = target.client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "completed", batch
+    assert batch["request_counts"] == {"total": len(fates), "completed": len(ran), "failed": len(fates) - len(ran)}
+    output = _jsonl(target, batch["output_file_id"])
+    assert sorted(answer["custom_id"] for answer in output) == sorted(ran.values())
+    errors = _jsonl(target, batch["error_file_id"])
+    refused = {number: fate for number, fate in fates.items() if fate.outcome == "refused"}
+    assert [e["error"]["line"] for e in errors] == sorted(refused)  # each bad line once, in order
+    for entry in errors:
+        fate = refused[entry["error"]["line"]]
+        assert entry["response"] is None and entry["error"]["message"]
+        assert fate.code is None or entry["error"]["code"] == fate.code, (entry, fate)
+        assert fate.custom_id is None or entry["custom_id"] == fate.custom_id, (entry, fate)
+    target.still_healthy()
+
+
+def _jsonl(target: Target, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    content = target.client.get(f"/v1/files/{file_id}/content")
+    assert content.status_code == 200, content.text
+    return [json.loads(line) for line in content.text.splitlines()]
 
 
 if __name__ == "__main__":  # pragma: no cover - how many slots the suite walks

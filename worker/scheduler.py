@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 from shared import job_states
 from shared.db import get_sessionmaker
 from shared.job_states import Claim, Outcome
+from shared.models import Job
 from shared.notify import publish_finished, publish_stream_end
 from shared.settings import Settings
 from worker.continuous import Row, RunningBatch, new_row
@@ -41,6 +42,7 @@ from worker.serving import (
     _budget,
     _fault_injection,
     _params,
+    _prompt_count,
     _write_back,
     decode_isolating,
     outcome_of,
@@ -188,9 +190,30 @@ class ContinuousLoop:
             worker=worker_id(),
             lease_seconds=s.lease_seconds,
             limit=room,
-            pick=_budget(s, room, tokens),
+            pick=self._leaving_rows_free(_budget(s, room, tokens)),
             fresh_only=bool(self.jobs),
         )
+
+    def _leaving_rows_free(self, budget: Callable[[Sequence[Job]], list[str]]) -> Callable[[Sequence[Job]], list[str]]:
+        """budget, given the candidates minus the batch requests (priority below 0) that would take the rows kept
+        free for interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size). A batch request
+        always runs when no other one is in flight, so a batch never stalls."""
+        s = self.settings
+        in_flight = sum(len(j.rows) for j in self.jobs.values() if j.claim.job.priority < 0)
+        room = s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
+
+        def pick(candidates: Sequence[Job]) -> list[str]:
+            allowed, taken, left = [], in_flight > 0, room
+            for job in candidates:
+                if job.priority < 0:
+                    rows = _prompt_count(job)
+                    if taken and rows > left:
+                        continue
+                    taken, left = True, left - rows
+                allowed.append(job)
+            return budget(allowed)
+
+        return pick
 
     def _in_flight(self, claim: Claim, job: PreparedJob) -> InFlight:
         assert self.loaded is not None

@@ -46,6 +46,7 @@ def batch_object(session: Session, row: Batch) -> BatchObject:
         failed_at=_unix(row.failed_at),
         cancelling_at=_unix(row.cancelling_at),
         cancelled_at=_unix(row.cancelled_at),
+        expired_at=_unix(row.expired_at),
         request_counts=BatchRequestCounts(total=row.total, completed=completed, failed=failed),
         metadata=row.batch_metadata,
     )
