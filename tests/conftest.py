@@ -8,6 +8,7 @@ tests/systems.py (never from conftest, which pytest imports under a name of its 
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +120,19 @@ def embedded_system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     system = start_system(env, data / "logs")
     yield system
     system.children.stop_all()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test its own node id. Schemathesis gives all of a fuzz test's operations the function's id
+    (`test_fuzz.py::test_fuzz_with_an_api_key`, the operation only in the item's name), and pytest-xdist's
+    file scheduler (scripts/test) hands tests out by id: all but the first operation would silently not
+    run. Such an item's id takes its name (`...::test_fuzz_with_an_api_key[POST /v1/files]`), as pytest's
+    own parametrized tests have. `_id` is pytest 9's private attribute (pinned; tests/test_docs.py checks
+    the ids are unique)."""
+    from _pytest.nodeid import coerce_node_id
+
+    counts = Counter(item.nodeid for item in items)
+    for item in items:
+        if counts[item.nodeid] > 1 and item.parent is not None:
+            item._id = coerce_node_id(f"{item.parent.nodeid}::{item.name}")
