@@ -2,14 +2,19 @@
 
     python bench/front_door.py [--seconds 15] [--connections 32] [--gateway-workers 2]
                                [--baseline REF | --no-baseline] [--scenarios submit,poll,mixed]
-                               [--tenants 50] [--py-spy DIR]
+                               [--submit-rate 500] [--tenants 50] [--py-spy DIR]
 
 wrk (Debian's `apt-get install -y wrk`, a compiled load generator: the client costs little of the 2 cores)
 drives each gateway with a Lua script generated here:
 
 - **submit**: POST /v1/generations, one short prompt, max_tokens 1, keys taken in turn;
 - **poll**: GET /v1/generations/{id} (no ?wait=) of jobs submitted before the run, each with its tenant's key;
-- **mixed**: 1 submit : 4 polls.
+- **mixed**: 1 submit : 4 polls;
+- **submit@500** (`--submit-rate`, 500 by default, 0 for none): submits offered at a constant 500/s, each wrk thread
+  sending its share on a fixed schedule (a request waits for its slot, wrk's `delay()`; a slot already past when a
+  connection is free is taken at once, so a gateway that cannot keep up gets less, not a burst). Its p99 is the
+  latency at that load; the saturated runs' p99 is mostly the wait behind the other connections' requests.
+  Any scenario can be paced the same way: `--scenarios poll@2000,mixed@1500`.
 
 Each gateway gets its own fresh Postgres database (LLMQ_TEST_DATABASE_URL's server, created and dropped) and its
 own Redis database (LLMQ_FRONT_DOOR_REDIS_URL, default redis://127.0.0.1:6379/13 for this gateway and the next
@@ -70,10 +75,30 @@ POLL_JOBS = 400  # jobs submitted before the runs, polled by the poll and mixed 
 
 LUA = """
 local mode = "%(mode)s"
+local interval = %(interval)d  -- microseconds between this thread's requests; 0: each as soon as the last answered
 local keys = {%(keys)s}
 local polls = {%(polls)s}
 local counter = 0
 local tid = 0
+if interval > 0 then
+  -- A constant-rate schedule: each request of this thread claims the next slot, interval after the one before,
+  -- and its connection waits until then (a slot already past is taken now: no burst to catch up).
+  local ffi = require("ffi")
+  ffi.cdef[[
+    typedef struct { long tv_sec; long tv_nsec; } llmq_timespec;
+    int clock_gettime(int clock, llmq_timespec *now);
+  ]]
+  local now = ffi.new("llmq_timespec")
+  local next_slot = 0
+  function delay()
+    ffi.C.clock_gettime(1, now)  -- CLOCK_MONOTONIC
+    local us = tonumber(now.tv_sec) * 1000000 + tonumber(now.tv_nsec) / 1000
+    if next_slot < us then next_slot = us end
+    local wait = next_slot - us
+    next_slot = next_slot + interval
+    return math.floor(wait / 1000 + 0.5)
+  end
+end
 function setup(thread)
   tid = tid + 1
   thread:set("tid", tid)
@@ -218,16 +243,26 @@ class Result:
         return self.requests / self.seconds
 
 
-def lua_script(mode: str, gateway: Gateway, folder: Path) -> Path:
+def paced(scenario: str) -> tuple[str, float]:
+    """(mode, offered requests/s) of a scenario name: "submit" runs as fast as answers come (rate 0),
+    "submit@500" offers 500 requests/s on a constant schedule."""
+    mode, _, rate = scenario.partition("@")
+    return mode, float(rate or 0)
+
+
+def lua_script(scenario: str, gateway: Gateway, threads: int, folder: Path) -> Path:
+    mode, rate = paced(scenario)
     keys = ", ".join(f'"{k}"' for k in gateway.keys)
     polls = ", ".join(f'{{{k}, "{job}"}}' for k, job in gateway.polls)
-    path = folder / f"{gateway.label}-{mode}.lua"
-    path.write_text(LUA % {"mode": mode, "keys": keys, "polls": polls})
+    interval = round(threads * 1e6 / rate) if rate else 0
+    path = folder / f"{gateway.label}-{scenario.replace('@', '-at-')}.lua"
+    path.write_text(LUA % {"mode": mode, "interval": interval, "keys": keys, "polls": polls})
     return path
 
 
-def run_wrk(gateway: Gateway, mode: str, args: argparse.Namespace, folder: Path) -> Result:
-    script = lua_script(mode, gateway, folder)
+def run_wrk(gateway: Gateway, scenario: str, args: argparse.Namespace, folder: Path) -> Result:
+    script = lua_script(scenario, gateway, args.threads, folder)
+    mode = scenario.replace("@", "-at-")
     command = [
         "wrk", f"-t{args.threads}", f"-c{args.connections}", f"-d{args.seconds:.0f}s", "--timeout", "10s",
         "-s", str(script), gateway.base_url,
@@ -345,13 +380,15 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], Result], lab
     print(f"\n`python bench/front_door.py {' '.join(sys.argv[1:])}`  \nmachine: {machine()}; wrk -t{args.threads} "
           f"-c{args.connections}, {args.seconds:.0f} s per run, {args.gateway_workers} gateway processes; "
           f"baseline {args.baseline}; load average {load}\n")  # fmt: skip
-    print("| scenario | gateway | requests/s | p50 ms | p99 ms | non-2xx | socket errors | gateway CPU ms/request |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| scenario | gateway | offered/s | requests/s | p50 ms | p99 ms | non-2xx | socket errors | "
+          "gateway CPU ms/request |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode in args.scenarios:
+        offered = paced(mode)[1]
         for label in labels:
             r = results[(mode, label)]
-            print(f"| {mode} | {label} | {r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.non2xx} | {r.socket} | "
-                  f"{r.cpu_ms:.2f} |")  # fmt: skip
+            print(f"| {mode} | {label} | {f'{offered:.0f}' if offered else 'max'} | {r.rps:.0f} | {r.p50_ms:.1f} | "
+                  f"{r.p99_ms:.1f} | {r.non2xx} | {r.socket} | {r.cpu_ms:.2f} |")  # fmt: skip
     if "landed" not in labels:
         return
     print("\n| scenario | requests/s new / landed | p99 landed / new | CPU per request landed / new |")
@@ -372,11 +409,17 @@ def main() -> None:
     parser.add_argument("--baseline", default=LANDED, help="git ref of the landed gateway")
     parser.add_argument("--no-baseline", action="store_true", help="measure this gateway only")
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=["submit", "poll", "mixed"])
+    parser.add_argument(
+        "--submit-rate", type=float, default=500.0,
+        help="adds submit@RATE after submit: submits offered at RATE/s on a constant schedule (0: none)",
+    )  # fmt: skip
     parser.add_argument("--py-spy", type=Path, default=None, help="raw py-spy stacks of each run here")
     parser.add_argument("--end-to-end", action="store_true", help="add the e2e scenario (a generate worker)")
     parser.add_argument("--drain-seconds", type=float, default=300.0, help="e2e: longest wait for the backlog")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/llmq-bench-cache"), help="the tiny model")
     args = parser.parse_args()
+    if args.submit_rate and "submit" in args.scenarios:
+        args.scenarios.insert(args.scenarios.index("submit") + 1, f"submit@{args.submit_rate:g}")
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed (apt-get install -y wrk)")
     folder = Path(tempfile.mkdtemp(prefix="llmq-front-door-"))
