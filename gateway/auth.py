@@ -112,12 +112,13 @@ def _check_rate(key_id: str, settings: Settings) -> None:
 
 
 async def _check_rate_async(door: FrontDoor, key_id: str, settings: Settings) -> None:
-    """_check_rate in one Redis round trip from the event loop (in this process while Redis does not answer)."""
+    """_check_rate from the event loop, in Redis at most one round trip per block of the limit (gateway.rate_blocks;
+    in this process while Redis does not answer)."""
     if settings.rate_limit_per_minute == 0:
         return
     now = time.time()
     minute = int(now // 60)
-    hits = await door.count(key_id, minute)
+    hits = await door.count(key_id, minute, settings.rate_limit_per_minute)
     if hits is None:
         hits = _minute_windows().hit_here(key_id, minute)
     if hits > settings.rate_limit_per_minute:

@@ -1,6 +1,6 @@
 """What a gateway process keeps open for its hot paths (authenticate, submit, poll), so that they run on the
-event loop without a thread hop: the asyncpg pool (Postgres only), the broker's Redis for publishing, the Redis
-of the rate counters, and the cache of keys found valid.
+event loop without a thread hop: the asyncpg pool (Postgres only), the broker's Redis for publishing, the rate
+counters' blocks (gateway.rate_blocks), and the cache of keys found valid.
 
 The app's lifespan opens it (app.state.front_door). An app whose lifespan did not run (a TestClient used
 without `with`), the embedded SQLite database and the file broker get None in the matching field, and those
@@ -22,6 +22,7 @@ from starlette.types import Scope
 
 from gateway import pg
 from gateway.publish import broker_client
+from gateway.rate_blocks import RateBlocks
 from shared.api_keys import PREFIX, _hash
 from shared.notify import redis_url
 from shared.settings import Settings
@@ -57,13 +58,13 @@ class KeyCache:
 class FrontDoor:
     pg: asyncpg.Pool | None = None
     broker: aioredis.Redis | None = None
-    counters: aioredis.Redis | None = None
+    counters: RateBlocks | None = None
     keys: KeyCache = field(default_factory=lambda: KeyCache(0.0))
 
     async def close(self) -> None:
         if self.pg is not None:
             await self.pg.close()
-        for client in (self.broker, self.counters):
+        for client in (self.broker, self.counters.client if self.counters is not None else None):
             if client is not None:
                 await client.aclose()
 
@@ -86,18 +87,14 @@ class FrontDoor:
         self.keys.put(digest, row["tenant"], key_id, now)
         return row["tenant"], key_id
 
-    async def count(self, name: str, minute: int) -> int | None:
-        """One more event for name in this minute, counted in Redis in one round trip (two for the minute's
-        first, which also sets the counter's expiry); how many it has had
-        (None when there is no Redis, or it does not answer: the caller counts in this process)."""
+    async def count(self, name: str, minute: int, limit: int) -> int | None:
+        """This request's position among name's requests in this minute (over limit: refuse), counted in Redis
+        in blocks (gateway.rate_blocks: one round trip per block, not per request); None when there is no Redis,
+        or it does not answer (the caller counts in this process)."""
         if self.counters is None:
             return None
-        key = f"llmq:rate:{name}:{minute}"
         try:
-            hits = int(await self.counters.incr(key))
-            if hits == 1:  # the minute's first: the counter goes away after the next minute
-                await self.counters.expire(key, 120)
-            return hits
+            return await self.counters.position(name, minute, limit)
         except (RedisError, OSError) as exc:
             log.warning("rate counting in Redis failed (%s); counting in this process", exc)
             return None
@@ -109,7 +106,7 @@ async def open_front_door(settings: Settings) -> FrontDoor:
     return FrontDoor(
         pg=await pg.open_pool(settings.resolved_database_url),
         broker=broker_client(settings.resolved_broker_url),
-        counters=aioredis.Redis.from_url(counters_url, socket_timeout=1) if counters_url else None,
+        counters=RateBlocks(aioredis.Redis.from_url(counters_url, socket_timeout=1)) if counters_url else None,
         keys=KeyCache(settings.key_cache_seconds),
     )
 
