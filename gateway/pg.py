@@ -56,6 +56,7 @@ def asyncpg_dsn(url: str) -> str | None:
 async def _setup_connection(connection: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await connection.set_type_codec(name, encoder=dumps, decoder=orjson.loads, schema="pg_catalog")
+    await connection.execute(_SUBMIT_FUNCTION)
 
 
 async def _keep_session(connection: asyncpg.Connection) -> None:
@@ -121,41 +122,52 @@ def tenant_lock_key(tenant: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-_COUNT_ACTIVE = (
-    "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = $1 AND status = ANY($2::varchar[]) "
-    "AND batch_id IS NULL LIMIT $3) AS active"
-)
 _COLUMNS = "id, tenant, kind, status, model, base_model, params, attempt, max_attempts, cancel_requested, " \
     "published_at, created_at, updated_at"  # fmt: skip
 _INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, false, $9, $9, $9)"
-# The quota count and the INSERT in one statement (one round trip): the row goes in only while the tenant has
-# fewer than $10 active jobs. The statement's snapshot is taken after the advisory lock was granted (the
-# statement before it), so it sees every job committed by whoever held the lock before.
-_INSERT_UNDER_QUOTA = (
-    f"INSERT INTO jobs ({_COLUMNS}) SELECT $1::varchar, $2::varchar, $3::varchar, $4::varchar, $5::varchar, "
-    "$6::varchar, $7::jsonb, 0, $8::integer, false, $9::timestamptz, $9, $9 "
-    "WHERE (SELECT count(*) FROM (SELECT 1 FROM jobs WHERE tenant = $2 AND status = ANY($11::varchar[]) "
-    "AND batch_id IS NULL LIMIT $10) AS active) < $10"
-)
+# The submit's transaction in one round trip: a function of the connection's session (pg_temp: created when the
+# pool opens the connection, no migration), called as one statement in its own transaction. It takes the tenant's
+# advisory lock, then counts and inserts; in a VOLATILE function each statement takes a new snapshot, so the count
+# (after the lock was granted) sees every job committed by whoever held the lock before. It answers NULL when the
+# row went in (committed once the statement returns), else the active count that refused it.
+_SUBMIT_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION pg_temp.llmq_insert_job(
+    job_id varchar, job_tenant varchar, job_kind varchar, job_status varchar, job_model varchar,
+    job_base_model varchar, job_params jsonb, job_max_attempts integer, job_now timestamptz,
+    lock_key bigint, quota integer, active_statuses varchar[]
+) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    active bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(lock_key);
+    SELECT count(*) INTO active FROM (
+        SELECT 1 FROM jobs WHERE tenant = job_tenant AND status = ANY(active_statuses) AND batch_id IS NULL
+        LIMIT quota
+    ) AS a;
+    IF active >= quota THEN
+        RETURN active;
+    END IF;
+    INSERT INTO jobs ({_COLUMNS}) VALUES (job_id, job_tenant, job_kind, job_status, job_model, job_base_model,
+        job_params, 0, job_max_attempts, false, job_now, job_now, job_now);
+    RETURN NULL;
+END
+$$"""
+_SUBMIT = "SELECT pg_temp.llmq_insert_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+_ACTIVE_STATUSES = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
 
 
 async def insert_job(pool: asyncpg.Pool, job: Job, quota: int) -> None:
-    """Inserts a new queued job and commits, under the tenant's advisory lock when there is a quota: 429 when
-    the tenant already has quota jobs queued or running (their count and the insert in one transaction after
-    the lock, so that simultaneous submits of one tenant count one after another)."""
+    """Inserts a new queued job and commits, in one round trip: under the tenant's advisory lock when there is
+    a quota, 429 when the tenant already has quota jobs queued or running (the count and the insert in one
+    transaction after the lock, so that simultaneous submits of one tenant count one after another)."""
     values = (
         job.id, job.tenant, job.kind, job.status, job.model, job.base_model, job.params, job.max_attempts,
         job.created_at,
     )  # fmt: skip
-    active_statuses = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
     async with _answering(), pool.acquire() as connection:
         if not quota:
             await connection.execute(_INSERT, *values)  # one statement: its own transaction
             return
-        async with connection.transaction():
-            await connection.execute("SELECT pg_advisory_xact_lock($1)", tenant_lock_key(job.tenant))
-            inserted = await connection.execute(_INSERT_UNDER_QUOTA, *values, quota, active_statuses)
-            if inserted == "INSERT 0 1":
-                return
-            active = await connection.fetchval(_COUNT_ACTIVE, job.tenant, active_statuses, quota)
+        active = await connection.fetchval(_SUBMIT, *values, tenant_lock_key(job.tenant), quota, _ACTIVE_STATUSES)
+    if active is not None:
         raise RateLimited(f"{active} jobs queued or running; at most {quota} at once", retry_after=5)
