@@ -155,3 +155,51 @@ def test_quota_on_the_asyncpg_path_refuses_the_submit_past_it(client: TestClient
         for _ in range(4)
     ]
     assert answers == [202, 202, 202, 429]
+
+
+def test_hot_routes_answer_as_fastapi_answers_without_them(client: TestClient) -> None:
+    """gateway/hot_routes.py answers submits and polls itself: every answer, refusals included, is the one the
+    same app without it gives (FastAPI's routes)."""
+    from gateway.app import create_app
+    from gateway.hot_routes import HotRoutes
+    from gateway.request_metrics import _CHILDREN
+
+    plain_app = create_app()
+    plain_app.user_middleware = [m for m in plain_app.user_middleware if m.cls is not HotRoutes]
+    _, headers = _key("acme")
+    json_headers = headers | {"content-type": "application/json"}
+    requests: list[tuple[str, str, dict[str, object]]] = [
+        ("POST", "/v1/generations", {"json": {"prompt": "hi", "max_tokens": 1}}),
+        ("POST", "/v1/generations", {"json": {"prompt": ""}}),
+        ("POST", "/v1/generations", {"json": {"prompt": "hi", "max_tokens": 10**6}}),
+        ("POST", "/v1/generations", {"json": {"prompt": "a", "prompts": ["b"]}}),
+        ("POST", "/v1/generations", {"json": {"prompt": "hi", "model": "no-such-model"}}),
+        ("POST", "/v1/generations", {"json": {"prompt": "nul \u0000"}}),
+        ("POST", "/v1/generations", {"content": b"not json", "headers": json_headers}),
+        (
+            "POST",
+            "/v1/generations",
+            {"content": b'{"prompt": "hi"}', "headers": headers | {"content-type": "text/plain"}},
+        ),
+        ("GET", "/v1/generations/gen-nosuchjob", {}),
+        ("GET", "/v1/generations/gen-bad%01id", {}),
+    ]
+    with TestClient(plain_app) as plain:
+        for method, path, extra in requests:
+            kwargs = {"headers": headers, **extra}
+            ours, theirs = client.request(method, path, **kwargs), plain.request(method, path, **kwargs)  # type: ignore[arg-type]
+            assert (ours.status_code, ours.headers["content-type"]) == (
+                theirs.status_code,
+                theirs.headers["content-type"],
+            )
+            if ours.status_code == 202:
+                job_id = ours.json()["id"]
+                polled, polled_plain = (
+                    client.get(f"/v1/generations/{job_id}", headers=headers),
+                    plain.get(f"/v1/generations/{job_id}", headers=headers),
+                )
+                assert polled.status_code == 200 and polled.json() == polled_plain.json()
+                assert ours.json().keys() == theirs.json().keys()
+            else:
+                assert ours.json() == theirs.json(), (method, path, extra)
+    assert ("GET", "/v1/generations/{job_id}", 200) in _CHILDREN  # metrics name the route's template

@@ -15,7 +15,7 @@ from gateway.catalog import resolve_model_async
 from gateway.chat_jobs import instruction_params
 from gateway.deps import SessionDep, SettingsDep
 from gateway.errors import BODY_ERRORS, V1_ERRORS, documented
-from gateway.front_door import front_door
+from gateway.front_door import FrontDoor, front_door
 from gateway.responses import json_response
 from gateway.submission import check_caps, submit_async
 from gateway.waiting import until_terminal
@@ -24,6 +24,7 @@ from shared.db import get_read_sessionmaker
 from shared.job_data import ChatTurn, GenerationParams
 from shared.models import Job
 from shared.schemas import GenerationJob, GenerationRequest
+from shared.settings import Settings
 
 router = APIRouter(prefix="/v1/generations", tags=["generations"], responses=V1_ERRORS)
 log = logging.getLogger(__name__)
@@ -34,10 +35,15 @@ async def create_generation(
     body: GenerationRequest, request: Request, settings: SettingsDep, tenant: TenantDep
 ) -> Response:
     """Queues a generation job and answers at once with its id."""
+    return await queue_generation(body, front_door(request.scope), settings, tenant)
+
+
+async def queue_generation(body: GenerationRequest, door: FrontDoor, settings: Settings, tenant: str) -> Response:
+    """The 202 of a queued generation job (also gateway.hot_routes'); a RequestValidationError (a cap, an empty
+    prompt) is raised before anything is written."""
     prompts = body.prompt_list()
     field = "prompt" if body.prompt is not None else "prompts"
     check_caps(prompts, field, body.prompt is not None, body.max_tokens, body.n, body.stop, settings)
-    door = front_door(request.scope)
     model, base_model = await resolve_model_async(door, settings, tenant, body.model)
     conversations, template = (
         await run_in_threadpool(_instruction_params, tenant, model, prompts)
@@ -72,9 +78,8 @@ def _load(tenant: str, job_id: str) -> Job:
         return owned.job_or_404(session, tenant, job_id, kind="generate")
 
 
-async def _load_now(request: Request, tenant: str, job_id: str) -> Job:
+async def load_now(door: FrontDoor, tenant: str, job_id: str) -> Job:
     """_load from the event loop: through the asyncpg pool on Postgres, else in a worker thread."""
-    door = front_door(request.scope)
     if door.pg is None:
         return await run_in_threadpool(_load, tenant, job_id)
     return owned.checked(await pg.job_row(door.pg, job_id), tenant, job_id, kind="generate")
@@ -90,7 +95,7 @@ async def get_generation(
 ) -> Response:
     """The job's status and, once it succeeded, its outputs; ?wait=S returns as soon as it is done."""
     if wait <= 0:
-        return json_response(views.generation_job(await _load_now(request, tenant, job_id)))
+        return json_response(views.generation_job(await load_now(front_door(request.scope), tenant, job_id)))
     timeout = min(wait, settings.max_wait_seconds)
     job = await until_terminal(request, job_id, timeout, read=lambda: _load(tenant, job_id))
     assert job is not None  # _load raises JobNotFound instead
