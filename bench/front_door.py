@@ -166,8 +166,9 @@ class Gateway:
         }
         output = open(log_dir / f"{self.label}.log", "ab")  # noqa: SIM115 (the child owns it)
         self.proc = subprocess.Popen(
-            gateway_command("127.0.0.1", port, self.workers), env=env, cwd=self.source, stdout=output, stderr=output
-        )
+            own_gateway_command(self.source, port, self.workers), env=env, cwd=self.source, stdout=output,
+            stderr=output,
+        )  # fmt: skip
         wait_ready(self.base_url, timeout=90)
         time.sleep(1.0)  # the other uvicorn worker processes
 
@@ -241,6 +242,22 @@ class Result:
     @property
     def rps(self) -> float:
         return self.requests / self.seconds
+
+
+def own_gateway_command(source: Path, port: int, workers: int) -> list[str]:
+    """The gateway command line of the tree at source (its cli.processes.gateway_command: a landed tree's
+    uvicorn options are its own)."""
+    if source == ROOT_DIR:
+        return gateway_command("127.0.0.1", port, workers)
+    code = (
+        "import json, sys; from cli.processes import gateway_command; "
+        "print(json.dumps(gateway_command(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "127.0.0.1", str(port), str(workers)], cwd=source, capture_output=True,
+        text=True, check=True, env={**os.environ, "PYTHONPATH": str(source)},
+    ).stdout  # fmt: skip
+    return list(json.loads(out))
 
 
 def paced(scenario: str) -> tuple[str, float]:
