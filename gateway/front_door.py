@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 from starlette.types import Scope
 
 from gateway import pg
-from gateway.publish import broker_client
+from gateway.publish import Publisher, broker_client
 from gateway.rate_blocks import RateBlocks
 from shared.api_keys import PREFIX, _hash
 from shared.notify import redis_url
@@ -57,14 +57,17 @@ class KeyCache:
 @dataclass
 class FrontDoor:
     pg: asyncpg.Pool | None = None
-    broker: aioredis.Redis | None = None
+    broker: Publisher | None = None
     counters: RateBlocks | None = None
     keys: KeyCache = field(default_factory=lambda: KeyCache(0.0))
 
     async def close(self) -> None:
         if self.pg is not None:
             await self.pg.close()
-        for client in (self.broker, self.counters.client if self.counters is not None else None):
+        for client in (
+            self.broker.client if self.broker is not None else None,
+            self.counters.client if self.counters is not None else None,
+        ):
             if client is not None:
                 await client.aclose()
 
@@ -103,9 +106,10 @@ class FrontDoor:
 async def open_front_door(settings: Settings) -> FrontDoor:
     """What this process's hot paths use, for the configured database and broker."""
     counters_url = redis_url()
+    broker = broker_client(settings.resolved_broker_url)
     return FrontDoor(
         pg=await pg.open_pool(settings.resolved_database_url),
-        broker=broker_client(settings.resolved_broker_url),
+        broker=Publisher(broker) if broker is not None else None,
         counters=RateBlocks(aioredis.Redis.from_url(counters_url, socket_timeout=1)) if counters_url else None,
         keys=KeyCache(settings.key_cache_seconds),
     )

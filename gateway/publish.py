@@ -13,6 +13,7 @@ reaper re-sends its message once the broker is back (shared.celery_app.enqueue_a
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -84,10 +85,61 @@ def broker_client(broker_url: str) -> aioredis.Redis | None:
     return aioredis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
 
 
-async def publish(client: aioredis.Redis | None, kind: str, job_id: str) -> bool:
+class Publisher:
+    """Pooled publishing: the messages of every submit that commits while an LPUSH is on its way go out
+    together in the next one (one LPUSH of many values, in the order they came), so that under load a process
+    makes one broker round trip for many jobs; alone, a message goes out at once. Each submit still waits until
+    its own message is in the broker before it answers."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._waiting: list[tuple[str, bytes, asyncio.Future[bool]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def publish(self, queue: str, message: bytes) -> bool:
+        """True once the message is in the queue; False (logged) when the broker did not take it."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[bool] = loop.create_future()
+        self._waiting.append((queue, message, done))
+        if self._sender is None:
+            self._sender = loop.create_task(self._send_waiting())
+        return await done
+
+    async def _send_waiting(self) -> None:
+        batch: list[tuple[str, bytes, asyncio.Future[bool]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                sent = await self._push(batch)
+                for _, _, done in batch:
+                    if not done.done():  # its request may have been cancelled meanwhile
+                        done.set_result(sent)
+        finally:
+            self._sender = None
+            for _, _, done in [*batch, *self._waiting]:  # cancelled (shutdown): nobody waits for ever
+                if not done.done():
+                    done.set_result(False)
+            self._waiting = []
+
+    async def _push(self, batch: list[tuple[str, bytes, asyncio.Future[bool]]]) -> bool:
+        queues: dict[str, list[bytes]] = {}
+        for queue, message, _ in batch:
+            queues.setdefault(queue, []).append(message)
+        try:
+            for queue, messages in queues.items():
+                await self.client.lpush(queue, *messages)
+            return True
+        except (RedisError, OSError) as exc:
+            log.warning("could not publish %d jobs (queued; the reaper will re-send them): %s", len(batch), exc)
+            return False
+
+
+async def publish(client: Publisher | aioredis.Redis | None, kind: str, job_id: str) -> bool:
     """Publishes a committed job's message; False (logged) when the broker did not take it."""
     if client is None:
         return await run_in_threadpool(enqueue_after_commit, kind, job_id)
+    if isinstance(client, Publisher):
+        return await client.publish(QUEUES[kind], task_message(kind, job_id))
     try:
         await client.lpush(QUEUES[kind], task_message(kind, job_id))
         return True

@@ -69,6 +69,44 @@ def test_publish_to_a_broker_that_is_down_answers_false_without_raising() -> Non
     assert asyncio.run(published()) is False
 
 
+def test_pooled_publishing_sends_simultaneous_messages_together_in_order(quiet_redis_url: str) -> None:
+    from gateway.publish import Publisher, broker_client, publish
+
+    queue = redis.Redis.from_url(quiet_redis_url)
+    queue.delete("generate")
+    before = int(queue.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0))
+
+    async def publish_fifty() -> list[bool]:
+        client = broker_client(quiet_redis_url)
+        assert client is not None
+        publisher = Publisher(client)
+        try:
+            return list(await asyncio.gather(*(publish(publisher, "generate", f"gen-{i}") for i in range(50))))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(publish_fifty()) == [True] * 50  # each answer waited for its own message
+    lpushes = int(queue.info("commandstats")["cmdstat_lpush"]["calls"]) - before
+    assert lpushes < 50  # fewer round trips than messages
+    consumed = [json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in queue.lrange("generate", 0, -1)]
+    assert consumed[::-1] == [f"gen-{i}" for i in range(50)]  # a worker pops them in the order they came
+
+
+def test_pooled_publishing_to_a_broker_that_is_down_answers_false_for_each() -> None:
+    from gateway.publish import Publisher, broker_client, publish
+
+    async def published() -> list[bool]:
+        client = broker_client("redis://127.0.0.1:1/0")
+        assert client is not None
+        publisher = Publisher(client)
+        try:
+            return list(await asyncio.gather(*(publish(publisher, "generate", f"gen-{i}") for i in range(3))))
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(published()) == [False] * 3
+
+
 @pytest.fixture
 def client(
     postgres_url: str, quiet_redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
