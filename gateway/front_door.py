@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 from starlette.types import Scope
 
 from gateway import pg
+from gateway.pg import GroupedInserts
 from gateway.publish import Publisher, broker_client
 from gateway.rate_blocks import RateBlocks
 from shared.api_keys import PREFIX, _hash
@@ -57,6 +58,7 @@ class KeyCache:
 @dataclass
 class FrontDoor:
     pg: asyncpg.Pool | None = None
+    inserts: GroupedInserts | None = None  # with pg
     broker: Publisher | None = None
     counters: RateBlocks | None = None
     keys: KeyCache = field(default_factory=lambda: KeyCache(0.0))
@@ -107,8 +109,10 @@ async def open_front_door(settings: Settings) -> FrontDoor:
     """What this process's hot paths use, for the configured database and broker."""
     counters_url = redis_url()
     broker = broker_client(settings.resolved_broker_url)
+    pool = await pg.open_pool(settings.resolved_database_url)
     return FrontDoor(
-        pg=await pg.open_pool(settings.resolved_database_url),
+        pg=pool,
+        inserts=pg.GroupedInserts(pool) if pool is not None else None,
         broker=Publisher(broker) if broker is not None else None,
         counters=RateBlocks(aioredis.Redis.from_url(counters_url, socket_timeout=1)) if counters_url else None,
         keys=KeyCache(settings.key_cache_seconds),

@@ -11,10 +11,12 @@ Retry-After, as on the SQLAlchemy paths; a value Postgres refuses is a 422.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -125,49 +127,151 @@ def tenant_lock_key(tenant: str) -> int:
 _COLUMNS = "id, tenant, kind, status, model, base_model, params, attempt, max_attempts, cancel_requested, " \
     "published_at, created_at, updated_at"  # fmt: skip
 _INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, false, $9, $9, $9)"
-# The submit's transaction in one round trip: a function of the connection's session (pg_temp: created when the
-# pool opens the connection, no migration), called as one statement in its own transaction. It takes the tenant's
-# advisory lock, then counts and inserts; in a VOLATILE function each statement takes a new snapshot, so the count
-# (after the lock was granted) sees every job committed by whoever held the lock before. It answers NULL when the
-# row went in (committed once the statement returns), else the active count that refused it.
+# Submits in one round trip, several at a time: a function of the connection's session (pg_temp: created when
+# the pool opens the connection, no migration), called as one statement in its own transaction. For each job in
+# turn (sorted by lock key, so that two such transactions never wait for each other's locks in a cycle) it takes
+# the tenant's advisory lock, then counts and inserts; in a VOLATILE function each statement takes a new
+# snapshot, so a count after its lock was granted sees every job committed by whoever held the lock before (and
+# the jobs inserted earlier in this statement). It answers, per job, NULL when the row went in (committed once
+# the statement returns), else the active count that refused it.
 _SUBMIT_FUNCTION = f"""
-CREATE OR REPLACE FUNCTION pg_temp.llmq_insert_job(
-    job_id varchar, job_tenant varchar, job_kind varchar, job_status varchar, job_model varchar,
-    job_base_model varchar, job_params jsonb, job_max_attempts integer, job_now timestamptz,
-    lock_key bigint, quota integer, active_statuses varchar[]
-) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+CREATE OR REPLACE FUNCTION pg_temp.llmq_insert_jobs(
+    ids varchar[], tenants varchar[], kinds varchar[], statuses varchar[], models varchar[], base_models varchar[],
+    params text[], max_attempts integer[], nows timestamptz[], lock_keys bigint[], quotas integer[],
+    active_statuses varchar[]
+) RETURNS bigint[] LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
+    answers bigint[] := array_fill(NULL::bigint, ARRAY[cardinality(ids)]);
     active bigint;
 BEGIN
-    PERFORM pg_advisory_xact_lock(lock_key);
-    SELECT count(*) INTO active FROM (
-        SELECT 1 FROM jobs WHERE tenant = job_tenant AND status = ANY(active_statuses) AND batch_id IS NULL
-        LIMIT quota
-    ) AS a;
-    IF active >= quota THEN
-        RETURN active;
-    END IF;
-    INSERT INTO jobs ({_COLUMNS}) VALUES (job_id, job_tenant, job_kind, job_status, job_model, job_base_model,
-        job_params, 0, job_max_attempts, false, job_now, job_now, job_now);
-    RETURN NULL;
+    FOR i IN 1 .. cardinality(ids) LOOP
+        PERFORM pg_advisory_xact_lock(lock_keys[i]);
+        SELECT count(*) INTO active FROM (
+            SELECT 1 FROM jobs WHERE tenant = tenants[i] AND status = ANY(active_statuses) AND batch_id IS NULL
+            LIMIT quotas[i]
+        ) AS a;
+        IF active >= quotas[i] THEN
+            answers[i] := active;
+        ELSE
+            INSERT INTO jobs ({_COLUMNS}) VALUES (ids[i], tenants[i], kinds[i], statuses[i], models[i],
+                base_models[i], params[i]::jsonb, 0, max_attempts[i], false, nows[i], nows[i], nows[i]);
+        END IF;
+    END LOOP;
+    RETURN answers;
 END
 $$"""
-_SUBMIT = "SELECT pg_temp.llmq_insert_job($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+_SUBMIT = "SELECT pg_temp.llmq_insert_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
 _ACTIVE_STATUSES = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
 
 
-async def insert_job(pool: asyncpg.Pool, job: Job, quota: int) -> None:
-    """Inserts a new queued job and commits, in one round trip: under the tenant's advisory lock when there is
-    a quota, 429 when the tenant already has quota jobs queued or running (the count and the insert in one
-    transaction after the lock, so that simultaneous submits of one tenant count one after another)."""
-    values = (
-        job.id, job.tenant, job.kind, job.status, job.model, job.base_model, job.params, job.max_attempts,
-        job.created_at,
-    )  # fmt: skip
-    async with _answering(), pool.acquire() as connection:
-        if not quota:
-            await connection.execute(_INSERT, *values)  # one statement: its own transaction
+@dataclass
+class _Submit:
+    job: Job
+    params: str  # the job's params as stored (JSON text)
+    quota: int
+    answer: asyncio.Future[int | None]  # None: inserted; else the active count that refused it
+
+
+IN_FLIGHT = 4  # group inserts a process has on their way at once (each on its own pooled connection)
+
+
+class GroupedInserts:
+    """Group commit of submits: while IN_FLIGHT inserts are on their way, the jobs of every submit that arrives
+    go in together in the next one (one statement, one transaction, one round trip); under that, a job goes in
+    at once. Several in flight keep Postgres' commits (each waits for its WAL flush) overlapping.
+    Each submit still waits for its own row's commit. One value Postgres refuses (a NUL in a text) fails only
+    its own job: the group is then inserted one job at a time."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._waiting: list[_Submit] = []
+        self._senders: set[asyncio.Task[None]] = set()
+
+    async def insert(self, job: Job, quota: int) -> int | None:
+        """None once the row is committed; the tenant's active count when its quota refused it."""
+        loop = asyncio.get_running_loop()
+        submit = _Submit(job, dumps(job.params), quota, loop.create_future())
+        self._waiting.append(submit)
+        if len(self._senders) < IN_FLIGHT:
+            sender = loop.create_task(self._send_waiting())
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
+        return await submit.answer
+
+    async def _send_waiting(self) -> None:
+        group: list[_Submit] = []
+        try:
+            while self._waiting:
+                group, self._waiting = self._waiting, []
+                await (self._settle(group[0]) if len(group) == 1 else self._settle_group(group))
+        except asyncio.CancelledError:  # shutdown: nobody waits for ever
+            _fail([*group, *self._waiting], asyncpg.InterfaceError("the gateway is shutting down"))
+            self._waiting = []
+            raise
+
+    async def _settle_group(self, group: list[_Submit]) -> None:
+        try:
+            answers = await self._insert(group)
+        except asyncpg.DataError:  # one job's value: one job at a time, so that only that one fails
+            for one in group:
+                await self._settle(one)
             return
-        active = await connection.fetchval(_SUBMIT, *values, tenant_lock_key(job.tenant), quota, _ACTIVE_STATUSES)
+        except Exception as exc:  # the database is down: every submit of the group answers it
+            _fail(group, exc)
+            return
+        for one, answer in zip(group, answers, strict=True):
+            _answer(one, answer)
+
+    async def _settle(self, one: _Submit) -> None:
+        try:
+            (answer,) = await self._insert([one])
+        except Exception as exc:
+            _fail([one], exc)
+            return
+        _answer(one, answer)
+
+    async def _insert(self, group: list[_Submit]) -> list[int | None]:
+        keys = [tenant_lock_key(one.job.tenant) for one in group]
+        order = sorted(range(len(group)), key=keys.__getitem__)
+        jobs = [group[i].job for i in order]
+        async with self.pool.acquire() as connection:
+            answers = await connection.fetchval(
+                _SUBMIT, [j.id for j in jobs], [j.tenant for j in jobs], [j.kind for j in jobs],
+                [j.status for j in jobs], [j.model for j in jobs], [j.base_model for j in jobs],
+                [group[i].params for i in order], [j.max_attempts for j in jobs], [j.created_at for j in jobs],
+                [keys[i] for i in order], [group[i].quota for i in order], _ACTIVE_STATUSES,
+            )  # fmt: skip
+        found: list[int | None] = [None] * len(group)
+        for position, i in enumerate(order):
+            found[i] = answers[position]
+        return found
+
+
+def _answer(one: _Submit, answer: int | None) -> None:
+    if not one.answer.done():  # its request may have been cancelled meanwhile
+        one.answer.set_result(answer)
+
+
+def _fail(group: list[_Submit], exc: BaseException) -> None:
+    for one in group:
+        if not one.answer.done():
+            one.answer.set_exception(exc)
+
+
+async def insert_job(pool: asyncpg.Pool, inserts: GroupedInserts, job: Job, quota: int) -> None:
+    """Inserts a new queued job and commits: under the tenant's advisory lock when there is a quota, with the
+    submits that come at the same time (GroupedInserts); 429 when the tenant already has quota jobs queued or
+    running (the count and the insert after the lock, so that simultaneous submits of one tenant count one
+    after another)."""
+    async with _answering():
+        if not quota:
+            values = (
+                job.id, job.tenant, job.kind, job.status, job.model, job.base_model, job.params,
+                job.max_attempts, job.created_at,
+            )  # fmt: skip
+            async with pool.acquire() as connection:
+                await connection.execute(_INSERT, *values)  # one statement: its own transaction
+            return
+        active = await inserts.insert(job, quota)
     if active is not None:
         raise RateLimited(f"{active} jobs queued or running; at most {quota} at once", retry_after=5)

@@ -181,7 +181,8 @@ async def submit_async(
         published_at=now,
         updated_at=now,
     )
-    await pg.insert_job(door.pg, job, settings.max_active_jobs_per_tenant)
+    assert door.inserts is not None  # opened with the pool
+    await pg.insert_job(door.pg, door.inserts, job, settings.max_active_jobs_per_tenant)
     await publish(door.broker, kind, job.id)
     JOBS_SUBMITTED.labels(kind).inc()
     return job

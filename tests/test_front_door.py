@@ -241,3 +241,37 @@ def test_hot_routes_answer_as_fastapi_answers_without_them(client: TestClient) -
             else:
                 assert ours.json() == theirs.json(), (method, path, extra)
     assert ("GET", "/v1/generations/{job_id}", 200) in _CHILDREN  # metrics name the route's template
+
+
+def test_grouped_inserts_hold_the_quota_within_a_group_and_fail_only_the_job_postgres_refuses(
+    postgres_url: str,
+) -> None:
+    import asyncpg
+    from sqlalchemy.orm import Session
+
+    from gateway import pg
+    from shared.db import make_engine
+    from shared.models import Job, new_id, utcnow
+
+    def job(tenant: str, prompt: str, model: str = BASE) -> Job:
+        now = utcnow()
+        return Job(id=new_id("gen-"), tenant=tenant, kind="generate", status="queued", model=model, base_model=BASE,
+                   params={"prompts": [prompt]}, max_attempts=3, created_at=now)  # fmt: skip
+
+    async def submit_together(jobs: list[Job]) -> list[object]:
+        pool = await pg.open_pool(postgres_url)
+        assert pool is not None
+        inserts = pg.GroupedInserts(pool)
+        try:
+            return list(await asyncio.gather(*(inserts.insert(j, 3) for j in jobs), return_exceptions=True))
+        finally:
+            await pool.close()
+
+    answers = asyncio.run(submit_together([job("grouped-a", f"a{i}") for i in range(10)]))  # one group
+    assert answers == [None] * 3 + [3] * 7  # the first three in, the rest refused at 3
+    answers = asyncio.run(submit_together([job("grouped-b", "b", model="nul \u0000"), job("grouped-b", "b")]))
+    assert isinstance(answers[0], asyncpg.DataError)  # Postgres refuses a NUL in a text column
+    assert answers[1] is None
+    with Session(make_engine(postgres_url)) as session:
+        tenants = [row.tenant for row in session.query(Job).filter(Job.tenant.in_(["grouped-a", "grouped-b"]))]
+    assert sorted(tenants) == ["grouped-a"] * 3 + ["grouped-b"]
