@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.errors import FileNotFound, JobNotFound
+from gateway.pg import JobRow
 from shared.job_data import FineTuneParams, JobKind
 from shared.model_ids import fine_tuned_model_id, parse_checkpoint_id
 from shared.models import Checkpoint, File, FineTunedModel, Job
 
 # How a 404 names a job it did not find, by the kind the route serves.
 JOB_NOUN: dict[JobKind | None, str] = {
-    None: "job", "generate": "generation job", "train": "fine-tuning job", "export": "export"
+    None: "job",
+    "generate": "generation job",
+    "train": "fine-tuning job",
+    "export": "export",
 }
 
 
@@ -26,11 +28,11 @@ def job(session: Session, tenant: str, job_id: str, kind: JobKind | None = None)
     return row
 
 
-def checked(row: dict[str, Any] | None, tenant: str, job_id: str, kind: JobKind | None = None) -> Job:
-    """job_or_404 for the columns of a row read without a session (gateway.pg.job_row): a detached Job."""
-    if row is None or row["tenant"] != tenant or (kind is not None and row["kind"] != kind):
+def checked(row: JobRow | None, tenant: str, job_id: str, kind: JobKind | None = None) -> JobRow:
+    """job_or_404 for a row read without a session (gateway.pg.job_row)."""
+    if row is None or row.tenant != tenant or (kind is not None and row.kind != kind):
         raise JobNotFound(f"{JOB_NOUN[kind]} {job_id!r} not found")
-    return Job(**row)
+    return row
 
 
 def job_or_404(session: Session, tenant: str, job_id: str, kind: JobKind | None = None) -> Job:

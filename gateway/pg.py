@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -111,11 +112,37 @@ JOB_COLUMNS = (
 )
 
 
-async def job_row(pool: asyncpg.Pool, job_id: str) -> dict[str, Any] | None:
+@dataclass(slots=True)
+class JobRow:
+    """A job's columns as read (JOB_COLUMNS), without the ORM: building a Job from them cost a poll 10 % of its
+    CPU."""
+
+    id: str
+    tenant: str
+    kind: str
+    status: str
+    model: str
+    base_model: str
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    attempt: int
+    max_attempts: int
+    worker: str | None
+    lease_expires_at: datetime | None
+    cancel_requested: bool
+    published_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+async def job_row(pool: asyncpg.Pool, job_id: str) -> JobRow | None:
     """Every column of the job with this id, or None (one autocommit SELECT)."""
     async with _answering():
         row = await pool.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1", job_id)
-    return dict(row) if row is not None else None
+    return JobRow(**row) if row is not None else None
 
 
 def tenant_lock_key(tenant: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from datetime import datetime
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from shared.job_data import (
     ExportParams,
@@ -56,12 +56,37 @@ def _seconds(start: datetime | None, end: datetime | None) -> float | None:
     return round((end - start).total_seconds(), 6)
 
 
-def job_error(job: Job) -> JobError | None:
+class JobView(Protocol):
+    """What the generation view reads of a job: a Job, or a gateway.pg.JobRow read without the ORM."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+    @property
+    def result(self) -> dict[str, Any] | None: ...
+    @property
+    def error(self) -> dict[str, Any] | None: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def started_at(self) -> datetime | None: ...
+    @property
+    def finished_at(self) -> datetime | None: ...
+
+
+def job_error(job: JobView) -> JobError | None:
     """The error a failed job's worker wrote, if any."""
     return JobError.model_validate(job.error) if job.error is not None else None
 
 
-def generation_job(job: Job) -> GenerationJob:
+def generation_job(job: JobView) -> GenerationJob:
     """A generation job row as the client sees it."""
     params = GenerationParams.model_validate(job.params)
     result = GenerationResult.model_validate(job.result) if job.result is not None else None

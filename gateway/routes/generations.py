@@ -78,7 +78,7 @@ def _load(tenant: str, job_id: str) -> Job:
         return owned.job_or_404(session, tenant, job_id, kind="generate")
 
 
-async def load_now(door: FrontDoor, tenant: str, job_id: str) -> Job:
+async def load_now(door: FrontDoor, tenant: str, job_id: str) -> views.JobView:
     """_load from the event loop: through the asyncpg pool on Postgres, else in a worker thread."""
     if door.pg is None:
         return await run_in_threadpool(_load, tenant, job_id)
