@@ -25,7 +25,6 @@ import orjson
 from sqlalchemy.engine import make_url
 
 from gateway.errors import ApiError, RateLimited
-from shared.models import Job
 from shared.statuses import JobStatus
 from shared.storable import dumps
 
@@ -193,7 +192,7 @@ _ACTIVE_STATUSES = [JobStatus.QUEUED.value, JobStatus.RUNNING.value]
 
 @dataclass
 class _Submit:
-    job: Job
+    job: JobRow
     params: str  # the job's params as stored (JSON text)
     quota: int
     answer: asyncio.Future[int | None]  # None: inserted; else the active count that refused it
@@ -214,7 +213,7 @@ class GroupedInserts:
         self._waiting: list[_Submit] = []
         self._senders: set[asyncio.Task[None]] = set()
 
-    async def insert(self, job: Job, quota: int) -> int | None:
+    async def insert(self, job: JobRow, quota: int) -> int | None:
         """None once the row is committed; the tenant's active count when its quota refused it."""
         loop = asyncio.get_running_loop()
         submit = _Submit(job, dumps(job.params), quota, loop.create_future())
@@ -285,7 +284,7 @@ def _fail(group: list[_Submit], exc: BaseException) -> None:
             one.answer.set_exception(exc)
 
 
-async def insert_job(pool: asyncpg.Pool, inserts: GroupedInserts, job: Job, quota: int) -> None:
+async def insert_job(pool: asyncpg.Pool, inserts: GroupedInserts, job: JobRow, quota: int) -> None:
     """Inserts a new queued job and commits: under the tenant's advisory lock when there is a quota, with the
     submits that come at the same time (GroupedInserts); 429 when the tenant already has quota jobs queued or
     running (the count and the insert after the lock, so that simultaneous submits of one tenant count one

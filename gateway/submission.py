@@ -157,7 +157,7 @@ async def submit_async(
     tenant: str,
     job_id: str | None = None,
     event: str | None = None,
-) -> Job:
+) -> Job | pg.JobRow:
     """submit from the event loop, with the same guarantees: the row (under the tenant's quota) is committed
     before its message is published. On Postgres one asyncpg transaction and one LPUSH, no thread hop; on
     SQLite, or with a first event to write, submit in a worker thread."""
@@ -166,7 +166,7 @@ async def submit_async(
             _submit_in_session, settings, kind, model, base_model, params, tenant, job_id, event
         )
     now = utcnow()
-    job = Job(
+    job = pg.JobRow(
         id=job_id or new_id(job_states.ID_PREFIX[kind]),
         tenant=tenant,
         kind=kind,
@@ -174,13 +174,19 @@ async def submit_async(
         model=model,
         base_model=base_model,
         params=job_states.stored(params),
+        result=None,
+        error=None,
         attempt=0,
         max_attempts=settings.max_attempts,
+        worker=None,
+        lease_expires_at=None,
         cancel_requested=False,
-        created_at=now,
         published_at=now,
+        created_at=now,
+        started_at=None,
+        finished_at=None,
         updated_at=now,
-    )
+    )  # the row as inserted (gateway.pg.JobRow: building an ORM Job cost about 50 us)
     assert door.inserts is not None  # opened with the pool
     await pg.insert_job(door.pg, door.inserts, job, settings.max_active_jobs_per_tenant)
     await publish(door.broker, kind, job.id)

@@ -253,12 +253,15 @@ def test_grouped_inserts_hold_the_quota_within_a_group_and_fail_only_the_job_pos
     from shared.db import make_engine
     from shared.models import Job, new_id, utcnow
 
-    def job(tenant: str, prompt: str, model: str = BASE) -> Job:
+    def job(tenant: str, prompt: str, model: str = BASE) -> pg.JobRow:
         now = utcnow()
-        return Job(id=new_id("gen-"), tenant=tenant, kind="generate", status="queued", model=model, base_model=BASE,
-                   params={"prompts": [prompt]}, max_attempts=3, created_at=now)  # fmt: skip
+        return pg.JobRow(id=new_id("gen-"), tenant=tenant, kind="generate", status="queued", model=model,
+                         base_model=BASE, params={"prompts": [prompt]}, result=None, error=None, attempt=0,
+                         max_attempts=3, worker=None, lease_expires_at=None, cancel_requested=False,
+                         published_at=now, created_at=now, started_at=None, finished_at=None,
+                         updated_at=now)  # fmt: skip
 
-    async def submit_together(jobs: list[Job]) -> list[object]:
+    async def submit_together(jobs: list[pg.JobRow]) -> list[object]:
         pool = await pg.open_pool(postgres_url)
         assert pool is not None
         inserts = pg.GroupedInserts(pool)
