@@ -11,7 +11,6 @@ is not a plain name. An ApiError (404, 429, 503) is answered here as FastAPI's h
 from __future__ import annotations
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.routing import BaseRoute, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,8 +65,12 @@ class HotRoutes:
             scope["route"] = route
         try:
             request = GenerationRequest.model_validate_json(body)
+        except (ValueError, RecursionError):  # not JSON, not valid (pydantic's ValidationError), nested too deep
+            await self.app(scope, _replay(body, receive), send)
+            return
+        try:
             answer = await queue_generation(request, front_door(scope), get_settings(), scope[TENANT])
-        except (ValidationError, RequestValidationError):  # raised before anything is written
+        except RequestValidationError:  # a cap or an empty prompt: raised before anything is written
             await self.app(scope, _replay(body, receive), send)
             return
         except ApiError as exc:

@@ -217,6 +217,11 @@ def test_hot_routes_answer_as_fastapi_answers_without_them(client: TestClient) -
         (
             "POST",
             "/v1/generations",
+            {"content": b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "headers": json_headers},
+        ),
+        (
+            "POST",
+            "/v1/generations",
             {"content": b'{"prompt": "hi"}', "headers": headers | {"content-type": "text/plain"}},
         ),
         ("GET", "/v1/generations/gen-nosuchjob", {}),
