@@ -37,6 +37,8 @@ import redis
 from measure import log, machine, pct  # bench/measure.py
 from systems import fresh_database, start_system  # bench/systems.py
 
+from cli.processes import threads_per_worker
+
 REDIS = os.environ.get("LLMQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 
 
@@ -57,11 +59,15 @@ class Ceiling:
         return self.tokens / self.seconds
 
 
-def ceiling(model: str, quantization: str, texts: list[str], max_tokens: int, batch: int) -> Ceiling:
-    """The in-process batching ceiling: the prompts in batches of `batch` through generate(), greedy."""
+def ceiling(model: str, quantization: str, texts: list[str], max_tokens: int, batch: int, threads: int) -> Ceiling:
+    """The in-process batching ceiling: the prompts in batches of `batch` through generate(), greedy, on as many
+    torch threads as the worker."""
+    import torch
+
     from worker.generation import Request, SamplingParams, generate
     from worker.model_loading import load_base_model
 
+    torch.set_num_threads(threads)
     loaded = load_base_model(model, "main", quantization, "cpu")  # type: ignore[arg-type]
     greedy = SamplingParams(max_new_tokens=max_tokens, temperature=0)
     generate(loaded, [Request(p, greedy) for p in texts[:batch]])  # warm
@@ -132,6 +138,13 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the worker and the ceiling")
     parser.add_argument("--reserved-rows", type=int, default=4, help="LLMQ_BATCH_RESERVED_ROWS of the worker")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=threads_per_worker(0, workers=2),
+        help="LLMQ_TORCH_THREADS of the worker, and the ceiling's threads (default: half the cores, as llmq up gives "
+        "each of its two workers)",
+    )
     parser.add_argument("--model", type=Path)
     parser.add_argument("--quantization", default="fp32", choices=["nf4", "int8", "bf16", "fp32"])
     args = parser.parse_args()
@@ -144,7 +157,7 @@ def main() -> None:
 
     subset = texts[: args.batch * 3]
     log(f"ceiling: {len(subset)} prompts in batches of {args.batch}")
-    best = ceiling(str(args.model), args.quantization, subset, args.max_tokens, args.batch)
+    best = ceiling(str(args.model), args.quantization, subset, args.max_tokens, args.batch, args.torch_threads)
     log(f"ceiling: {best.tokens} tokens in {best.seconds:.1f} s = {best.tokens_per_s:.0f} tokens/s")
 
     redis.Redis.from_url(REDIS).flushdb()
@@ -157,6 +170,7 @@ def main() -> None:
             "LLMQ_QUANTIZATION": args.quantization,
             "LLMQ_MAX_BATCH_SIZE": str(args.batch),
             "LLMQ_BATCH_RESERVED_ROWS": str(args.reserved_rows),
+            "LLMQ_TORCH_THREADS": str(args.torch_threads),
             "LLMQ_RATE_LIMIT_PER_MINUTE": "0",
             "LLMQ_REAPER_INTERVAL_SECONDS": "0.5",
             "HF_HUB_OFFLINE": "1",
@@ -257,7 +271,7 @@ def report(args: argparse.Namespace, best: Ceiling, run: SystemRun) -> None:
     ]
     print(f"\n{machine()}; load average {os.getloadavg()[0]:.1f} at the end")
     print(f"model {args.model} ({args.quantization}), {args.max_tokens} new tokens, max_batch_size {args.batch}, "
-          f"batch_reserved_rows {args.reserved_rows}\n")  # fmt: skip
+          f"batch_reserved_rows {args.reserved_rows}, torch threads {args.torch_threads}\n")  # fmt: skip
     print("| measure | value | goal |")
     print("|---|---|---|")
     for row in rows:

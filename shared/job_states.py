@@ -35,7 +35,8 @@ ID_PREFIX = {"generate": "gen", "train": "ftjob", "export": "ftexport"}
 
 @dataclass(frozen=True)
 class Claim:
-    """What a worker holds after claiming a job: the attempt it may write as, and the row it read."""
+    """What a worker holds after claiming a job: the attempt it may write as, and the row it read (a detached
+    snapshot of the row at claim time: it never reloads)."""
 
     job_id: str
     attempt: int
@@ -154,6 +155,10 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
     attempts = {row.id: row.attempt for row in claimed}
     jobs = session.scalars(select(Job).where(Job.id.in_(attempts)).execution_options(populate_existing=True)).all()
     for job in jobs:
+        # A claim's row is what the job was when claimed, and stays so: detached, a later rollback of this session
+        # (every cancel check ends with one) cannot expire it, so reading claim.job.priority or .params never
+        # reloads the row (a SELECT per running job per look, which was a third of a continuous batch's time).
+        session.expunge(job)
         QUEUE_WAIT.labels(job.kind).observe(max((now - job.created_at).total_seconds(), 0.0))
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
