@@ -104,6 +104,8 @@ class ContinuousLoop:
         self.sent: dict[tuple[str, int], str] = {}  # text streamed so far, per (job, output)
         self.served: list[str] = []
         self.polled = -float("inf")  # when the loop last looked for waiting jobs and cancels (perf_counter)
+        self.backlog = False  # whether the last claim suggests jobs are waiting (it took some, or skipped batch ones)
+        self.refill = False  # rows left while jobs were waiting: claim at the next iteration, not at the next look
 
     def run(self) -> list[str]:
         with get_sessionmaker()() as session:
@@ -112,13 +114,14 @@ class ContinuousLoop:
                 while True:
                     started = time.perf_counter()
                     # A database round trip per step costs more than a small model's step: with rows in flight,
-                    # the loop looks for newcomers and cancels at most every batch_poll_seconds.
-                    poll = not self.jobs or started - self.polled >= self.settings.batch_poll_seconds
-                    claimed, joined = self._claim_and_join(session) if poll else (False, [])
+                    # the loop looks for newcomers and cancels at most every batch_poll_seconds. Rows that end
+                    # while jobs are waiting are refilled at once (one claim per wave of rows, not per step).
+                    due = not self.jobs or started - self.polled >= self.settings.batch_poll_seconds
+                    claimed, joined = self._claim_and_join(session) if due or self.refill else (False, [])
                     if not self.jobs and not claimed:
                         break
-                    cancelled = self._cancel_requested(session) if poll else []
-                    self.polled = started if poll else self.polled
+                    cancelled = self._cancel_requested(session) if due else []
+                    self.polled = started if due else self.polled
                     rows = self._step(session)
                     finished = cancelled + self._end_finished(session)
                     step += 1
@@ -140,6 +143,7 @@ class ContinuousLoop:
 
     def _claim_and_join(self, session: Session) -> tuple[bool, list[str]]:
         """Claims what fits the batch's room and lets it join; (whether it claimed any, the jobs that joined)."""
+        self.refill = False
         claims = self._claim(session)
         if not claims:
             return False, []
@@ -182,8 +186,12 @@ class ContinuousLoop:
         room = s.max_batch_size - len(rows)
         tokens = s.max_batch_tokens - sum(len(r.prompt_ids) + r.request.params.max_new_tokens for r in rows)
         if room <= 0 or tokens <= 0:
+            self.backlog = False
             return []
-        return job_states.claim_batch(
+        # With no row left for batch requests, only interactive jobs are read (the claim index stops at the first
+        # batch request): the look that runs every batch_poll_seconds costs one short query.
+        interactive_only = bool(self.jobs) and self._batch_room() <= 0
+        claims = job_states.claim_batch(
             session,
             kind="generate",
             base_model=s.base_model,
@@ -192,15 +200,24 @@ class ContinuousLoop:
             limit=room,
             pick=self._leaving_rows_free(_budget(s, room, tokens)),
             fresh_only=bool(self.jobs),
+            min_priority=0 if interactive_only else None,
         )
+        self.backlog = bool(claims) or interactive_only
+        return claims
+
+    def _batch_room(self) -> int:
+        """Rows that batch requests (priority below 0) may still take: max_batch_size less the rows kept free for
+        interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size) and the batch rows in flight."""
+        s = self.settings
+        in_flight = sum(len(j.rows) for j in self.jobs.values() if j.claim.job.priority < 0)
+        return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
 
     def _leaving_rows_free(self, budget: Callable[[Sequence[Job]], list[str]]) -> Callable[[Sequence[Job]], list[str]]:
         """budget, given the candidates minus the batch requests (priority below 0) that would take the rows kept
-        free for interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size). A batch request
-        always runs when no other one is in flight, so a batch never stalls."""
-        s = self.settings
+        free for interactive jobs (see _batch_room). A batch request always runs when no other one is in flight,
+        so a batch never stalls."""
         in_flight = sum(len(j.rows) for j in self.jobs.values() if j.claim.job.priority < 0)
-        room = s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
+        room = self._batch_room()
 
         def pick(candidates: Sequence[Job]) -> list[str]:
             allowed, taken, left = [], in_flight > 0, room
@@ -271,6 +288,7 @@ class ContinuousLoop:
         done = [self.jobs.pop(i) for i in ended if i in self.jobs and all(r.done for r in self.jobs[i].rows)]
         if not done:
             return []
+        self.refill = self.refill or self.backlog
         assert self.loaded is not None
         loaded = self.loaded
         decoded: list[Decoded] = [([r.generation(loaded) for r in j.rows], j.batch_size) for j in done]
