@@ -21,7 +21,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import ColumnElement, Select, bindparam, case, delete, exists, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from shared.counters import JOBS_FINISHED, QUEUE_WAIT
@@ -213,7 +226,7 @@ def finish_batch(session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) ->
         select(Job.id, Job.attempt).where(Job.id.in_(attempts), Job.status == JobStatus.RUNNING).with_for_update()
     ).all()
     current = {r.id for r in rows if r.attempt == attempts[r.id]}
-    table = Job.__table__
+    table: Table = Job.__table__  # type: ignore[assignment]  # Core: an executemany of plain parameters
     params = []
     for claim, (result, error) in outcomes:
         if claim.job_id not in current:
