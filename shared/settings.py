@@ -112,6 +112,14 @@ class Settings(BaseSettings):
         "job joins at the next step instead of waiting for a batch row to end (at most a quarter of "
         "max_batch_size).",
     )
+    batch_rows_beside_interactive: int = Field(
+        8,
+        ge=1,
+        description="While an interactive job decodes in a continuous batch, how many rows of OpenAI batch requests "
+        "decode beside it; the others pause (their KV cache kept) and resume, oldest first, as those end or once no "
+        "interactive job decodes. On a CPU a step costs more with every row, so this keeps interactive latency near "
+        "idle; on a GPU, where a step costs about the same whatever its rows, set it to max_batch_size.",
+    )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")

@@ -82,7 +82,13 @@ class InFlight:
     job: PreparedJob
     rows: list[Row]
     batch_size: int = 0  # most rows decoded together while it ran (its result reports it)
+    joined: int = 0  # its place in the order in which jobs joined this loop's batch
     streams: dict[int, StreamRow] = field(default_factory=dict)  # output index -> where its text streams
+
+
+def _is_batch(job: InFlight) -> bool:
+    """Whether the job is a request of an OpenAI batch (priority below 0): it yields to interactive jobs."""
+    return job.claim.job.priority < 0
 
 
 def serve_continuously(settings: Settings, models: ModelHolder, hooks: Sequence[StepHook] | None = None) -> list[str]:
@@ -104,6 +110,7 @@ class ContinuousLoop:
         self.sent: dict[tuple[str, int], str] = {}  # text streamed so far, per (job, output)
         self.served: list[str] = []
         self.polled = -float("inf")  # when the loop last looked for waiting jobs and cancels (perf_counter)
+        self.joins = 0  # jobs that joined so far (paused rows resume oldest first)
         self.backlog = False  # whether the last claim suggests jobs are waiting (it took some, or skipped batch ones)
         self.refill = False  # rows left while jobs were waiting: claim at the next iteration, not at the next look
 
@@ -122,6 +129,7 @@ class ContinuousLoop:
                         break
                     cancelled = self._cancel_requested(session) if due else []
                     self.polled = started if due else self.polled
+                    self._prioritize()
                     rows = self._step(session)
                     finished = cancelled + self._end_finished(session)
                     step += 1
@@ -172,6 +180,8 @@ class ContinuousLoop:
             self._decode_apart(session, joining)
             return True, []
         self.jobs.update({j.claim.job_id: j for j in joining})
+        for j in joining:
+            j.joined, self.joins = self.joins, self.joins + 1
         self._stream()  # their first tokens, without waiting for the next step
         together = len(self.batch) + sum(r.done for j in joining for r in j.rows)
         for j in self.jobs.values():
@@ -207,16 +217,46 @@ class ContinuousLoop:
 
     def _batch_room(self) -> int:
         """Rows that batch requests (priority below 0) may still take: max_batch_size less the rows kept free for
-        interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size) and the batch rows in flight."""
+        interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size) and the batch rows in flight;
+        while an interactive job decodes, batch_rows_beside_interactive less the batch rows in flight (paused ones
+        too: a newcomer would only wait behind them, after a prefill that slows the interactive rows)."""
         s = self.settings
-        in_flight = sum(len(j.rows) for j in self.jobs.values() if j.claim.job.priority < 0)
+        in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
+        if any(not _is_batch(j) for j in self.jobs.values()):
+            return min(s.batch_rows_beside_interactive, s.max_batch_size) - in_flight
         return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
+
+    def _prioritize(self) -> None:
+        """Before a step: while an interactive job decodes, at most batch_rows_beside_interactive batch rows decode
+        beside it and the others pause (the youngest first; their KV cache kept); paused rows resume, oldest first,
+        as those end, and all of them once no interactive job decodes."""
+        batch = self.batch
+        if batch is None:
+            return
+        interactive = any(not self._is_batch_row(row) for row in batch.rows)
+        if not interactive:
+            batch.resume(lambda row: True)
+            return
+        cap = self.settings.batch_rows_beside_interactive
+        decoding = [row for row in batch.rows if self._is_batch_row(row)]
+        if len(decoding) > cap:
+            keep = {id(row) for row in sorted(decoding, key=self._joined)[:cap]}
+            batch.pause(lambda row: self._is_batch_row(row) and id(row) not in keep)
+        elif len(decoding) < cap and batch.paused is not None:
+            wake = {id(row) for row in sorted(batch.paused.rows, key=self._joined)[: cap - len(decoding)]}
+            batch.resume(lambda row: id(row) in wake)
+
+    def _is_batch_row(self, row: Row) -> bool:
+        return _is_batch(self.jobs[row.key[0]])  # type: ignore[index]
+
+    def _joined(self, row: Row) -> int:
+        return self.jobs[row.key[0]].joined  # type: ignore[index]
 
     def _leaving_rows_free(self, budget: Callable[[Sequence[Job]], list[str]]) -> Callable[[Sequence[Job]], list[str]]:
         """budget, given the candidates minus the batch requests (priority below 0) that would take the rows kept
         free for interactive jobs (see _batch_room). A batch request always runs when no other one is in flight,
         so a batch never stalls."""
-        in_flight = sum(len(j.rows) for j in self.jobs.values() if j.claim.job.priority < 0)
+        in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
         room = self._batch_room()
 
         def pick(candidates: Sequence[Job]) -> list[str]:
