@@ -183,7 +183,7 @@ def test_batch_requests_leave_rows_free_so_an_interactive_job_joins_at_the_next_
     assert max(r.rows for r in reports) <= 4 and all(r.status == "succeeded" for r in rows(bulk).values())
 
 
-def test_batch_rows_beyond_the_cap_pause_while_an_interactive_job_decodes_and_resume_after(worker_settings: Any) -> None:
+def test_batch_rows_over_the_cap_pause_while_an_interactive_job_decodes_and_resume_after(worker_settings: Any) -> None:
     settings = worker_settings.model_copy(
         update={"max_batch_size": 8, "batch_reserved_rows": 1, "batch_rows_beside_interactive": 2}
     )
