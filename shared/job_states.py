@@ -33,6 +33,7 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.orm import Session
@@ -441,6 +442,23 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> bool:
     )
     session.commit()
     return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float) -> set[str]:
+    """Extends the leases of these claims in one statement and commits; the ids of those whose claim was lost."""
+    if not claims:
+        return set()
+    now = utcnow()
+    renewed = session.execute(
+        update(Job)
+        .where(
+            tuple_(Job.id, Job.attempt).in_([(c.job_id, c.attempt) for c in claims]), Job.status == JobStatus.RUNNING
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(Job.id)
+    ).all()
+    session.commit()
+    return {c.job_id for c in claims} - {row.id for row in renewed}
 
 
 def record_progress(session: Session, claim: Claim, result: JobResult) -> bool:
