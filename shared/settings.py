@@ -120,6 +120,13 @@ class Settings(BaseSettings):
         "interactive job decodes. On a CPU a step costs more with every row, so this keeps interactive latency near "
         "idle; on a GPU, where a step costs about the same whatever its rows, set it to max_batch_size.",
     )
+    batch_join_rows: int = Field(
+        8,
+        ge=1,
+        description="Most rows of OpenAI batch requests that join a running continuous batch at one step (their "
+        "prompts are prefilled in one forward pass, which holds up every row, an interactive newcomer's too); more "
+        "join at the steps that follow.",
+    )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")

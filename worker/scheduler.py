@@ -43,6 +43,7 @@ from worker.serving import (
     _fault_injection,
     _params,
     _prompt_count,
+    _prompts_of,
     _write_back,
     decode_isolating,
     outcome_of,
@@ -213,6 +214,9 @@ class ContinuousLoop:
             min_priority=0 if interactive_only else None,
         )
         self.backlog = bool(claims) or interactive_only
+        # Batch requests join batch_join_rows at a time: when a claim took that many, the next iteration claims again.
+        joined = sum(len(_prompts_of(c.job)) for c in claims if c.job.priority < 0)
+        self.refill = joined >= s.batch_join_rows
         return claims
 
     def _batch_room(self) -> int:
@@ -254,19 +258,22 @@ class ContinuousLoop:
 
     def _leaving_rows_free(self, budget: Callable[[Sequence[Job]], list[str]]) -> Callable[[Sequence[Job]], list[str]]:
         """budget, given the candidates minus the batch requests (priority below 0) that would take the rows kept
-        free for interactive jobs (see _batch_room). A batch request always runs when no other one is in flight,
-        so a batch never stalls."""
+        free for interactive jobs (see _batch_room) or more than batch_join_rows rows at once (their prefill, one
+        forward pass, would hold up every row: on a CPU a 28-row prefill of the full-size model takes seconds). A
+        batch request always runs when no other one is in flight, so a batch never stalls."""
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
         room = self._batch_room()
 
+        join = self.settings.batch_join_rows
+
         def pick(candidates: Sequence[Job]) -> list[str]:
-            allowed, taken, left = [], in_flight > 0, room
+            allowed, taken, left, joining = [], in_flight > 0, room, 0
             for job in candidates:
                 if job.priority < 0:
                     rows = _prompt_count(job)
-                    if taken and rows > left:
+                    if taken and (rows > left or joining + rows > join):
                         continue
-                    taken, left = True, left - rows
+                    taken, left, joining = True, left - rows, joining + rows
                 allowed.append(job)
             return budget(allowed)
 
