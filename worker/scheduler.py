@@ -222,12 +222,12 @@ class ContinuousLoop:
     def _batch_room(self) -> int:
         """Rows that batch requests (priority below 0) may still take: max_batch_size less the rows kept free for
         interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size) and the batch rows in flight;
-        while an interactive job decodes, batch_rows_beside_interactive less the batch rows in flight (paused ones
-        too: a newcomer would only wait behind them, after a prefill that slows the interactive rows)."""
+        while an interactive job decodes, none while any batch row is in flight (paused ones too: a newcomer's
+        prefill would hold up the interactive rows, only to wait behind them), else batch_rows_beside_interactive."""
         s = self.settings
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
         if any(not _is_batch(j) for j in self.jobs.values()):
-            return min(s.batch_rows_beside_interactive, s.max_batch_size) - in_flight
+            return 0 if in_flight else min(s.batch_rows_beside_interactive, s.max_batch_size)
         return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
 
     def _prioritize(self) -> None:
