@@ -147,8 +147,8 @@ def main() -> None:
     parser.add_argument(
         "--beside-interactive",
         type=int,
-        default=8,
-        help="LLMQ_BATCH_ROWS_BESIDE_INTERACTIVE of the worker (--batch: no cap)",
+        default=0,
+        help="LLMQ_BATCH_ROWS_BESIDE_INTERACTIVE of the worker (0, the default: no cap)",
     )
     parser.add_argument(
         "--torch-threads",

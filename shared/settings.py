@@ -113,12 +113,13 @@ class Settings(BaseSettings):
         "max_batch_size).",
     )
     batch_rows_beside_interactive: int = Field(
-        8,
-        ge=1,
+        0,
+        ge=0,
         description="While an interactive job decodes in a continuous batch, how many rows of OpenAI batch requests "
-        "decode beside it; the others pause (their KV cache kept) and resume, oldest first, as those end or once no "
-        "interactive job decodes. On a CPU a step costs more with every row, so this keeps interactive latency near "
-        "idle; on a GPU, where a step costs about the same whatever its rows, set it to max_batch_size.",
+        "decode beside it (0: all of them); the others pause, their KV cache kept, and resume, oldest first, as those "
+        "end or once no interactive job decodes. A CPU step costs more with every row, so a cap brings an interactive "
+        "job's step time toward idle, at the batch's expense (bench/README.md, batch_latency.py); on a GPU a step "
+        "costs about the same whatever its rows: leave it at 0.",
     )
     batch_join_rows: int = Field(
         8,

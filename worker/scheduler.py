@@ -227,11 +227,11 @@ class ContinuousLoop:
         s = self.settings
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
         if any(not _is_batch(j) for j in self.jobs.values()):
-            return 0 if in_flight else min(s.batch_rows_beside_interactive, s.max_batch_size)
+            return 0 if in_flight else self._cap()
         return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
 
     def _prioritize(self) -> None:
-        """Before a step: while an interactive job decodes, at most batch_rows_beside_interactive batch rows decode
+        """Before a step: while an interactive job decodes, at most _cap() batch rows decode
         beside it and the others pause (the youngest first; their KV cache kept); paused rows resume, oldest first,
         as those end, and all of them once no interactive job decodes."""
         batch = self.batch
@@ -241,7 +241,7 @@ class ContinuousLoop:
         if not interactive:
             batch.resume(lambda row: True)
             return
-        cap = self.settings.batch_rows_beside_interactive
+        cap = self._cap()
         decoding = [row for row in batch.rows if self._is_batch_row(row)]
         if len(decoding) > cap:
             keep = {id(row) for row in sorted(decoding, key=self._joined)[:cap]}
@@ -249,6 +249,11 @@ class ContinuousLoop:
         elif len(decoding) < cap and batch.paused is not None:
             wake = {id(row) for row in sorted(batch.paused.rows, key=self._joined)[: cap - len(decoding)]}
             batch.resume(lambda row: id(row) in wake)
+
+    def _cap(self) -> int:
+        """Batch rows that decode beside an interactive job (batch_rows_beside_interactive; 0: no cap)."""
+        s = self.settings
+        return min(s.batch_rows_beside_interactive or s.max_batch_size, s.max_batch_size)
 
     def _is_batch_row(self, row: Row) -> bool:
         return _is_batch(self.jobs[row.key[0]])  # type: ignore[index]
