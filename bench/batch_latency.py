@@ -3,8 +3,9 @@
 One run, side by side (issue 13's batch goals: interactive p50 within 1.5x of idle while a batch runs; the
 batch at 0.9x or more of the in-process batching ceiling):
 
-- **ceiling**: the batch's prompts through `worker.generation.generate` in batches of `max_batch_size`, the
-  model loaded in this process the way the worker loads it: no queue, no database (run first, alone).
+- **ceiling**: the batch's first prompts through `worker.generation.generate` in batches of `max_batch_size`, the
+  model loaded in this process the way the worker loads it (same torch threads): no queue, no database. Best of
+  three passes, run alone before the system starts and again after it stops; the batch is held to the higher.
 - **idle**: gateway + generate worker (real processes, Postgres + Redis); one client sends `/v1/completions`
   one after another (`--interactive`); p50 and p90 of the end-to-end time.
 - **during the batch**: a batch of `--requests` lines (the same prompts, `/v1/completions`) is created; while it
@@ -37,6 +38,10 @@ import redis
 from measure import log, machine, pct  # bench/measure.py
 from systems import fresh_database, start_system  # bench/systems.py
 
+from cli.processes import threads_per_worker
+
+CEILING_PASSES = 3
+LOAD = [0.0]  # the load average when the run started
 REDIS = os.environ.get("LLMQ_BENCH_REDIS_URL", "redis://127.0.0.1:6379/12")
 
 
@@ -57,19 +62,26 @@ class Ceiling:
         return self.tokens / self.seconds
 
 
-def ceiling(model: str, quantization: str, texts: list[str], max_tokens: int, batch: int) -> Ceiling:
-    """The in-process batching ceiling: the prompts in batches of `batch` through generate(), greedy."""
+def ceiling(model: str, quantization: str, texts: list[str], max_tokens: int, batch: int, threads: int) -> Ceiling:
+    """The in-process batching ceiling: the prompts in batches of `batch` through generate(), greedy, on as many
+    torch threads as the worker."""
+    import torch
+
     from worker.generation import Request, SamplingParams, generate
     from worker.model_loading import load_base_model
 
+    torch.set_num_threads(threads)
     loaded = load_base_model(model, "main", quantization, "cpu")  # type: ignore[arg-type]
     greedy = SamplingParams(max_new_tokens=max_tokens, temperature=0)
     generate(loaded, [Request(p, greedy) for p in texts[:batch]])  # warm
-    tokens, started = 0, time.perf_counter()
-    for start in range(0, len(texts), batch):
-        chunk = [Request(p, greedy) for p in texts[start : start + batch]]
-        tokens += sum(g.completion_tokens for g in generate(loaded, chunk))
-    return Ceiling(len(texts), tokens, time.perf_counter() - started)
+    passes = []
+    for _ in range(CEILING_PASSES):  # the best pass: a neighbour's burst on a shared machine only slows one
+        tokens, started = 0, time.perf_counter()
+        for start in range(0, len(texts), batch):
+            chunk = [Request(p, greedy) for p in texts[start : start + batch]]
+            tokens += sum(g.completion_tokens for g in generate(loaded, chunk))
+        passes.append(Ceiling(len(texts), tokens, time.perf_counter() - started))
+    return max(passes, key=lambda c: c.tokens_per_s)
 
 
 @dataclass
@@ -132,9 +144,23 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the worker and the ceiling")
     parser.add_argument("--reserved-rows", type=int, default=4, help="LLMQ_BATCH_RESERVED_ROWS of the worker")
+    parser.add_argument(
+        "--beside-interactive",
+        type=int,
+        default=0,
+        help="LLMQ_BATCH_ROWS_BESIDE_INTERACTIVE of the worker (0, the default: no cap)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=threads_per_worker(0, workers=2),
+        help="LLMQ_TORCH_THREADS of the worker, and the ceiling's threads (default: half the cores, as llmq up gives "
+        "each of its two workers)",
+    )
     parser.add_argument("--model", type=Path)
     parser.add_argument("--quantization", default="fp32", choices=["nf4", "int8", "bf16", "fp32"])
     args = parser.parse_args()
+    LOAD[0] = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="llmq-bench-batch-"))
     if args.model is None:
         from worker.model_factory import build_tiny_gpt2
@@ -144,8 +170,8 @@ def main() -> None:
 
     subset = texts[: args.batch * 3]
     log(f"ceiling: {len(subset)} prompts in batches of {args.batch}")
-    best = ceiling(str(args.model), args.quantization, subset, args.max_tokens, args.batch)
-    log(f"ceiling: {best.tokens} tokens in {best.seconds:.1f} s = {best.tokens_per_s:.0f} tokens/s")
+    best = ceiling(str(args.model), args.quantization, subset, args.max_tokens, args.batch, args.torch_threads)
+    log(f"ceiling before: {best.tokens} tokens in {best.seconds:.1f} s = {best.tokens_per_s:.0f} tokens/s")
 
     redis.Redis.from_url(REDIS).flushdb()
     with fresh_database("llmq_bench_batch") as url:
@@ -157,15 +183,20 @@ def main() -> None:
             "LLMQ_QUANTIZATION": args.quantization,
             "LLMQ_MAX_BATCH_SIZE": str(args.batch),
             "LLMQ_BATCH_RESERVED_ROWS": str(args.reserved_rows),
+            "LLMQ_TORCH_THREADS": str(args.torch_threads),
+            "LLMQ_BATCH_ROWS_BESIDE_INTERACTIVE": str(args.beside_interactive),
             "LLMQ_RATE_LIMIT_PER_MINUTE": "0",
             "LLMQ_REAPER_INTERVAL_SECONDS": "0.5",
             "HF_HUB_OFFLINE": "1",
         }
         system = start_system(env, tmp / "logs")
         try:
-            report(args, best, run_system(system.base_url, url, args, texts))
+            run = run_system(system.base_url, url, args, texts)
         finally:
             system.children.stop_all()
+    after = ceiling(str(args.model), args.quantization, subset, args.max_tokens, args.batch, args.torch_threads)
+    log(f"ceiling after: {after.tokens} tokens in {after.seconds:.1f} s = {after.tokens_per_s:.0f} tokens/s")
+    report(args, best, after, run)
 
 
 @dataclass
@@ -221,7 +252,9 @@ def run_system(base_url: str, db_url: str, args: argparse.Namespace, texts: list
     return SystemRun(idle_seconds, during_seconds, idle_split, during_split, last - first, tokens, requests, wall)
 
 
-def report(args: argparse.Namespace, best: Ceiling, run: SystemRun) -> None:
+def report(args: argparse.Namespace, before: Ceiling, after: Ceiling, run: SystemRun) -> None:
+    best = max(before, after, key=lambda c: c.tokens_per_s)  # the batch is held to the higher of the two
+
     def latency(samples: list[float]) -> str:
         if not samples:
             return "none sent"
@@ -249,15 +282,18 @@ def report(args: argparse.Namespace, best: Ceiling, run: SystemRun) -> None:
             "",
         ),
         (
-            f"ceiling: generate() in batches of {args.batch}, in process",
-            f"{best.tokens} tokens in {best.seconds:.1f} s = {best.tokens_per_s:.0f} tokens/s",
+            f"ceiling: generate() in batches of {args.batch}, in process, best of {CEILING_PASSES} passes before / "
+            "after the system run",
+            f"{before.tokens_per_s:.0f} / {after.tokens_per_s:.0f} tokens/s ({best.tokens} tokens in "
+            f"{best.seconds:.2f} s)",
             "",
         ),
         ("ratio batch / ceiling", f"{batch_rate / best.tokens_per_s:.2f}x", "at least 0.9x"),
     ]
-    print(f"\n{machine()}; load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"\n{machine()}; load average {os.getloadavg()[0]:.1f} at the end ({LOAD[0]:.1f} at the start)")
     print(f"model {args.model} ({args.quantization}), {args.max_tokens} new tokens, max_batch_size {args.batch}, "
-          f"batch_reserved_rows {args.reserved_rows}\n")  # fmt: skip
+          f"batch_reserved_rows {args.reserved_rows}, batch_rows_beside_interactive {args.beside_interactive}, "
+          f"torch threads {args.torch_threads}\n")  # fmt: skip
     print("| measure | value | goal |")
     print("|---|---|---|")
     for row in rows:

@@ -21,7 +21,21 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
-from sqlalchemy import ColumnElement, Select, case, delete, exists, func, insert, literal, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from shared.counters import JOBS_FINISHED, QUEUE_WAIT
@@ -35,7 +49,8 @@ ID_PREFIX = {"generate": "gen", "train": "ftjob", "export": "ftexport"}
 
 @dataclass(frozen=True)
 class Claim:
-    """What a worker holds after claiming a job: the attempt it may write as, and the row it read."""
+    """What a worker holds after claiming a job: the attempt it may write as, and the row it read (a detached
+    snapshot of the row at claim time: it never reloads)."""
 
     job_id: str
     attempt: int
@@ -82,17 +97,22 @@ def claim_batch(
     limit: int,
     pick: Callable[[Sequence[Job]], Sequence[str]] | None = None,
     fresh_only: bool = False,
+    min_priority: int | None = None,
 ) -> list[Claim]:
     """Claims the queued jobs of a kind on a base model, higher priority first (interactive before batch
     requests) then oldest first (at most limit, narrowed by pick); commits.
 
     pick chooses which of the candidates (oldest first) to take, e.g. to respect a token budget;
-    it must return at least one id when given any candidate. fresh_only leaves jobs that ran before
-    (they run alone, see below) for a claim without neighbours.
+    it may return none when it is given only jobs it does not want now (fresh_only or min_priority set);
+    otherwise it must return at least one id. fresh_only leaves jobs that ran before (they run alone, see
+    below) for a claim without neighbours. min_priority leaves jobs below it (e.g. batch requests, when a
+    running batch has no room for them) unread: the claim index stops at them.
     """
     query = queued_in_claim_order(kind, base_model)
     if fresh_only:
         query = query.where(Job.attempt == 0)
+    if min_priority is not None:
+        query = query.where(Job.priority >= min_priority)
     candidates = session.scalars(query.limit(limit).with_for_update(skip_locked=True)).all()
     # SQLite cannot upgrade a read transaction to a write one under contention; the conditional
     # UPDATE below is what makes the claim safe, the row locks above only spare Postgres work.
@@ -107,6 +127,9 @@ def claim_batch(
     else:
         fresh = [job for job in candidates if job.attempt == 0]
         ids = list(pick(fresh)) if pick else [job.id for job in fresh]
+    if not ids:
+        session.rollback()
+        return []
     claims = _claim_where(session, worker, lease_seconds, Job.id.in_(ids))
     claims.sort(key=lambda c: (-c.job.priority, c.job.created_at, c.job.id))
     return claims
@@ -154,6 +177,10 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
     attempts = {row.id: row.attempt for row in claimed}
     jobs = session.scalars(select(Job).where(Job.id.in_(attempts)).execution_options(populate_existing=True)).all()
     for job in jobs:
+        # A claim's row is what the job was when claimed, and stays so: detached, a later rollback of this session
+        # (every cancel check ends with one) cannot expire it, so reading claim.job.priority or .params never
+        # reloads the row (a SELECT per running job per look, which was a third of a continuous batch's time).
+        session.expunge(job)
         QUEUE_WAIT.labels(job.kind).observe(max((now - job.created_at).total_seconds(), 0.0))
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
@@ -187,17 +214,58 @@ Outcome = tuple[GenerationResult | None, tuple[ErrorCode, str] | None]
 
 def finish_batch(session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) -> list[bool]:
     """Writes the outcome of every claim of a batch in one transaction and commits once; for each claim,
-    whether it was written (False where the claim is no longer current: that outcome is dropped)."""
-    written = []
+    whether it was written (False where the claim is no longer current: that outcome is dropped).
+
+    Two round trips whatever the batch's size: one SELECT ... FOR UPDATE finds (and locks) the claims still
+    current, one executemany UPDATE (pipelined by the driver) writes their outcomes, each still guarded by its
+    attempt, so nothing can take a row over in between.
+    """
+    if not outcomes:
+        return []
+    attempts = {claim.job_id: claim.attempt for claim, _ in outcomes}
+    rows = session.execute(
+        select(Job.id, Job.attempt).where(Job.id.in_(attempts), Job.status == JobStatus.RUNNING).with_for_update()
+    ).all()
+    current = {r.id for r in rows if r.attempt == attempts[r.id]}
+    table: Table = Job.__table__  # type: ignore[assignment]  # Core: an executemany of plain parameters
+    params = []
     for claim, (result, error) in outcomes:
+        if claim.job_id not in current:
+            continue
         if error is None:
             assert result is not None
-            written.append(_guarded_finish(session, claim, JobStatus.SUCCEEDED, result=stored(result)))
+            status, stored_result, stored_error = JobStatus.SUCCEEDED, stored(result), None
         else:
             code, message = error
-            failure = stored(JobError(code=code, message=message))
-            written.append(_guarded_finish(session, claim, JobStatus.FAILED, error=failure))
+            status, stored_result, stored_error = JobStatus.FAILED, None, stored(JobError(code=code, message=message))
+        params.append({"b_id": claim.job_id, "b_attempt": claim.attempt, "b_status": status,
+                       "b_result": stored_result, "b_error": stored_error})  # fmt: skip
+    if params:
+        now = utcnow()
+        session.execute(
+            update(table)
+            .where(
+                table.c.id == bindparam("b_id"),
+                table.c.attempt == bindparam("b_attempt"),
+                table.c.status == JobStatus.RUNNING,
+            )
+            .values(
+                status=bindparam("b_status", type_=table.c.status.type),
+                result=bindparam("b_result", type_=table.c.result.type),
+                error=bindparam("b_error", type_=table.c.error.type),
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+            ),
+            params,
+        )
     session.commit()
+    written = [claim.job_id in current for claim, _ in outcomes]
+    for claim, (_, error) in outcomes:
+        if claim.job_id in current:
+            JOBS_FINISHED.labels(
+                claim.job.kind, (JobStatus.SUCCEEDED if error is None else JobStatus.FAILED).value
+            ).inc()
     return written
 
 
@@ -374,6 +442,23 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> bool:
     )
     session.commit()
     return bool(renewed.rowcount == 1)  # type: ignore[attr-defined]
+
+
+def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float) -> set[str]:
+    """Extends the leases of these claims in one statement and commits; the ids of those whose claim was lost."""
+    if not claims:
+        return set()
+    now = utcnow()
+    renewed = session.execute(
+        update(Job)
+        .where(
+            tuple_(Job.id, Job.attempt).in_([(c.job_id, c.attempt) for c in claims]), Job.status == JobStatus.RUNNING
+        )
+        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        .returning(Job.id)
+    ).all()
+    session.commit()
+    return {c.job_id for c in claims} - {row.id for row in renewed}
 
 
 def record_progress(session: Session, claim: Claim, result: JobResult) -> bool:

@@ -64,8 +64,9 @@ def publish_finished(job_ids: Iterable[str]) -> None:
     if url is None:
         return
     try:
-        client = _client(url)
+        pipe = _client(url).pipeline(transaction=False)  # one round trip for a batch's jobs
         for job_id in job_ids:
-            client.publish(CHANNEL, job_id)
+            pipe.publish(CHANNEL, job_id)
+        pipe.execute()
     except redis.RedisError as exc:
         log.warning("could not publish job-finished notification: %s", exc)

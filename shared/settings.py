@@ -112,6 +112,22 @@ class Settings(BaseSettings):
         "job joins at the next step instead of waiting for a batch row to end (at most a quarter of "
         "max_batch_size).",
     )
+    batch_rows_beside_interactive: int = Field(
+        0,
+        ge=0,
+        description="While an interactive job decodes in a continuous batch, how many rows of OpenAI batch requests "
+        "decode beside it (0: all of them); the others pause, their KV cache kept, and resume, oldest first, as those "
+        "end or once no interactive job decodes. A CPU step costs more with every row, so a cap brings an interactive "
+        "job's step time toward idle, at the batch's expense (bench/README.md, batch_latency.py); on a GPU a step "
+        "costs about the same whatever its rows: leave it at 0.",
+    )
+    batch_join_rows: int = Field(
+        8,
+        ge=1,
+        description="Most rows of OpenAI batch requests that join a running continuous batch at one step (their "
+        "prompts are prefilled in one forward pass, which holds up every row, an interactive newcomer's too); more "
+        "join at the steps that follow.",
+    )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")
     max_new_tokens: int = Field(512, ge=1, description="Cap on max_tokens of one generation request.")

@@ -48,6 +48,29 @@ def test_seeded_row_draws_the_same_tokens_alone_and_while_rows_join_and_leave(lo
     assert row.generation(loaded) == alone
 
 
+def test_paused_rows_keep_their_cache_and_draw_the_same_tokens_as_rows_never_paused(loaded: LoadedModel) -> None:
+    requests = [Request(p, sampled(40 + i, 10)) for i, p in enumerate(PROMPTS)]
+    requests.append(Request(PROMPTS[0], SamplingParams(max_new_tokens=10, temperature=0)))
+    alone = [generate(loaded, [r])[0] for r in requests]
+    batch = RunningBatch(loaded)
+    rows = [new_row(loaded, i, r) for i, r in enumerate(requests)]
+    batch.admit(rows)
+    for step in range(40):
+        if step == 1:
+            batch.pause(lambda row: row.key in (0, 2, 4))
+        if step == 3:  # a newcomer joins while rows are paused, a paused row comes back, one is cancelled
+            batch.admit([new_row(loaded, "late", Request(PROMPTS[2] * 3, sampled(7, 3)))])
+            batch.resume(lambda row: row.key == 2)
+            assert [row.key for row in batch.remove(lambda row: row.key == 3)] == [3]
+        if step == 6:
+            batch.pause(lambda row: row.key == 1)
+        if step == 8:
+            batch.resume(lambda row: True)
+        batch.step()
+    assert batch.paused is None and not len(batch)
+    assert [rows[i].generation(loaded) for i in (0, 1, 2, 4)] == [alone[i] for i in (0, 1, 2, 4)]
+
+
 def test_continuous_outputs_equal_static_outputs_greedy_and_seeded(loaded: LoadedModel) -> None:
     requests = [Request(p, SamplingParams(max_new_tokens=4 + 5 * i, temperature=0)) for i, p in enumerate(PROMPTS)]
     requests += [Request(p, sampled(i, 3 + 7 * i)) for i, p in enumerate(PROMPTS)]
@@ -158,6 +181,28 @@ def test_batch_requests_leave_rows_free_so_an_interactive_job_joins_at_the_next_
     assert next(r.step for r in reports if interactive in r.joined) == 3  # not after the batch rows end
     assert step_of(reports, interactive) < min(step_of(reports, job_id) for job_id in bulk)
     assert max(r.rows for r in reports) <= 4 and all(r.status == "succeeded" for r in rows(bulk).values())
+
+
+def test_batch_rows_over_the_cap_pause_while_an_interactive_job_decodes_and_resume_after(worker_settings: Any) -> None:
+    settings = worker_settings.model_copy(
+        update={"max_batch_size": 8, "batch_reserved_rows": 1, "batch_rows_beside_interactive": 2}
+    )
+    base = settings.base_model
+    bulk = add_batch_requests(base, 7, max_tokens=12)
+    arrived: list[str] = []
+
+    def arrive(report: Any) -> None:
+        if report.step == 2:
+            arrived.append(add_job(base, "alice", good_params(PROMPTS[1], max_tokens=4)))
+
+    reports = serve(settings, arrive)
+
+    (interactive,) = arrived
+    joined, ended = next(r.step for r in reports if interactive in r.joined), step_of(reports, interactive)
+    assert reports[0].rows == 7  # the batch alone takes every row but the reserved one
+    assert joined == 3 and all(r.rows == 3 for r in reports[joined - 1 : ended])  # itself and 2 batch rows
+    assert reports[ended].rows == 7  # then the 5 paused rows decode again beside the 2 that went on
+    assert all(r.status == "succeeded" for r in rows(bulk).values())
 
 
 def test_cancel_of_running_job_leaves_the_batch_at_the_next_step(worker_settings: Any) -> None:

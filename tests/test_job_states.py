@@ -129,6 +129,20 @@ def test_stale_attempt_cannot_finish_a_job_claimed_again(sessions: sessionmaker[
         assert session.query(JobEvent).filter_by(job_id=job_id).count() == 0
 
 
+def test_leases_renew_in_one_statement_and_a_claim_taken_over_is_reported_lost(sessions: sessionmaker[Session]) -> None:
+    kept_id, lost_id = add_jobs(sessions, 2)
+    with sessions() as session:
+        kept = job_states.claim(session, kept_id, worker="a", lease_seconds=1)
+        lost = job_states.claim(session, lost_id, worker="a", lease_seconds=1)
+        assert kept is not None and lost is not None
+        session.execute(Job.__table__.update().where(Job.id == lost_id).values(attempt=Job.attempt + 1))
+        session.commit()
+        assert job_states.renew_leases(session, [kept, lost], 600) == {lost_id}
+        row = session.get(Job, kept_id, populate_existing=True)
+        assert row is not None and row.lease_expires_at is not None
+        assert (row.lease_expires_at - row.updated_at).total_seconds() > 500
+
+
 def test_a_new_checkpoint_drops_the_rows_of_rotated_out_ones_only_while_the_claim_holds(
     sessions: sessionmaker[Session],
 ) -> None:

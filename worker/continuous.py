@@ -14,6 +14,7 @@ batch, and a greedy row writes what it writes alone.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class RunningBatch:
         self.positions = torch.zeros((0,), dtype=torch.long, device=loaded.device)  # [B]: next position id
         self.next_ids = torch.zeros((0,), dtype=torch.long, device=loaded.device)  # [B]: token each row feeds next
         self._ended: list[Row] = []  # rows that ended and left the batch, until take_finished()
+        self.paused: RunningBatch | None = None  # rows taken out of the decoding by pause(), with their KV cache
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -154,17 +156,62 @@ class RunningBatch:
         self._ended += self.remove(lambda row: row.done)
 
     def remove(self, which: Any) -> list[Row]:
-        """Removes the rows for which which(row) is true (they leave before the next step) and gives them back."""
-        leaving = [row for row in self.rows if which(row)]
-        if leaving:
+        """Removes the rows (paused ones too) for which which(row) is true (they leave before the next step) and
+        gives them back."""
+        leaving = self.paused.remove(which) if self.paused is not None else []
+        if self.paused is not None and not self.paused.rows:
+            self.paused = None
+        if any(which(row) for row in self.rows):
+            leaving += [row for row in self.rows if which(row)]
             self._keep([i for i, row in enumerate(self.rows) if not which(row)])
         return leaving
 
     def clear(self) -> list[Row]:
-        """Removes every row (after a failed step, whose cache may be half updated) and gives them back."""
-        rows = self.rows
+        """Removes every row, paused ones too (after a failed step, whose cache may be half updated), and gives
+        them back."""
+        rows = self.rows + (self.paused.rows if self.paused is not None else [])
         self._keep([])
+        self.paused = None
         return rows
+
+    def pause(self, which: Any) -> None:
+        """Takes the rows for which which(row) is true out of the steps that follow, keeping their KV cache aside,
+        until resume(). A paused row draws the same tokens as if it had not paused: it keeps its generator, its
+        positions and its cache; it only waits."""
+        indices = [i for i, row in enumerate(self.rows) if which(row)]
+        if not indices:
+            return
+        part = self._take(indices)
+        if self.paused is None:
+            self.paused = part
+        else:
+            self.paused._absorb(part)
+
+    def resume(self, which: Any) -> None:
+        """Puts the paused rows for which which(row) is true back into the steps that follow."""
+        if self.paused is None:
+            return
+        indices = [i for i, row in enumerate(self.paused.rows) if which(row)]
+        if not indices:
+            return
+        self._absorb(self.paused._take(indices))
+        if not self.paused.rows:
+            self.paused = None
+
+    def _take(self, indices: list[int]) -> RunningBatch:
+        """Removes these rows from the batch and gives them back as a batch of their own (their cache columns)."""
+        part = RunningBatch(self.loaded)
+        part.rows, part.mask, part.positions, part.next_ids = list(self.rows), self.mask, self.positions, self.next_ids
+        part.cache = copy.copy(self.cache)
+        part.cache.layers = [copy.copy(layer) for layer in self.cache.layers]  # _keep replaces their tensors
+        part._keep(indices)
+        self._keep([i for i in range(len(self.rows)) if i not in set(indices)])
+        return part
+
+    def _absorb(self, part: RunningBatch) -> None:
+        """Appends another batch's rows, with their cache, to this one."""
+        if part.rows:
+            self._merge(part.rows, part.cache, part.mask, part.positions, part.next_ids)
 
     # What follows is the batch's bookkeeping: the forward pass, sampling, and the cache's rows and columns.
 

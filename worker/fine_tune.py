@@ -199,9 +199,7 @@ def scratch_folder(settings: Settings, job_id: str) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def _parent(
-    session: Session, claim: Claim, settings: Settings, params: FineTuneParams, into: Path
-) -> Parent | None:
+def _parent(session: Session, claim: Claim, settings: Settings, params: FineTuneParams, into: Path) -> Parent | None:
     """The adapter a continued fine-tune starts from, fetched (None for a new adapter); ParentUnavailable."""
     if params.parent_model is None:
         return None

@@ -72,9 +72,7 @@ class LeaseKeeper:
             if not claims:
                 continue
             try:
-                with get_sessionmaker()() as session:
-                    for claim in claims:
-                        if not job_states.renew_lease(session, claim, self.lease_seconds):
-                            self.lost.add(claim.job_id)
+                with get_sessionmaker()() as session:  # one statement for every claim (a batch holds dozens)
+                    self.lost |= job_states.renew_leases(session, claims, self.lease_seconds)
             except Exception:
                 log.exception("lease renewal failed; retrying")

@@ -105,4 +105,3 @@ def file_row(path: Path, key: str, tenant: str, records: int) -> File:
         path=key,
         created_at=utcnow(),
     )
-

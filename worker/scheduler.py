@@ -43,6 +43,7 @@ from worker.serving import (
     _fault_injection,
     _params,
     _prompt_count,
+    _prompts_of,
     _write_back,
     decode_isolating,
     outcome_of,
@@ -82,7 +83,13 @@ class InFlight:
     job: PreparedJob
     rows: list[Row]
     batch_size: int = 0  # most rows decoded together while it ran (its result reports it)
+    joined: int = 0  # its place in the order in which jobs joined this loop's batch
     streams: dict[int, StreamRow] = field(default_factory=dict)  # output index -> where its text streams
+
+
+def _is_batch(job: InFlight) -> bool:
+    """Whether the job is a request of an OpenAI batch (priority below 0): it yields to interactive jobs."""
+    return job.claim.job.priority < 0
 
 
 def serve_continuously(settings: Settings, models: ModelHolder, hooks: Sequence[StepHook] | None = None) -> list[str]:
@@ -104,6 +111,9 @@ class ContinuousLoop:
         self.sent: dict[tuple[str, int], str] = {}  # text streamed so far, per (job, output)
         self.served: list[str] = []
         self.polled = -float("inf")  # when the loop last looked for waiting jobs and cancels (perf_counter)
+        self.joins = 0  # jobs that joined so far (paused rows resume oldest first)
+        self.backlog = False  # whether the last claim suggests jobs are waiting (it took some, or skipped batch ones)
+        self.refill = False  # rows left while jobs were waiting: claim at the next iteration, not at the next look
 
     def run(self) -> list[str]:
         with get_sessionmaker()() as session:
@@ -112,13 +122,15 @@ class ContinuousLoop:
                 while True:
                     started = time.perf_counter()
                     # A database round trip per step costs more than a small model's step: with rows in flight,
-                    # the loop looks for newcomers and cancels at most every batch_poll_seconds.
-                    poll = not self.jobs or started - self.polled >= self.settings.batch_poll_seconds
-                    claimed, joined = self._claim_and_join(session) if poll else (False, [])
+                    # the loop looks for newcomers and cancels at most every batch_poll_seconds. Rows that end
+                    # while jobs are waiting are refilled at once (one claim per wave of rows, not per step).
+                    due = not self.jobs or started - self.polled >= self.settings.batch_poll_seconds
+                    claimed, joined = self._claim_and_join(session) if due or self.refill else (False, [])
                     if not self.jobs and not claimed:
                         break
-                    cancelled = self._cancel_requested(session) if poll else []
-                    self.polled = started if poll else self.polled
+                    cancelled = self._cancel_requested(session) if due else []
+                    self.polled = started if due else self.polled
+                    self._prioritize()
                     rows = self._step(session)
                     finished = cancelled + self._end_finished(session)
                     step += 1
@@ -140,6 +152,7 @@ class ContinuousLoop:
 
     def _claim_and_join(self, session: Session) -> tuple[bool, list[str]]:
         """Claims what fits the batch's room and lets it join; (whether it claimed any, the jobs that joined)."""
+        self.refill = False
         claims = self._claim(session)
         if not claims:
             return False, []
@@ -168,6 +181,8 @@ class ContinuousLoop:
             self._decode_apart(session, joining)
             return True, []
         self.jobs.update({j.claim.job_id: j for j in joining})
+        for j in joining:
+            j.joined, self.joins = self.joins, self.joins + 1
         self._stream()  # their first tokens, without waiting for the next step
         together = len(self.batch) + sum(r.done for j in joining for r in j.rows)
         for j in self.jobs.values():
@@ -182,8 +197,12 @@ class ContinuousLoop:
         room = s.max_batch_size - len(rows)
         tokens = s.max_batch_tokens - sum(len(r.prompt_ids) + r.request.params.max_new_tokens for r in rows)
         if room <= 0 or tokens <= 0:
+            self.backlog = False
             return []
-        return job_states.claim_batch(
+        # With no row left for batch requests, only interactive jobs are read (the claim index stops at the first
+        # batch request): the look that runs every batch_poll_seconds costs one short query.
+        interactive_only = bool(self.jobs) and self._batch_room() <= 0
+        claims = job_states.claim_batch(
             session,
             kind="generate",
             base_model=s.base_model,
@@ -192,24 +211,74 @@ class ContinuousLoop:
             limit=room,
             pick=self._leaving_rows_free(_budget(s, room, tokens)),
             fresh_only=bool(self.jobs),
+            min_priority=0 if interactive_only else None,
         )
+        self.backlog = bool(claims) or interactive_only
+        # Batch requests join batch_join_rows at a time: when a claim took that many, the next iteration claims again.
+        joined = sum(len(_prompts_of(c.job)) for c in claims if c.job.priority < 0)
+        self.refill = joined >= s.batch_join_rows
+        return claims
+
+    def _batch_room(self) -> int:
+        """Rows that batch requests (priority below 0) may still take: max_batch_size less the rows kept free for
+        interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size) and the batch rows in flight;
+        while an interactive job decodes, none while any batch row is in flight (paused ones too: a newcomer's
+        prefill would hold up the interactive rows, only to wait behind them), else batch_rows_beside_interactive."""
+        s = self.settings
+        in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
+        if any(not _is_batch(j) for j in self.jobs.values()):
+            return 0 if in_flight else self._cap()
+        return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
+
+    def _prioritize(self) -> None:
+        """Before a step: while an interactive job decodes, at most _cap() batch rows decode
+        beside it and the others pause (the youngest first; their KV cache kept); paused rows resume, oldest first,
+        as those end, and all of them once no interactive job decodes."""
+        batch = self.batch
+        if batch is None:
+            return
+        interactive = any(not self._is_batch_row(row) for row in batch.rows)
+        if not interactive:
+            batch.resume(lambda row: True)
+            return
+        cap = self._cap()
+        decoding = [row for row in batch.rows if self._is_batch_row(row)]
+        if len(decoding) > cap:
+            keep = {id(row) for row in sorted(decoding, key=self._joined)[:cap]}
+            batch.pause(lambda row: self._is_batch_row(row) and id(row) not in keep)
+        elif len(decoding) < cap and batch.paused is not None:
+            wake = {id(row) for row in sorted(batch.paused.rows, key=self._joined)[: cap - len(decoding)]}
+            batch.resume(lambda row: id(row) in wake)
+
+    def _cap(self) -> int:
+        """Batch rows that decode beside an interactive job (batch_rows_beside_interactive; 0: no cap)."""
+        s = self.settings
+        return min(s.batch_rows_beside_interactive or s.max_batch_size, s.max_batch_size)
+
+    def _is_batch_row(self, row: Row) -> bool:
+        return _is_batch(self.jobs[row.key[0]])  # type: ignore[index]
+
+    def _joined(self, row: Row) -> int:
+        return self.jobs[row.key[0]].joined  # type: ignore[index]
 
     def _leaving_rows_free(self, budget: Callable[[Sequence[Job]], list[str]]) -> Callable[[Sequence[Job]], list[str]]:
         """budget, given the candidates minus the batch requests (priority below 0) that would take the rows kept
-        free for interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size). A batch request
-        always runs when no other one is in flight, so a batch never stalls."""
-        s = self.settings
-        in_flight = sum(len(j.rows) for j in self.jobs.values() if j.claim.job.priority < 0)
-        room = s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
+        free for interactive jobs (see _batch_room) or more than batch_join_rows rows at once (their prefill, one
+        forward pass, would hold up every row: on a CPU a 28-row prefill of the full-size model takes seconds). A
+        batch request always runs when no other one is in flight, so a batch never stalls."""
+        in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
+        room = self._batch_room()
+
+        join = self.settings.batch_join_rows
 
         def pick(candidates: Sequence[Job]) -> list[str]:
-            allowed, taken, left = [], in_flight > 0, room
+            allowed, taken, left, joining = [], in_flight > 0, room, 0
             for job in candidates:
                 if job.priority < 0:
                     rows = _prompt_count(job)
-                    if taken and rows > left:
+                    if taken and (rows > left or joining + rows > join):
                         continue
-                    taken, left = True, left - rows
+                    taken, left, joining = True, left - rows, joining + rows
                 allowed.append(job)
             return budget(allowed)
 
@@ -271,6 +340,7 @@ class ContinuousLoop:
         done = [self.jobs.pop(i) for i in ended if i in self.jobs and all(r.done for r in self.jobs[i].rows)]
         if not done:
             return []
+        self.refill = self.refill or self.backlog
         assert self.loaded is not None
         loaded = self.loaded
         decoded: list[Decoded] = [([r.generation(loaded) for r in j.rows], j.batch_size) for j in done]
