@@ -100,10 +100,21 @@ class GroupedLora:
         if not self._segments:
             return output
         x = args[0]  # [B, T, in_features]
+        if not output.is_contiguous():
+            output = output.contiguous()
+        per_row = x[0].numel() // x.shape[-1]  # tokens a row holds (T, or 1 for 2-D input)
+        flat_x, flat_out = x.reshape(-1, x.shape[-1]), output.view(-1, output.shape[-1])
         for name, start, end in self._segments:
             if name not in module.lora_A:
                 continue  # this adapter does not touch this layer
-            lora_a, lora_b = module.lora_A[name], module.lora_B[name]
-            product = lora_b(lora_a(x[start:end].to(lora_a.weight.dtype))) * module.scaling[name]
-            output[start:end] += product.to(output.dtype)
+            # The slice of the flattened rows is a view; the product goes straight into the output with one addmm,
+            # the scaling as its alpha: no module calls, no temporaries beyond the rank-r one.
+            w_a, w_b = module.lora_A[name].weight, module.lora_B[name].weight  # [r, in], [out, r]
+            rows = flat_x[start * per_row : end * per_row]
+            low = torch.mm(rows if rows.dtype == w_a.dtype else rows.to(w_a.dtype), w_a.t())  # [n, r]
+            target = flat_out[start * per_row : end * per_row]
+            if target.dtype == w_b.dtype:
+                target.addmm_(low, w_b.t(), alpha=module.scaling[name])
+            else:
+                target.add_(torch.mm(low, w_b.t()).to(target.dtype), alpha=module.scaling[name])
         return output
