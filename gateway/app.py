@@ -99,7 +99,7 @@ def create_app() -> FastAPI:
     no_telemetry: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
     app = FastAPI(title="llmq", version="0.1.0", lifespan=_lifespan, telemetry=no_telemetry)
     errors.install(app)
-    app.add_middleware(HotRoutes, router=app.router)  # innermost: after the key and the body's limit
+    app.add_middleware(HotRoutes)  # innermost: after the key and the body's limit
     # One megabyte of multipart framing on top of the largest file accepted.
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, upload_limit=settings.max_upload_bytes + 2**20)
     app.add_middleware(Authenticate)  # outside BodyLimit: a request without a valid key has none of its body read

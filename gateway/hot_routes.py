@@ -11,13 +11,13 @@ is not a plain name. An ApiError (404, 429, 503) is answered here as FastAPI's h
 from __future__ import annotations
 
 from fastapi.exceptions import RequestValidationError
-from starlette.routing import BaseRoute, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import views
 from gateway.auth import TENANT
 from gateway.errors import ApiError, api_error_response
 from gateway.front_door import front_door
+from gateway.request_metrics import ROUTE_TEMPLATE
 from gateway.routes.generations import load_now, queue_generation
 from shared.request_fields import plain_name
 from shared.schemas import GenerationRequest
@@ -30,18 +30,8 @@ POLL = "/v1/generations/"
 class HotRoutes:
     """ASGI middleware: the submit and poll of generation jobs on Postgres, answered directly."""
 
-    def __init__(self, app: ASGIApp, router: Router) -> None:
+    def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.router = router
-        self._routes: dict[tuple[str, str], BaseRoute] = {}
-
-    def _route(self, method: str, path: str) -> BaseRoute | None:
-        """The FastAPI route that would have answered (RequestMetrics labels requests by its template)."""
-        if not self._routes:
-            for route in self.router.routes:
-                for verb in getattr(route, "methods", None) or ():
-                    self._routes[(verb, getattr(route, "path", ""))] = route
-        return self._routes.get((method, path))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["query_string"] or TENANT not in scope or front_door(scope).pg is None:
@@ -60,9 +50,7 @@ class HotRoutes:
         body = await _read_body(receive)
         if body is None:  # the client went away
             return
-        route = self._route("POST", SUBMIT)
-        if route is not None:
-            scope["route"] = route
+        scope[ROUTE_TEMPLATE] = SUBMIT
         try:
             request = GenerationRequest.model_validate_json(body)
         except (ValueError, RecursionError):  # not JSON, not valid (pydantic's ValidationError), nested too deep
@@ -78,9 +66,7 @@ class HotRoutes:
         await answer(scope, receive, send)
 
     async def _poll(self, scope: Scope, receive: Receive, send: Send, job_id: str) -> None:
-        route = self._route("GET", "/v1/generations/{job_id}")
-        if route is not None:
-            scope["route"] = route
+        scope[ROUTE_TEMPLATE] = POLL + "{job_id}"
         try:
             job = await load_now(front_door(scope), scope[TENANT], job_id)
             body = views.generation_job(job).model_dump_json().encode()

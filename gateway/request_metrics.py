@@ -14,6 +14,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.counters import HTTP_DURATION, HTTP_REQUESTS
 
+# Where a route answered outside FastAPI's router (gateway/hot_routes.py) leaves its template for the labels.
+ROUTE_TEMPLATE = "llmq.route_template"
+
 
 class RequestMetrics:
     """Counts and times HTTP requests (outermost middleware: it sees every answer, errors included)."""
@@ -44,6 +47,9 @@ class RequestMetrics:
 
 def _template(scope: Scope) -> str:
     """The matched route's template, which the router leaves in the scope; "unmatched" when none matched."""
+    template = scope.get(ROUTE_TEMPLATE)
+    if template is not None:
+        return str(template)
     route = scope.get("route")
     if route is None:
         return "unmatched"
