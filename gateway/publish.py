@@ -134,15 +134,8 @@ class Publisher:
             return False
 
 
-async def publish(client: Publisher | aioredis.Redis | None, kind: str, job_id: str) -> bool:
+async def publish(client: Publisher | None, kind: str, job_id: str) -> bool:
     """Publishes a committed job's message; False (logged) when the broker did not take it."""
     if client is None:
         return await run_in_threadpool(enqueue_after_commit, kind, job_id)
-    if isinstance(client, Publisher):
-        return await client.publish(QUEUES[kind], task_message(kind, job_id))
-    try:
-        await client.lpush(QUEUES[kind], task_message(kind, job_id))
-        return True
-    except (RedisError, OSError) as exc:
-        log.warning("could not publish %s (queued; the reaper will re-send it): %s", job_id, exc)
-        return False
+    return await client.publish(QUEUES[kind], task_message(kind, job_id))

@@ -22,7 +22,7 @@ BASE = "test-base-model"
 
 
 def test_published_message_is_the_message_celery_sends(quiet_redis_url: str) -> None:
-    from gateway.publish import broker_client, publish
+    from gateway.publish import Publisher, broker_client, publish
     from shared.celery_app import TASKS, make_celery
     from shared.settings import Settings
 
@@ -35,7 +35,7 @@ def test_published_message_is_the_message_celery_sends(quiet_redis_url: str) -> 
         client = broker_client(quiet_redis_url)
         assert client is not None
         try:
-            return await publish(client, "generate", "gen-1")
+            return await publish(Publisher(client), "generate", "gen-1")
         finally:
             await client.aclose()
 
@@ -56,14 +56,14 @@ def test_published_message_is_the_message_celery_sends(quiet_redis_url: str) -> 
 
 
 def test_publish_to_a_broker_that_is_down_answers_false_without_raising() -> None:
-    from gateway.publish import broker_client, publish
+    from gateway.publish import Publisher, broker_client, publish
 
     async def published() -> bool:
         client = broker_client("redis://127.0.0.1:1/0")
+        assert client is not None
         try:
-            return await publish(client, "generate", "gen-1")
+            return await publish(Publisher(client), "generate", "gen-1")
         finally:
-            assert client is not None
             await client.aclose()
 
     assert asyncio.run(published()) is False
