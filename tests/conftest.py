@@ -12,12 +12,11 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 
 from tests.s3_server import S3Server
-from tests.servers import TEST_DATABASE_URL, TEST_REDIS_URL, admin_dsn, redis_db
+from tests.servers import TEST_REDIS_URL, own_database, redis_db
 from tests.systems import System, free_port, start_system
 
 S3_BUCKET = "llmq-test"
@@ -26,17 +25,8 @@ S3_BUCKET = "llmq-test"
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh, migrated Postgres database for this test session, dropped afterwards."""
-    from shared.migrate import upgrade
-
-    name = f"llmq_test_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = TEST_DATABASE_URL.rpartition("/")
-    url = f"{base}/{name}"
-    upgrade(url)
-    yield url
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with own_database("llmq_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

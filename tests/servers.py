@@ -9,6 +9,11 @@ another's queues. Tests use numbers 10-15; keep LLMQ_TEST_REDIS_URL's database o
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg
 
 TEST_DATABASE_URL = os.environ.get("LLMQ_TEST_DATABASE_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 _REDIS_URL = os.environ.get("LLMQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -31,3 +36,22 @@ TEST_REDIS_URL = redis_db(int(_REDIS_URL.rsplit("/", 1)[1] or 0))
 def admin_dsn() -> str:
     """A psycopg DSN for the test Postgres server's admin database (to create and drop databases)."""
     return TEST_DATABASE_URL.replace("postgresql+psycopg://", "postgresql://")
+
+
+@contextmanager
+def own_database(prefix: str) -> Iterator[str]:
+    """A fresh, migrated Postgres database (its SQLAlchemy URL), dropped afterwards. A system whose workers must
+    claim only its own jobs needs one: workers claim waiting jobs from the database by base model, so a worker
+    of another system on the same database and base model would take them (and miss their artifacts)."""
+    from shared.migrate import upgrade
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = f"{TEST_DATABASE_URL.rpartition('/')[0]}/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

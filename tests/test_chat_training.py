@@ -13,10 +13,12 @@ from typing import Any
 
 import openai
 import pytest
+import redis
 
 from shared.alpaca import UNCAPPED, BadRecord, Limits, jsonl_records
 from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.job_data import ChatTurn, GenerationParams
+from tests.servers import own_database, redis_db
 from tests.systems import System, start_system
 
 CONVERSATION = [
@@ -124,20 +126,24 @@ def test_the_base_model_template_is_the_setting_then_the_tokenizers_then_alpaca(
 
 
 @pytest.fixture(scope="module")
-def training_system(
-    postgres_url: str, redis_url: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[System]:
+def training_system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
+    """Gateway + generate and train workers on a database and Redis db of their own: a session system's
+    generate worker on the same base model would otherwise claim the chat job and miss the adapter (it reads
+    another artifact store)."""
+    broker_url = redis_db(12)
+    redis.Redis.from_url(broker_url).flushdb()
     data = tmp_path_factory.mktemp("chat-train")
-    env = {
-        "LLMQ_DATABASE_URL": postgres_url,
-        "LLMQ_BROKER_URL": redis_url,
-        "LLMQ_DATA_DIR": str(data),
-        "LLMQ_BASE_MODEL": str(tiny_model),
-        "HF_HUB_OFFLINE": "1",
-    }
-    system = start_system(env, data / "logs", queues=("generate", "train"))
-    yield system
-    system.children.stop_all()
+    with own_database("llmq_chat_training") as database_url:
+        env = {
+            "LLMQ_DATABASE_URL": database_url,
+            "LLMQ_BROKER_URL": broker_url,
+            "LLMQ_DATA_DIR": str(data),
+            "LLMQ_BASE_MODEL": str(tiny_model),
+            "HF_HUB_OFFLINE": "1",
+        }
+        system = start_system(env, data / "logs", queues=("generate", "train"))
+        yield system
+        system.children.stop_all()
 
 
 def messages_file() -> bytes:

@@ -8,7 +8,6 @@ import csv
 import io
 import json
 import os
-import secrets
 import tarfile
 import time
 from collections.abc import Callable, Iterator
@@ -18,11 +17,10 @@ from typing import Any
 
 import httpx
 import openai
-import psycopg
 import pytest
 import redis
 
-from tests.servers import TEST_DATABASE_URL, admin_dsn, redis_db
+from tests.servers import own_database, redis_db
 from tests.systems import System, start_system
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -38,29 +36,21 @@ def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Gateway + train and generate workers on a database and Redis db of their own (no other system's
     workers claim these jobs), serving the tiny GPT-2 unquantized (fp32: what an export's merged weights must
     reproduce; nf4 serving is covered by the other end-to-end systems). Fine-tunes still train on nf4."""
-    from shared.migrate import upgrade
-
-    name = f"llmq_models_io_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    database_url = f"{TEST_DATABASE_URL.rpartition('/')[0]}/{name}"
-    upgrade(database_url)
     broker_url = redis_db(11)
     redis.Redis.from_url(broker_url).flushdb()
     data = tmp_path_factory.mktemp("models-io")
-    env = {
-        "LLMQ_DATABASE_URL": database_url,
-        "LLMQ_BROKER_URL": broker_url,
-        "LLMQ_DATA_DIR": str(data),
-        "LLMQ_BASE_MODEL": str(tiny_model),
-        "LLMQ_QUANTIZATION": "fp32",
-        "HF_HUB_OFFLINE": "1",
-    }
-    started = start_system(env, data / "logs", queues=("generate", "train"))
-    yield started
-    started.children.stop_all()
-    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with own_database("llmq_models_io") as database_url:
+        env = {
+            "LLMQ_DATABASE_URL": database_url,
+            "LLMQ_BROKER_URL": broker_url,
+            "LLMQ_DATA_DIR": str(data),
+            "LLMQ_BASE_MODEL": str(tiny_model),
+            "LLMQ_QUANTIZATION": "fp32",
+            "HF_HUB_OFFLINE": "1",
+        }
+        started = start_system(env, data / "logs", queues=("generate", "train"))
+        yield started
+        started.children.stop_all()
 
 
 def sdk(system: System) -> openai.OpenAI:
