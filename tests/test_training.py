@@ -47,7 +47,7 @@ from worker.alpaca_data import (
 )
 from worker.checkpoints import TRAINER_STATE, last_sealed_checkpoint
 from worker.guarded_writes import ClaimLost
-from worker.model_loading import load_base_model
+from worker.model_loading import compute_dtype, load_base_model
 
 pytestmark = [
     # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5.24 deprecates.
@@ -215,6 +215,68 @@ def test_loss_is_on_the_response_and_its_eos_never_on_prompt_or_padding(tiny_mod
             prompt = tokenizer.decode(row_ids[: int(trained[0])])
             assert prompt.endswith("### Response:")
     assert sorted(learned) == expected
+
+
+def one_step(trainer: Any, batch: dict[str, Any]) -> tuple[float, dict[str, float], dict[str, torch.Tensor]]:
+    """A training step's loss, logged metrics and LoRA gradients on batch, without an optimizer step."""
+    model = trainer.model
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(0)  # the same dropout masks in the base model for both heads
+    bf16 = compute_dtype(torch.device("cpu")) == torch.bfloat16  # as the Trainer autocasts
+    with trainer.compute_loss_context_manager(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items() if k in ("entropy", "mean_token_accuracy")}
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), metrics, grads
+
+
+def test_the_head_projects_only_labelled_positions_with_trl_s_loss_metrics_and_gradients(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    records = read_jsonl(SAMPLE, "sample")[:8]
+    hp = Hyperparameters(batch_size=8, max_seq_len=256, lora_dropout=0.0).resolved()
+
+    def trainer(compact: bool) -> Any:
+        loaded = load_base_model(str(tiny_model), "main", "nf4", "cpu")
+        trainer_setup.keep_4bit_trainable(loaded.model)
+        if not compact:  # TRL's own fused head, which projects every position on the CPU
+            monkeypatch.setattr(trainer_setup, "score_only_labelled_positions", lambda *_: False)
+        torch.manual_seed(0)  # the same LoRA initialisation for both
+        built = trainer_setup.build_trainer(
+            loaded, TrainingData(train=records, validation=[]), hp, seed=0, output_dir=Path("/nonexistent")
+        )
+        monkeypatch.undo()
+        return built
+
+    trl_trainer, ours = trainer(compact=False), trainer(compact=True)
+    batch = ours._prepare_inputs(next(iter(ours.get_train_dataloader())))
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    projected: list[int] = []
+    head = ours.model.get_base_model().get_output_embeddings()
+    head.register_forward_hook(lambda _m, args, _out: projected.append(args[0].shape[0]))
+
+    trl_loss, trl_metrics, trl_grads = one_step(trl_trainer, batch)
+    loss, metrics, grads = one_step(ours, batch)
+
+    assert projected == [labelled] and labelled < batch["labels"].numel() / 2  # the answers' positions only
+    assert loss == pytest.approx(trl_loss, rel=1e-5)
+    assert metrics == pytest.approx(trl_metrics, rel=1e-5)
+    assert grads.keys() == trl_grads.keys() and grads
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    trl_flat = torch.cat([g.flatten() for g in trl_grads.values()])
+    assert torch.nn.functional.cosine_similarity(flat, trl_flat, dim=0) > 0.9999
+    assert (flat - trl_flat).norm() / trl_flat.norm() < 0.01  # rounding differs in the backward
+
+
+def test_trl_s_own_head_stays_where_it_already_projects_labelled_positions_only(tiny_model: Path) -> None:
+    from worker.completion_head import score_only_labelled_positions
+
+    model = load_base_model(str(tiny_model), "main", "nf4", "cpu").model
+    forward = model.forward
+    assert not score_only_labelled_positions(model, torch.device("cuda"))
+    assert model.forward == forward
 
 
 # ----------------------------------------------------------------------------------------------------------

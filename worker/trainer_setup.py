@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from datasets import Dataset, disable_progress_bars
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
-from transformers import PrinterCallback, ProgressCallback
+from transformers import PreTrainedModel, PrinterCallback, ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from shared.chat_templates import ALPACA_CHAT_TEMPLATE
@@ -22,6 +22,7 @@ from shared.fine_tuning import ResolvedHyperparameters
 from shared.settings import Quantization, Settings
 from worker.alpaca_data import TrainingData
 from worker.chat_data import training_examples
+from worker.completion_head import score_only_labelled_positions
 from worker.model_loading import LoadedModel, compute_dtype, load_base_model, pick_device
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,9 @@ def build_trainer(
     )
     assert trainer.model is not None
     keep_adapters_fp32(trainer.model)
+    # TRL's fused LM head projects every position on the CPU; this one projects the answers' positions only.
+    peft_model: PeftModel = trainer.model  # type: ignore[assignment]  # peft_config or init_adapter made one
+    score_only_labelled_positions(cast(PreTrainedModel, peft_model.get_base_model()), loaded.device)
     for noisy in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(noisy)
     return trainer
