@@ -173,20 +173,6 @@ def adapter_rows(loaded: Any, prompts: list[str], names: list[str | None], batch
     return out[0], out[1]
 
 
-def load_adapters(loaded: Any, folders: Sequence[Path]) -> list[str]:
-    """Loads these adapter folders onto the model with peft, as worker.adapters does; their names."""
-    from peft import PeftModel
-
-    names = [f"bench{i}" for i in range(len(folders))]
-    for name, folder in zip(names, folders, strict=True):
-        if isinstance(loaded.model, PeftModel):
-            loaded.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        else:
-            loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=name, is_trainable=False)
-    loaded.model.eval()
-    return names
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer requests (a few minutes)")
@@ -209,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     short = lengths[0]
     os.environ["HF_HUB_OFFLINE"] = "1"
 
-    from inference import make_adapters, make_prompts  # bench/inference.py
+    from inference import load_adapters, make_adapters, make_prompts  # bench/inference.py
 
     from worker.model_factory import build_full_size_gpt2
     from worker.model_loading import load_base_model

@@ -37,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -225,12 +225,25 @@ class InProcess:
     one_token_meter: Meter
 
 
+def load_adapters(loaded: Any, folders: Sequence[Path]) -> list[str]:
+    """Loads these adapter folders onto the model with peft, as worker.adapters does; their names."""
+    from peft import PeftModel
+
+    names = [f"bench{i}" for i in range(len(folders))]
+    for name, folder in zip(names, folders, strict=True):
+        if isinstance(loaded.model, PeftModel):
+            loaded.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=name, is_trainable=False)
+    loaded.model.eval()
+    return names
+
+
 def run_in_process(
     model_dir: Path, quantization: str, prompts: list[str], adapters: list[Path], args: argparse.Namespace
 ) -> InProcess:
     import torch
 
-    from worker.adapters import AdapterCache
     from worker.generation import Request, SamplingParams, generate
     from worker.model_loading import load_base_model
 
@@ -295,13 +308,10 @@ def run_in_process(
     subset = prompts[: args.ceiling_prompts]
     ceiling = batched(f"(b) ceiling: generate(), batches of {args.batch}", subset, lambda i: None, "")
 
-    cache = AdapterCache(loaded, capacity=len(adapters) + 1)
-    names = cache.ensure({f"bench{i}": folder for i, folder in enumerate(adapters[:1])})
-    first = names["bench0"]
+    order = load_adapters(loaded, adapters)
+    first = order[0]
     subset = prompts[: args.adapter_ceiling_prompts]
     one = batched("(b1) ceiling, 1 LoRA adapter", subset, lambda i: first, "1 adapter loaded")
-    names = cache.ensure({f"bench{i}": folder for i, folder in enumerate(adapters)})
-    order = list(names.values())
     mixed = batched(
         f"(b4) ceiling, {len(order)} adapters mixed", subset, lambda i: order[i % len(order)], "every batch mixed"
     )
@@ -451,6 +461,8 @@ def register_adapters(db_url: str, base_model: str, data: Path, folders: list[Pa
     from shared import artifacts, job_states
     from shared.artifacts import ADAPTER_SEAL, ArtifactStore
     from shared.db import make_engine
+    from shared.fine_tuning import Hyperparameters
+    from shared.job_data import FineTuneParams
     from shared.models import FineTunedModel, Job, utcnow
     from shared.settings import Settings
 
@@ -461,8 +473,10 @@ def register_adapters(db_url: str, base_model: str, data: Path, folders: list[Pa
         for i, folder in enumerate(folders):
             relative = artifacts.adapter_key(f"bench{i}", 1)
             files = store.put_sealed(folder, relative, ADAPTER_SEAL, {"bench": True})
+            hyperparameters = Hyperparameters().resolved().model_dump()
+            params = FineTuneParams(metadata={"bench": "true"}, hyperparameters=hyperparameters)
             job = job_states.create_job(
-                session, kind="train", model=base_model, base_model=base_model, params={"bench": True}, max_attempts=1
+                session, kind="train", model=base_model, base_model=base_model, params=params, max_attempts=1
             )
             session.flush()
             now = utcnow()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, generate
-from worker.model_loading import LoadedModel, load_base_model
+from worker.model_loading import LoadedModel, load_base_model, warn_if_4bit_is_slow_here
 
 PROMPTS = [
     "Below is an instruction that describes a task.",
@@ -77,3 +78,14 @@ def test_stop_sequence_at_the_very_start_gives_empty_text(loaded: LoadedModel) -
     (free,) = generate(loaded, [Request(PROMPTS[0], greedy(8))])
     (cut,) = generate(loaded, [Request(PROMPTS[0], greedy(8, stop=(free.text[:1],)))])
     assert cut.text == "" and cut.finish_reason == "stop"
+
+
+def test_serving_warns_when_this_cpu_has_no_fast_4bit_kernel(
+    loaded: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bitsandbytes.functional import has_avx512bf16
+
+    slow = loaded.quantization == "nf4" and not has_avx512bf16()  # bitsandbytes' own test for its CPU kernel
+    with caplog.at_level(logging.WARNING, logger="worker.model_loading"):
+        assert warn_if_4bit_is_slow_here(loaded) == slow
+    assert ("LLMQ_QUANTIZATION=fp32" in caplog.text) == slow

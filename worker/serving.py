@@ -33,7 +33,7 @@ from worker.checkpoint_models import checkpoint_adapters
 from worker.generation import Generation, PromptTooLong, Request, SamplingParams, check_fits, encode, generate
 from worker.identity import worker_id
 from worker.leases import lease_keeper
-from worker.model_loading import LoadedModel, load_base_model
+from worker.model_loading import LoadedModel, load_base_model, warn_if_4bit_is_slow_here
 from worker.streaming import DeltaPublisher, StreamRow
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class ModelHolder:
         if self._loaded is None:
             s = self.settings
             self._loaded = load_base_model(s.base_model, s.base_model_revision, s.quantization, s.device)
+            warn_if_4bit_is_slow_here(self._loaded)
             disk = AdapterDiskCache(ArtifactStore.from_settings(s), s.adapter_cache_dir, s.adapter_cache_bytes)
             self._adapters = AdapterCache(self._loaded, s.max_loaded_adapters, disk)
         return self._loaded
