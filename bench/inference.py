@@ -599,7 +599,9 @@ def report(
         "",
         "where the system's time went: batches (from the worker's log; busy = sum of batch times / wall; "
         "x in-process = mean batch time / the matching ceiling's; write-back = first to last finished_at of a "
-        "batch, its jobs grouped by started_at) and CPU seconds during the run",
+        "batch, its jobs grouped by started_at) and CPU seconds during the run; the batch columns come from "
+        "static batching's per-batch log lines (LLMQ_BATCHING=static): continuous batching, the default, has "
+        "no batches to count and leaves them at 0",
         "",
         "| run | batches | jobs/batch mean (min-max) | worker busy | batch s mean (x in-process) | "
         "write-back ms/batch | messages | CPU s: " + ", ".join(next(iter(phases.values())).cpu) + " |",
