@@ -98,9 +98,11 @@ class Interactive:
         assert answer.status_code == 200, answer.text
         self.samples.append((started, time.perf_counter() - started, answer.json()["id"]))
 
-    def until(self, stop: threading.Event, most: int) -> None:
+    def until(self, stop: threading.Event, most: int, gap: float = 0.0) -> None:
+        """One request after another (gap seconds apart: a user reading the answer) until stop or most sent."""
         while not stop.is_set() and len(self.samples) < most:
             self.one()
+            stop.wait(gap)
 
 
 def batch_window(db_url: str, batch_id: str) -> tuple[float, float, int, int]:
@@ -141,6 +143,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200, help="lines of the batch")
     parser.add_argument("--interactive", type=int, default=12, help="interactive requests idle, and at most during")
+    parser.add_argument(
+        "--interactive-gap",
+        type=float,
+        default=0.0,
+        help="seconds between one interactive answer and the next request while the batch runs (0: none, so an "
+        "interactive job is nearly always in flight)",
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of the worker and the ceiling")
     parser.add_argument("--reserved-rows", type=int, default=4, help="LLMQ_BATCH_RESERVED_ROWS of the worker")
@@ -232,7 +241,7 @@ def run_system(base_url: str, db_url: str, args: argparse.Namespace, texts: list
 
         during = Interactive(httpx.Client(base_url=f"{base_url}/v1", timeout=120), body)
         stop = threading.Event()
-        sender = threading.Thread(target=during.until, args=(stop, args.interactive), daemon=True)
+        sender = threading.Thread(target=during.until, args=(stop, args.interactive, args.interactive_gap), daemon=True)
         sender.start()
         queued_until = time.perf_counter()
         while (state := client.get(f"/batches/{batch['id']}").json())["status"] not in ("completed", "failed"):
@@ -293,7 +302,7 @@ def report(args: argparse.Namespace, before: Ceiling, after: Ceiling, run: Syste
     print(f"\n{machine()}; load average {os.getloadavg()[0]:.1f} at the end ({LOAD[0]:.1f} at the start)")
     print(f"model {args.model} ({args.quantization}), {args.max_tokens} new tokens, max_batch_size {args.batch}, "
           f"batch_reserved_rows {args.reserved_rows}, batch_rows_beside_interactive {args.beside_interactive}, "
-          f"torch threads {args.torch_threads}\n")  # fmt: skip
+          f"torch threads {args.torch_threads}, interactive gap {args.interactive_gap} s\n")  # fmt: skip
     print("| measure | value | goal |")
     print("|---|---|---|")
     for row in rows:
