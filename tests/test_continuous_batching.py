@@ -277,3 +277,28 @@ def test_row_whose_decoding_fails_fails_alone_and_the_rest_are_unchanged(worker_
     for name in ("base", "kept"):
         assert found[first[name]].status == "succeeded"
         assert found[first[name]].result["outputs"] == found_again[again[name]].result["outputs"]
+
+
+def test_jobs_whose_write_back_fails_are_left_to_their_leases_not_renewed_for_ever(
+    worker_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The database going away while finished jobs are written back: they have left the running batch, the loop
+    # stops, and their leases must stop being renewed so that the reaper requeues them (a Postgres crash in the
+    # chaos suite once left a job running for good this way).
+    from sqlalchemy.exc import OperationalError
+
+    from worker import scheduler
+    from worker.leases import lease_keeper
+
+    base = worker_settings.base_model
+    short = add_job(base, "bob", good_params(PROMPTS[0], max_tokens=2))
+    long = add_job(base, "bob", good_params(PROMPTS[1], max_tokens=40))
+
+    def database_gone(*_: Any) -> None:
+        raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(scheduler, "_write_back", database_gone)
+    with pytest.raises(OperationalError):
+        serve(worker_settings, lambda _: None)
+    assert not {short, long} & set(lease_keeper(worker_settings.lease_seconds).job_ids())
+    assert {r.status for r in rows([short, long]).values()} == {"running"}  # nothing written: the reaper's to requeue

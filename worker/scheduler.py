@@ -105,6 +105,9 @@ class ContinuousLoop:
         self.models = models
         self.hooks = hooks
         self.keeper = lease_keeper(settings.lease_seconds)
+        # Every claim this loop holds a lease for, in flight or not (one whose write-back failed has left
+        # self.jobs): all are given back to their leases when the loop ends, however it ends.
+        self.held: dict[str, Claim] = {}
         self.loaded: LoadedModel | None = None
         self.batch: RunningBatch | None = None
         self.jobs: dict[str, InFlight] = {}
@@ -137,8 +140,9 @@ class ContinuousLoop:
                     self._after_step(StepReport(step, rows, tuple(self.jobs), tuple(joined), tuple(finished),
                                                 time.perf_counter() - started))  # fmt: skip
             finally:
-                # Jobs still in flight (the loop was interrupted) are left to their leases: the reaper requeues them.
-                self.keeper.release([j.claim for j in self.jobs.values()])
+                # Jobs still held (in flight, or their write-back failed: the database went away) are left to
+                # their leases, which the reaper requeues once they expire. Renewed on, they would stay running.
+                self._release(list(self.held.values()))
         return self.served
 
     def _after_step(self, report: StepReport) -> None:
@@ -164,6 +168,7 @@ class ContinuousLoop:
         )
         _fault_injection(claims)
         self.keeper.hold(claims)
+        self.held.update({c.job_id: c for c in claims})
         keep = [j.claim for j in self.jobs.values()]
         loaded, runnable, outcomes = prepare_jobs(session, claims, self.settings, self.models, keep)
         refused = [(c, o) for c, o in zip(claims, outcomes, strict=True) if o is not None]
@@ -371,8 +376,13 @@ class ContinuousLoop:
         _write_back(session, claims, [o for _, o in outcomes])
         self._notify(claims)
 
-    def _notify(self, claims: Sequence[Claim]) -> None:
+    def _release(self, claims: Sequence[Claim]) -> None:
         self.keeper.release(claims)
+        for c in claims:
+            self.held.pop(c.job_id, None)
+
+    def _notify(self, claims: Sequence[Claim]) -> None:
+        self._release(claims)
         ids = [c.job_id for c in claims]
         publish_finished(ids)
         for claim in claims:
