@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
+
 from cli.processes import Children, gateway_command, wait_ready, worker_command
+from tests.servers import own_database, redis_db
 
 
 def free_port() -> int:
@@ -42,3 +47,27 @@ def start_system(env: dict[str, str], log_dir: Path, queues: tuple[str, ...] = (
         children.stop_all()
         raise
     return System(base_url=base_url, env=env, children=children)
+
+
+@contextmanager
+def isolated_system(
+    name: str, redis_number: int, base_model: Path, data: Path, queues: tuple[str, ...], **env: str
+) -> Iterator[System]:
+    """A system with a database and a Redis db of its own (flushed), serving base_model: no other system's
+    workers claim its jobs (they would miss its artifacts). env adds LLMQ_* settings (e.g. LLMQ_QUANTIZATION)."""
+    broker_url = redis_db(redis_number)
+    redis.Redis.from_url(broker_url).flushdb()
+    with own_database(name) as database_url:
+        settings = {
+            "LLMQ_DATABASE_URL": database_url,
+            "LLMQ_BROKER_URL": broker_url,
+            "LLMQ_DATA_DIR": str(data),
+            "LLMQ_BASE_MODEL": str(base_model),
+            "HF_HUB_OFFLINE": "1",
+            **env,
+        }
+        system = start_system(settings, data / "logs", queues=queues)
+        try:
+            yield system
+        finally:
+            system.children.stop_all()

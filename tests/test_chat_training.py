@@ -13,13 +13,11 @@ from typing import Any
 
 import openai
 import pytest
-import redis
 
 from shared.alpaca import UNCAPPED, BadRecord, Limits, jsonl_records
 from shared.chat_templates import ALPACA_CHAT_TEMPLATE
 from shared.job_data import ChatTurn, GenerationParams
-from tests.servers import own_database, redis_db
-from tests.systems import System, start_system
+from tests.systems import System, isolated_system
 
 CONVERSATION = [
     {"role": "system", "content": "Answer in one word."},
@@ -130,20 +128,9 @@ def training_system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
     """Gateway + generate and train workers on a database and Redis db of their own: a session system's
     generate worker on the same base model would otherwise claim the chat job and miss the adapter (it reads
     another artifact store)."""
-    broker_url = redis_db(12)
-    redis.Redis.from_url(broker_url).flushdb()
     data = tmp_path_factory.mktemp("chat-train")
-    with own_database("llmq_chat_training") as database_url:
-        env = {
-            "LLMQ_DATABASE_URL": database_url,
-            "LLMQ_BROKER_URL": broker_url,
-            "LLMQ_DATA_DIR": str(data),
-            "LLMQ_BASE_MODEL": str(tiny_model),
-            "HF_HUB_OFFLINE": "1",
-        }
-        system = start_system(env, data / "logs", queues=("generate", "train"))
+    with isolated_system("llmq_chat_training", 12, tiny_model, data, ("generate", "train")) as system:
         yield system
-        system.children.stop_all()
 
 
 def messages_file() -> bytes:

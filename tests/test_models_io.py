@@ -18,10 +18,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
-from tests.servers import own_database, redis_db
-from tests.systems import System, start_system
+from tests.systems import System, isolated_system
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,21 +34,11 @@ def system(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Gateway + train and generate workers on a database and Redis db of their own (no other system's
     workers claim these jobs), serving the tiny GPT-2 unquantized (fp32: what an export's merged weights must
     reproduce; nf4 serving is covered by the other end-to-end systems). Fine-tunes still train on nf4."""
-    broker_url = redis_db(11)
-    redis.Redis.from_url(broker_url).flushdb()
     data = tmp_path_factory.mktemp("models-io")
-    with own_database("llmq_models_io") as database_url:
-        env = {
-            "LLMQ_DATABASE_URL": database_url,
-            "LLMQ_BROKER_URL": broker_url,
-            "LLMQ_DATA_DIR": str(data),
-            "LLMQ_BASE_MODEL": str(tiny_model),
-            "LLMQ_QUANTIZATION": "fp32",
-            "HF_HUB_OFFLINE": "1",
-        }
-        started = start_system(env, data / "logs", queues=("generate", "train"))
-        yield started
-        started.children.stop_all()
+    with isolated_system(
+        "llmq_models_io", 11, tiny_model, data, ("generate", "train"), LLMQ_QUANTIZATION="fp32"
+    ) as system:
+        yield system
 
 
 def sdk(system: System) -> openai.OpenAI:
