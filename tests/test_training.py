@@ -279,6 +279,23 @@ def test_trl_s_own_head_stays_where_it_already_projects_labelled_positions_only(
     assert model.forward == forward
 
 
+@pytest.mark.parametrize(
+    "field, value", [("logit_scale", 2.0), ("logits_scaling", 8.0), ("final_logit_softcapping", 30.0)]
+)
+def test_trl_s_own_head_stays_for_models_whose_logits_it_scales_or_caps(
+    tiny_model: Path, field: str, value: float
+) -> None:
+    from worker.completion_head import score_only_labelled_positions
+
+    model = load_base_model(str(tiny_model), "main", "nf4", "cpu").model
+    setattr(model.config, field, value)
+    forward = model.forward
+    assert not score_only_labelled_positions(model, torch.device("cpu"))
+    assert model.forward == forward
+    setattr(model.config, field, None)
+    assert score_only_labelled_positions(model, torch.device("cpu"))  # the same model without it
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A whole fine-tune
 # ----------------------------------------------------------------------------------------------------------

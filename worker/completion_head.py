@@ -26,6 +26,9 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 # Devices where TRL's fused head already projects the labelled positions only (its Triton kernels).
 COMPACT_ALREADY = ("cuda", "xpu")
+# Config fields with which TRL's head scales the logits (trl.trainer.utils.add_fused_lm_head reads them): a model
+# that sets one to anything but 1, caps its logits or adds a router loss keeps TRL's forward.
+LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 
 
 def score_only_labelled_positions(model: PreTrainedModel, device: torch.device) -> bool:
@@ -38,12 +41,9 @@ def score_only_labelled_positions(model: PreTrainedModel, device: torch.device) 
         return False
     fused_forward = model.forward
     config = model.config.get_text_config()
-    plain_head = (
-        getattr(config, "final_logit_softcapping", None) is None
-        and getattr(config, "logit_scale", None) in (None, 1.0)
-        and not getattr(config, "output_router_logits", False)
-    )
-    if not plain_head:
+    scaled = any(getattr(config, name, None) not in (None, 1.0) for name in LOGIT_SCALES)
+    capped = getattr(config, "final_logit_softcapping", None) is not None
+    if scaled or capped or getattr(config, "output_router_logits", False):
         return False
 
     def forward(

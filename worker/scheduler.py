@@ -167,8 +167,7 @@ class ContinuousLoop:
             extra={"job_ids": [c.job_id for c in claims]},
         )
         _fault_injection(claims)
-        self.keeper.hold(claims)
-        self.held.update({c.job_id: c for c in claims})
+        self._hold(claims)
         keep = [j.claim for j in self.jobs.values()]
         loaded, runnable, outcomes = prepare_jobs(session, claims, self.settings, self.models, keep)
         refused = [(c, o) for c, o in zip(claims, outcomes, strict=True) if o is not None]
@@ -375,6 +374,10 @@ class ContinuousLoop:
         claims = [c for c, _ in outcomes]
         _write_back(session, claims, [o for _, o in outcomes])
         self._notify(claims)
+
+    def _hold(self, claims: Sequence[Claim]) -> None:
+        self.keeper.hold(claims)
+        self.held.update({c.job_id: c for c in claims})
 
     def _release(self, claims: Sequence[Claim]) -> None:
         self.keeper.release(claims)
