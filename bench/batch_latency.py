@@ -157,7 +157,14 @@ def main() -> None:
         "--beside-interactive",
         type=int,
         default=0,
-        help="LLMQ_BATCH_ROWS_BESIDE_INTERACTIVE of the worker (0, the default: no cap)",
+        help="LLMQ_BATCH_ROWS_BESIDE_INTERACTIVE of the worker (0, the default: interactive_slowdown decides)",
+    )
+    parser.add_argument(
+        "--interactive-slowdown",
+        type=float,
+        default=1.25,
+        help="LLMQ_INTERACTIVE_SLOWDOWN of the worker (1.25, the default; 0: every batch row decodes beside "
+        "interactive jobs)",
     )
     parser.add_argument(
         "--torch-threads",
@@ -194,6 +201,7 @@ def main() -> None:
             "LLMQ_BATCH_RESERVED_ROWS": str(args.reserved_rows),
             "LLMQ_TORCH_THREADS": str(args.torch_threads),
             "LLMQ_BATCH_ROWS_BESIDE_INTERACTIVE": str(args.beside_interactive),
+            "LLMQ_INTERACTIVE_SLOWDOWN": str(args.interactive_slowdown),
             "LLMQ_RATE_LIMIT_PER_MINUTE": "0",
             "LLMQ_REAPER_INTERVAL_SECONDS": "0.5",
             "HF_HUB_OFFLINE": "1",
@@ -302,6 +310,7 @@ def report(args: argparse.Namespace, before: Ceiling, after: Ceiling, run: Syste
     print(f"\n{machine()}; load average {os.getloadavg()[0]:.1f} at the end ({LOAD[0]:.1f} at the start)")
     print(f"model {args.model} ({args.quantization}), {args.max_tokens} new tokens, max_batch_size {args.batch}, "
           f"batch_reserved_rows {args.reserved_rows}, batch_rows_beside_interactive {args.beside_interactive}, "
+          f"interactive_slowdown {args.interactive_slowdown}, "
           f"torch threads {args.torch_threads}, interactive gap {args.interactive_gap} s\n")  # fmt: skip
     print("| measure | value | goal |")
     print("|---|---|---|")

@@ -116,10 +116,17 @@ class Settings(BaseSettings):
         0,
         ge=0,
         description="While an interactive job decodes in a continuous batch, how many rows of OpenAI batch requests "
-        "decode beside it (0: all of them); the others pause, their KV cache kept, and resume, oldest first, as those "
-        "end or once no interactive job decodes. A CPU step costs more with every row, so a cap brings an interactive "
-        "job's step time toward idle, at the batch's expense (bench/README.md, batch_latency.py); on a GPU a step "
-        "costs about the same whatever its rows: leave it at 0.",
+        "decode beside it, a fixed number; 0 (the default) leaves the number to interactive_slowdown. The others "
+        "pause, their KV cache kept, and resume, oldest first, as those end or once no interactive job decodes.",
+    )
+    interactive_slowdown: float = Field(
+        1.25,
+        ge=0,
+        description="While an interactive job decodes in a continuous batch (and batch_rows_beside_interactive is "
+        "0), rows of OpenAI batch requests decode beside it only as many as keep a decoding step within this factor "
+        "of what the interactive rows alone cost, as the worker measures its own steps (worker/step_costs.py): on a "
+        "CPU, where each row costs time, a few; on a GPU, where a step costs about the same whatever its rows, all. "
+        "The others pause. 0: no limit, every batch row decodes beside interactive jobs.",
     )
     batch_join_rows: int = Field(
         8,
@@ -272,6 +279,13 @@ class Settings(BaseSettings):
     gateway_workers: int = Field(
         1, ge=1, description="Gateway processes `llmq serve` starts on its port (one per core is a good start)."
     )
+
+    @field_validator("interactive_slowdown")
+    @classmethod
+    def _slowdown_is_a_factor(cls, value: float) -> float:
+        if 0 < value < 1:
+            raise ValueError("interactive_slowdown is a factor of at least 1 (or 0: no limit)")
+        return value
 
     @field_validator("artifact_url")
     @classmethod

@@ -106,8 +106,8 @@ def test_grouped_lora_rows_are_token_identical_to_each_adapter_alone(tiny_model:
     assert len({g.text for g in alone}) > len(PROMPTS)  # the adapters change the output
 
 
-def serve(settings: Any, hook: Callable[[Any], None]) -> list[Any]:
-    """Runs the serving loop with a step hook; every report it saw."""
+def serve(settings: Any, hook: Callable[[Any], None], models: Any = None) -> list[Any]:
+    """Runs the serving loop with a step hook (on these models, else the settings' own); every report it saw."""
     from worker.scheduler import serve_continuously
     from worker.serving import ModelHolder
 
@@ -118,7 +118,7 @@ def serve(settings: Any, hook: Callable[[Any], None]) -> list[Any]:
         hook(report)
 
     every_step = settings.model_copy(update={"batch_poll_seconds": 0})  # a newcomer or a cancel seen at once
-    serve_continuously(every_step, ModelHolder(settings), hooks=[record])
+    serve_continuously(every_step, models or ModelHolder(settings), hooks=[record])
     return reports
 
 
@@ -202,6 +202,43 @@ def test_batch_rows_over_the_cap_pause_while_an_interactive_job_decodes_and_resu
     assert reports[0].rows == 7  # the batch alone takes every row but the reserved one
     assert joined == 3 and all(r.rows == 3 for r in reports[joined - 1 : ended])  # itself and 2 batch rows
     assert reports[ended].rows == 7  # then the 5 paused rows decode again beside the 2 that went on
+    assert all(r.status == "succeeded" for r in rows(bulk).values())
+
+
+@pytest.mark.parametrize(
+    ("slowdown", "beside"),
+    [(1.25, 1), (1.6, 2), (0, 6)],  # 0: no limit, every batch row in flight decodes beside it
+)
+def test_batch_rows_beside_an_interactive_job_are_as_many_as_its_step_costs_allow(
+    worker_settings: Any, slowdown: float, beside: int
+) -> None:
+    from worker.serving import ModelHolder
+
+    settings = worker_settings.model_copy(update={"max_batch_size": 8, "batch_reserved_rows": 1,
+                                                  "batch_rows_beside_interactive": 0,
+                                                  "interactive_slowdown": slowdown})  # fmt: skip
+    base = settings.base_model
+    bulk = add_batch_requests(base, 6, max_tokens=12)
+    models = ModelHolder(settings)
+    # A machine where each row costs time (30 ms a step + 10 ms a row, as this process would have measured it),
+    # set again after every step: the tiny model's own steps cost about the same whatever their rows.
+    cpu_like = {1: 0.040, 4: 0.070, 8: 0.110}
+    models.step_costs.seconds = dict(cpu_like)
+    arrived: list[str] = []
+
+    def arrive(report: Any) -> None:
+        models.step_costs.seconds = dict(cpu_like)
+        if report.step == 2:
+            arrived.append(add_job(base, "alice", good_params(PROMPTS[1], max_tokens=4)))
+
+    reports = serve(settings, arrive, models)
+
+    (interactive,) = arrived
+    joined, ended = next(r.step for r in reports if interactive in r.joined), step_of(reports, interactive)
+    assert reports[0].rows == 6
+    # within 1.25 x 40 ms: 2 rows (50 ms), 1 beside; within 1.6 x 40 ms: 3 rows (60 ms), 2 beside
+    assert all(r.rows == 1 + beside for r in reports[joined - 1 : ended])
+    assert reports[ended].rows == 6  # then every batch row decodes again
     assert all(r.status == "succeeded" for r in rows(bulk).values())
 
 

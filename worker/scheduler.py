@@ -227,11 +227,12 @@ class ContinuousLoop:
         """Rows that batch requests (priority below 0) may still take: max_batch_size less the rows kept free for
         interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size) and the batch rows in flight;
         while an interactive job decodes, none while any batch row is in flight (paused ones too: a newcomer's
-        prefill would hold up the interactive rows, only to wait behind them), else batch_rows_beside_interactive."""
+        prefill would hold up the interactive rows, only to wait behind them), else _cap()."""
         s = self.settings
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
-        if any(not _is_batch(j) for j in self.jobs.values()):
-            return 0 if in_flight else self._cap()
+        interactive = sum(len(j.rows) for j in self.jobs.values() if not _is_batch(j))
+        if interactive:
+            return 0 if in_flight else self._cap(interactive)
         return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
 
     def _prioritize(self) -> None:
@@ -241,11 +242,11 @@ class ContinuousLoop:
         batch = self.batch
         if batch is None:
             return
-        interactive = any(not self._is_batch_row(row) for row in batch.rows)
+        interactive = sum(not self._is_batch_row(row) for row in batch.rows)
         if not interactive:
             batch.resume(lambda row: True)
             return
-        cap = self._cap()
+        cap = self._cap(interactive)
         decoding = [row for row in batch.rows if self._is_batch_row(row)]
         if len(decoding) > cap:
             keep = {id(row) for row in sorted(decoding, key=self._joined)[:cap]}
@@ -254,10 +255,17 @@ class ContinuousLoop:
             wake = {id(row) for row in sorted(batch.paused.rows, key=self._joined)[: cap - len(decoding)]}
             batch.resume(lambda row: id(row) in wake)
 
-    def _cap(self) -> int:
-        """Batch rows that decode beside an interactive job (batch_rows_beside_interactive; 0: no cap)."""
+    def _cap(self, interactive: int) -> int:
+        """Batch rows that decode beside these many interactive rows: batch_rows_beside_interactive when set, else
+        as many as keep a step within interactive_slowdown of the interactive rows' own (worker.step_costs, as
+        this process measured its steps), all when that is 0."""
         s = self.settings
-        return min(s.batch_rows_beside_interactive or s.max_batch_size, s.max_batch_size)
+        most = s.max_batch_size - interactive
+        if s.batch_rows_beside_interactive:
+            return min(s.batch_rows_beside_interactive, most)
+        if not s.interactive_slowdown:
+            return most
+        return self.models.step_costs.rows_beside(interactive, s.interactive_slowdown, most)
 
     def _is_batch_row(self, row: Row) -> bool:
         return _is_batch(self.jobs[row.key[0]])  # type: ignore[index]
@@ -304,7 +312,9 @@ class ContinuousLoop:
             return 0
         rows = len(batch)
         try:
+            started = time.perf_counter()
             batch.step()
+            self.models.step_costs.record(rows, time.perf_counter() - started)
         except Exception as exc:
             jobs = [j for j in self.jobs.values() if any(not r.done for r in j.rows)]
             log.warning("decoding step of %d jobs failed (%s); decoding them again apart", len(jobs), exc)

@@ -34,6 +34,7 @@ from worker.generation import Generation, PromptTooLong, Request, SamplingParams
 from worker.identity import worker_id
 from worker.leases import lease_keeper
 from worker.model_loading import LoadedModel, load_base_model, warn_if_4bit_is_slow_here
+from worker.step_costs import StepCosts
 from worker.streaming import DeltaPublisher, StreamRow
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class ModelHolder:
         self.settings = settings
         self._loaded: LoadedModel | None = None
         self._adapters: AdapterCache | None = None
+        self.step_costs = StepCosts()  # what a decoding step of this model costs here, by its rows
 
     def get(self) -> LoadedModel:
         if self._loaded is None:
