@@ -6,7 +6,18 @@ import secrets
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Dialect, ForeignKey, Index, Integer, String, TypeDecorator, false
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    TypeDecorator,
+    false,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -101,6 +112,27 @@ class Job(Base):
 # id): a worker reads the first queued rows of its kind and base model straight from it, interactive jobs ahead of
 # any batch backlog, with no sort however many batch requests wait (migration 0011).
 Index("ix_jobs_claim", Job.kind, Job.status, Job.base_model, Job.priority.desc(), Job.created_at, Job.id)
+
+
+class TenantActiveJobs(Base):
+    """A tenant's count of active jobs (queued or running, outside a batch) as of the last fold of its changes.
+    On Postgres a trigger on jobs appends each change to tenant_active_changes and a submit folds them in, under
+    the tenant's lock, to check the quota without counting (gateway/pg.py, migration 0012). Unused on SQLite."""
+
+    __tablename__ = "tenant_active_jobs"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    active: Mapped[int] = mapped_column(BigInteger)
+
+
+class TenantActiveChange(Base):
+    """+1 when a job of the tenant became active, -1 when it stopped (written by the trigger only)."""
+
+    __tablename__ = "tenant_active_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    delta: Mapped[int] = mapped_column(Integer)
 
 
 class File(Base):
