@@ -36,9 +36,11 @@ class StepCosts:
         """A step's seconds at this many rows: measured, else read off the line between the nearest measured
         counts (beyond the largest, the line through the last two); None below the smallest measured count or
         beyond the only one."""
+        return self._cost(rows, sorted(self.seconds))
+
+    def _cost(self, rows: int, counts: list[int]) -> float | None:
         if rows in self.seconds:
             return self.seconds[rows]
-        counts = sorted(self.seconds)
         at = bisect_left(counts, rows)
         if at == 0 or len(counts) < 2:
             return None
@@ -51,13 +53,14 @@ class StepCosts:
         times what `own` rows cost alone: counting up, the first count that costs more ends it. Until the cost of
         `own` rows, or of the first count past it, was measured: `own` (at least 1), so that the next steps measure
         it."""
-        alone = self.cost(own)
-        if alone is None or self.cost(own + 1) is None:
+        counts = sorted(self.seconds)
+        alone = self._cost(own, counts)
+        if alone is None or self._cost(own + 1, counts) is None:
             return min(most, max(own, 1))
         budget = slowdown * alone
         beside = 0
         while beside < most:
-            cost = self.cost(own + beside + 1)
+            cost = self._cost(own + beside + 1, counts)
             if cost is None or cost > budget:
                 break
             beside += 1
