@@ -242,32 +242,6 @@ def test_batch_rows_beside_an_interactive_job_are_as_many_as_its_step_costs_allo
     assert all(r.status == "succeeded" for r in rows(bulk).values())
 
 
-def test_batch_requests_join_in_waves_not_one_row_at_a_time_as_rows_end(worker_settings: Any) -> None:
-    from shared import job_states
-    from shared.db import get_sessionmaker
-    from shared.job_data import GenerationParams
-
-    settings = worker_settings.model_copy(update={"max_batch_size": 8, "batch_reserved_rows": 0,
-                                                  "batch_join_rows": 4})  # fmt: skip
-    base = settings.base_model
-    with get_sessionmaker()() as session:
-        bulk = [
-            job_states.create_batch_request(
-                session, batch_id="batch_w", custom_id=f"w{i}", line=i + 1, model=base, base_model=base,
-                params=GenerationParams.model_validate(good_params(PROMPTS[i % 4], max_tokens=3 + i)),
-                max_attempts=3, tenant="bulk",
-            ).id
-            for i in range(14)
-        ]  # fmt: skip
-        session.commit()
-
-    reports = serve(settings, lambda report: None)
-
-    joins = [len(r.joined) for r in reports if r.joined]  # rows end at 14 different steps
-    assert sum(joins) == 14 and all(n == 4 for n in joins[:-1]), joins  # 4, 4, 4, then the last 2
-    assert all(r.status == "succeeded" for r in rows(bulk).values())
-
-
 def test_cancel_of_running_job_leaves_the_batch_at_the_next_step(worker_settings: Any) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker

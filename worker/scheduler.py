@@ -116,7 +116,7 @@ class ContinuousLoop:
         self.polled = -float("inf")  # when the loop last looked for waiting jobs and cancels (perf_counter)
         self.joins = 0  # jobs that joined so far (paused rows resume oldest first)
         self.backlog = False  # whether the last claim suggests jobs are waiting (it took some, or skipped batch ones)
-        self.refill = False  # a wave of rows left while jobs waited: claim at the next iteration, not the next look
+        self.refill = False  # rows left while jobs were waiting: claim at the next iteration, not at the next look
 
     def run(self) -> list[str]:
         with get_sessionmaker()() as session:
@@ -125,8 +125,8 @@ class ContinuousLoop:
                 while True:
                     started = time.perf_counter()
                     # A database round trip per step costs more than a small model's step: with rows in flight,
-                    # the loop looks for newcomers and cancels at most every batch_poll_seconds. A wave of rows
-                    # (_wave) that ends while jobs are waiting is refilled at once, not at the next look.
+                    # the loop looks for newcomers and cancels at most every batch_poll_seconds. Rows that end
+                    # while jobs are waiting are refilled at once (one claim per wave of rows, not per step).
                     due = not self.jobs or started - self.polled >= self.settings.batch_poll_seconds
                     claimed, joined = self._claim_and_join(session) if due or self.refill else (False, [])
                     if not self.jobs and not claimed:
@@ -203,11 +203,9 @@ class ContinuousLoop:
         if room <= 0 or tokens <= 0:
             self.backlog = False
             return []
-        # With no room for a wave of batch requests (_wave) while batch rows decode, only interactive jobs are read
-        # (the claim index stops at the first batch request): the look that runs every batch_poll_seconds costs
-        # one short query.
-        batch_in_flight = any(_is_batch(j) for j in self.jobs.values())
-        interactive_only = bool(self.jobs) and self._batch_room() < (self._wave() if batch_in_flight else 1)
+        # With no row left for batch requests, only interactive jobs are read (the claim index stops at the first
+        # batch request): the look that runs every batch_poll_seconds costs one short query.
+        interactive_only = bool(self.jobs) and self._batch_room() <= 0
         claims = job_states.claim_batch(
             session,
             kind="generate",
@@ -236,13 +234,6 @@ class ContinuousLoop:
         if interactive:
             return 0 if in_flight else self._cap(interactive)
         return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
-
-    def _wave(self) -> int:
-        """Batch rows that join together while other batch rows decode: batch_join_rows, or as many as the batch
-        may take at all. A claim costs round trips and a prefill holds up every row: refilling rows one at a time
-        as they ended was a third of the claims of a 4,000-request batch (bench/README.md, batch_latency.py)."""
-        s = self.settings
-        return max(1, min(s.batch_join_rows, s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4)))
 
     def _prioritize(self) -> None:
         """Before a step: while an interactive job decodes, at most _cap() batch rows decode
@@ -363,7 +354,7 @@ class ContinuousLoop:
         done = [self.jobs.pop(i) for i in ended if i in self.jobs and all(r.done for r in self.jobs[i].rows)]
         if not done:
             return []
-        self.refill = self.refill or (self.backlog and self._batch_room() >= self._wave())
+        self.refill = self.refill or self.backlog
         assert self.loaded is not None
         loaded = self.loaded
         decoded: list[Decoded] = [([r.generation(loaded) for r in j.rows], j.batch_size) for j in done]
