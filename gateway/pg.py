@@ -12,7 +12,6 @@ Retry-After, as on the SQLAlchemy paths; a value Postgres refuses is a 422.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +25,7 @@ from sqlalchemy.engine import make_url
 
 from gateway.errors import ApiError, RateLimited
 from shared.storable import dumps
+from shared.tenant_counts import FOLD, tenant_lock_key
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,6 @@ async def job_row(pool: asyncpg.Pool, job_id: str) -> JobRow | None:
     return JobRow(**row) if row is not None else None
 
 
-def tenant_lock_key(tenant: str) -> int:
-    """The advisory lock of a tenant's quota (the same as gateway.submission's on the SQLAlchemy path)."""
-    digest = hashlib.blake2b(f"llmq-quota:{tenant}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big", signed=True)
-
-
 _COLUMNS = "id, tenant, kind, status, model, base_model, params, attempt, max_attempts, cancel_requested, " \
     "published_at, created_at, updated_at"  # fmt: skip
 _INSERT = f"INSERT INTO jobs ({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, false, $9, $9, $9)"
@@ -174,11 +168,7 @@ DECLARE
     active bigint;
 BEGIN
     FOR i IN 1 .. cardinality(ids) LOOP
-        PERFORM pg_advisory_xact_lock(lock_keys[i]);
-        WITH folded AS (DELETE FROM tenant_active_changes WHERE tenant = tenants[i] RETURNING delta)
-        INSERT INTO tenant_active_jobs AS t (tenant, active) SELECT tenants[i], coalesce(sum(delta), 0) FROM folded
-        ON CONFLICT (tenant) DO UPDATE SET active = t.active + excluded.active
-        RETURNING t.active INTO active;
+        PERFORM pg_advisory_xact_lock(lock_keys[i]);{FOLD.format(tenant="tenants[i]")} INTO active;
         IF active >= quotas[i] THEN
             answers[i] := active;
         ELSE

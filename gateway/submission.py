@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +22,7 @@ from shared.job_data import JobKind, JobParams
 from shared.models import Job, new_id, utcnow
 from shared.settings import Settings
 from shared.statuses import JobStatus
+from shared.tenant_counts import lock_tenant
 
 Loc = tuple[str | int, ...]
 
@@ -84,8 +84,7 @@ def _lock_tenant(session: Session, tenant: str) -> None:
     connection = session.connection()
     dialect = connection.dialect.name
     if dialect == "postgresql":
-        digest = hashlib.blake2b(f"llmq-quota:{tenant}".encode(), digest_size=8).digest()
-        connection.execute(select(func.pg_advisory_xact_lock(int.from_bytes(digest, "big", signed=True))))
+        lock_tenant(session, tenant)
     # pysqlite begins a transaction only before its first write: begin it now, as a write, so the count
     # below already holds SQLite's one write lock (it waits for it up to the busy timeout).
     elif dialect == "sqlite" and not connection.connection.driver_connection.in_transaction:  # type: ignore[union-attr]

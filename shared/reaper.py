@@ -25,6 +25,7 @@ from shared import job_states
 from shared.celery_app import enqueue, waiting_messages
 from shared.notify import publish_finished
 from shared.settings import Settings
+from shared.tenant_counts import fold_piled_up
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +37,12 @@ class Reaped:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     republished: list[str] = field(default_factory=list)
+    folded: dict[str, int] = field(default_factory=dict)  # tenants whose piled-up count changes were folded
 
 
 def reap_once(session: Session, settings: Settings) -> Reaped:
-    """One pass: expired leases back to the queue (or failed after max_attempts), lost messages re-sent."""
+    """One pass: expired leases back to the queue (or failed after max_attempts), lost messages re-sent, piled-up
+    changes of the tenants' active-job counts folded (shared.tenant_counts)."""
     reaped = Reaped()
     for job in job_states.requeue_expired(session):
         log.warning("lease of %s (attempt %d) expired; requeued", job.id, job.attempt)
@@ -52,6 +55,7 @@ def reap_once(session: Session, settings: Settings) -> Reaped:
     reaped.republished = _repair_lost_messages(session, settings.republish_after_seconds)
     if reaped.republished:
         log.info("re-sent messages of %d queued jobs", len(reaped.republished))
+    reaped.folded = fold_piled_up(session)
     return reaped
 
 

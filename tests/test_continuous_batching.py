@@ -242,6 +242,19 @@ def test_batch_rows_beside_an_interactive_job_are_as_many_as_its_step_costs_allo
     assert all(r.status == "succeeded" for r in rows(bulk).values())
 
 
+def test_the_loop_records_what_each_decoding_step_cost_by_its_rows(worker_settings: Any) -> None:
+    from worker.serving import ModelHolder
+
+    models = ModelHolder(worker_settings)
+    add_batch_requests(worker_settings.base_model, 3, max_tokens=6)
+
+    reports = serve(worker_settings, lambda report: None, models)
+
+    decoded = {r.rows for r in reports if r.rows}
+    assert decoded and set(models.step_costs.seconds) == decoded
+    assert all(0 < seconds < 5 for seconds in models.step_costs.seconds.values())
+
+
 def test_cancel_of_running_job_leaves_the_batch_at_the_next_step(worker_settings: Any) -> None:
     from shared import job_states
     from shared.db import get_sessionmaker

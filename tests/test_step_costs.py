@@ -36,14 +36,18 @@ def test_a_count_not_measured_is_read_off_the_line_and_corrected_once_measured()
     assert costs.cost(40) == pytest.approx(0.087 + (0.087 - 0.070) / 6 * 32)  # beyond: the last two counts' line
 
 
-def test_until_the_interactive_rows_cost_is_measured_as_many_batch_rows_join_as_interactive_ones() -> None:
-    costs = StepCosts()
-    assert costs.rows_beside(1, 1.25, 31) == 1
-    costs.record(3, 0.05)
-
-    assert costs.rows_beside(2, 1.25, 31) == 2  # below the smallest count measured
-    assert costs.rows_beside(3, 1.25, 31) == 3  # its own count alone: nothing past it yet
-    assert costs.rows_beside(2, 1.25, 1) == 1
+def test_interactive_rows_decode_alone_until_their_cost_is_known_then_beside_as_many_to_learn_more() -> None:
+    costs = StepCosts({24: 0.140})  # a worker that has decoded only batch-sized steps
+    assert costs.rows_beside(1, 1.25, 31) == 0  # 1 row's cost unknown: it decodes alone once, and is measured
+    costs.record(1, 0.038)
+    assert costs.rows_beside(1, 1.25, 31) == 2  # read off the line to 24 rows: 3 rows 46.9 ms, within 47.5
+    costs.record(3, 0.072)  # what 3 rows really cost on a CPU
+    assert costs.rows_beside(1, 1.25, 31) == 0
+    fresh = StepCosts({3: 0.05})
+    assert fresh.rows_beside(3, 1.25, 31) == 3  # only its own count known: as many again, to measure one more
+    assert fresh.rows_beside(3, 1.25, 1) == 1
+    assert fresh.rows_beside(3, 1.25, 0) == 0
+    assert fresh.rows_beside(3, 1.25, -2) == 0  # more interactive rows than the batch holds: none beside
 
 
 def test_each_row_count_follows_its_recent_steps() -> None:

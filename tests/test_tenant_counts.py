@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from shared import job_states
@@ -21,6 +21,7 @@ from shared.db import make_engine
 from shared.job_data import ErrorCode, GenerationParams, GenerationResult, Usage
 from shared.models import Job, TenantActiveChange, TenantActiveJobs, utcnow
 from shared.statuses import JobStatus
+from shared.tenant_counts import fold_piled_up
 
 BASE = "tenant-counts-base"  # no worker serves it
 ACTIVE = (JobStatus.QUEUED, JobStatus.RUNNING)
@@ -138,6 +139,33 @@ def test_kept_counts_equal_counted_jobs_through_every_change_a_job_goes_through(
         act()
         assert kept_counts(session, tenants) == counted(session, tenants), f"after step {step}: {act.__name__}"
     assert sum(counted(session, tenants).values()) > 0
+
+    folded = fold_piled_up(session, at_least=1)  # what the reaper does for changes that piled up
+
+    assert {t: folded[t] for t in tenants if t in folded} == {t: n for t, n in counted(session, tenants).items()
+                                                                if t in folded}  # fmt: skip
+    left = select(func.count()).select_from(TenantActiveChange).where(TenantActiveChange.tenant.in_(tenants))
+    assert session.scalar(left) == 0 and kept_counts(session, tenants) == counted(session, tenants)
+
+
+def test_truncating_the_jobs_forgets_every_count() -> None:
+    from tests.servers import own_database
+
+    with own_database("llmq_truncate") as url:
+        engine = make_engine(url)
+        with Session(engine) as session:
+            walk = Walk(session, ["t1", "t2"], seed=1)
+            for _ in range(6):
+                walk.create()
+            fold_piled_up(session, at_least=1)
+            walk.create()
+            session.execute(text("TRUNCATE jobs CASCADE"))
+            session.commit()
+            assert session.scalar(select(func.count()).select_from(TenantActiveJobs)) == 0
+            assert session.scalar(select(func.count()).select_from(TenantActiveChange)) == 0
+            walk.create()
+            assert kept_counts(session, ["t1", "t2"]) == counted(session, ["t1", "t2"])
+        engine.dispose()
 
 
 def test_the_gateway_s_submit_refuses_at_the_quota_and_admits_again_once_jobs_end(

@@ -230,7 +230,7 @@ class ContinuousLoop:
         prefill would hold up the interactive rows, only to wait behind them), else _cap()."""
         s = self.settings
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
-        interactive = sum(len(j.rows) for j in self.jobs.values() if not _is_batch(j))
+        interactive = sum(not r.done for j in self.jobs.values() if not _is_batch(j) for r in j.rows)
         if interactive:
             return 0 if in_flight else self._cap(interactive)
         return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
@@ -260,7 +260,7 @@ class ContinuousLoop:
         as many as keep a step within interactive_slowdown of the interactive rows' own (worker.step_costs, as
         this process measured its steps), all when that is 0."""
         s = self.settings
-        most = s.max_batch_size - interactive
+        most = max(0, s.max_batch_size - interactive)  # an interactive job may bring more rows than a batch holds
         if s.batch_rows_beside_interactive:
             return min(s.batch_rows_beside_interactive, most)
         if not s.interactive_slowdown:

@@ -50,12 +50,16 @@ class StepCosts:
 
     def rows_beside(self, own: int, slowdown: float, most: int) -> int:
         """How many more rows (at most `most`) may decode beside `own` rows so that a step costs at most `slowdown`
-        times what `own` rows cost alone: counting up, the first count that costs more ends it. Until the cost of
-        `own` rows, or of the first count past it, was measured: `own` (at least 1), so that the next steps measure
-        it."""
+        times what `own` rows cost alone: counting up, the first count that costs more ends it. Until what `own`
+        rows cost alone is known: none, so that the next step measures it. Until a count past it was measured:
+        `own`, so that the next steps measure that one (a step of twice the rows costs at most twice)."""
+        if most <= 0:
+            return 0
         counts = sorted(self.seconds)
         alone = self._cost(own, counts)
-        if alone is None or self._cost(own + 1, counts) is None:
+        if alone is None:
+            return 0
+        if self._cost(own + 1, counts) is None:
             return min(most, max(own, 1))
         budget = slowdown * alone
         beside = 0

@@ -5,8 +5,11 @@ quota of 1,000, under the tenant's lock).
 A trigger on jobs appends +1 / -1 to tenant_active_changes whenever a job starts or stops being active (queued or
 running, outside a batch): an INSERT of its own, never an UPDATE of a shared row, so the workers that write jobs
 back take no lock on a tenant's count and cannot deadlock over two. The gateway's submit, under the tenant's
-advisory lock, folds the tenant's changes into tenant_active_jobs and reads the sum (gateway/pg.py). The tables
-exist on SQLite too (the schema stays one); there no trigger fills them, and the quota is counted.
+advisory lock, folds the tenant's changes into tenant_active_jobs and reads the sum (gateway/pg.py); the reaper
+folds the changes that pile up for tenants that do not submit that way (shared/tenant_counts.py). TRUNCATE of jobs
+empties both tables. What bypasses triggers (session_replication_role = replica, a restore with triggers off)
+bypasses the count too. The tables exist on SQLite too (the schema stays one); there no trigger fills them, and
+the quota is counted.
 
 Revision ID: 0012
 Revises: 0011
@@ -52,6 +55,18 @@ $$
 """
 
 
+# TRUNCATE fires no row trigger: with every job gone, so is every count.
+FORGET_COUNTS = """
+CREATE FUNCTION llmq_forget_active_counts() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM tenant_active_changes;
+    DELETE FROM tenant_active_jobs;
+    RETURN NULL;
+END
+$$
+"""
+
+
 def upgrade() -> None:
     op.create_table(
         "tenant_active_jobs",
@@ -75,12 +90,17 @@ def upgrade() -> None:
         "CREATE TRIGGER jobs_count_active AFTER INSERT OR DELETE OR UPDATE OF status, tenant, batch_id ON jobs "
         "FOR EACH ROW EXECUTE FUNCTION llmq_count_active_jobs()"
     )
+    op.execute(FORGET_COUNTS)
+    op.execute("CREATE TRIGGER jobs_forget_active_counts AFTER TRUNCATE ON jobs "
+               "FOR EACH STATEMENT EXECUTE FUNCTION llmq_forget_active_counts()")  # fmt: skip
     op.execute(f"INSERT INTO tenant_active_jobs (tenant, active) SELECT tenant, count(*) FROM jobs WHERE {ACTIVE} "
                "GROUP BY tenant")  # fmt: skip
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP TRIGGER jobs_forget_active_counts ON jobs")
+        op.execute("DROP FUNCTION llmq_forget_active_counts()")
         op.execute("DROP TRIGGER jobs_count_active ON jobs")
         op.execute("DROP FUNCTION llmq_count_active_jobs()")
     op.drop_index("ix_tenant_active_changes_tenant", table_name="tenant_active_changes")
