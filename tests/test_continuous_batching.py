@@ -242,6 +242,28 @@ def test_batch_rows_beside_an_interactive_job_are_as_many_as_its_step_costs_allo
     assert all(r.status == "succeeded" for r in rows(bulk).values())
 
 
+def test_an_interactive_job_joins_alone_not_in_one_prefill_with_batch_requests(worker_settings: Any) -> None:
+    settings = worker_settings.model_copy(update={"max_batch_size": 8, "batch_reserved_rows": 1,
+                                                  "interactive_slowdown": 0})  # fmt: skip
+    base = settings.base_model
+    first = add_batch_requests(base, 4, max_tokens=14)  # 4 rows in flight, room for 3 more
+    arrived: list[str] = []
+    late: list[str] = []
+
+    def arrive(report: Any) -> None:
+        if report.step == 2:
+            arrived.append(add_job(base, "alice", good_params(PROMPTS[1], max_tokens=3)))
+            late.extend(add_batch_requests(base, 3, max_tokens=4))  # waiting beside it, room for them too
+
+    reports = serve(settings, arrive)
+
+    (interactive,) = arrived
+    joined = next(r for r in reports if interactive in r.joined)
+    assert joined.joined == (interactive,)  # its prefill and first token, without the batch requests'
+    assert all(step_of(reports, interactive) <= next(r.step for r in reports if job in r.joined) for job in late)
+    assert all(r.status == "succeeded" for r in rows(first + late).values())
+
+
 def test_the_loop_records_what_each_decoding_step_cost_by_its_rows(worker_settings: Any) -> None:
     from worker.serving import ModelHolder
 

@@ -276,8 +276,10 @@ class ContinuousLoop:
     def _leaving_rows_free(self, budget: Callable[[Sequence[Job]], list[str]]) -> Callable[[Sequence[Job]], list[str]]:
         """budget, given the candidates minus the batch requests (priority below 0) that would take the rows kept
         free for interactive jobs (see _batch_room) or more than batch_join_rows rows at once (their prefill, one
-        forward pass, would hold up every row: on a CPU a 28-row prefill of the full-size model takes seconds). A
-        batch request always runs when no other one is in flight, so a batch never stalls."""
+        forward pass, would hold up every row: on a CPU a 28-row prefill of the full-size model takes seconds), and
+        every batch request when an interactive job joins while batch rows are in flight (it would wait for their
+        prefill, its own first token with it, as _batch_room has it wait while it decodes). A batch request always
+        runs when no other one is in flight, so a batch never stalls."""
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
         room = self._batch_room()
 
@@ -285,8 +287,11 @@ class ContinuousLoop:
 
         def pick(candidates: Sequence[Job]) -> list[str]:
             allowed, taken, left, joining = [], in_flight > 0, room, 0
+            interactive_joins = any(job.priority >= 0 for job in candidates)
             for job in candidates:
                 if job.priority < 0:
+                    if taken and interactive_joins:
+                        continue
                     rows = _prompt_count(job)
                     if taken and (rows > left or joining + rows > join):
                         continue
