@@ -290,10 +290,8 @@ class ContinuousLoop:
             interactive_joins = any(job.priority >= 0 for job in candidates)
             for job in candidates:
                 if job.priority < 0:
-                    if taken and interactive_joins:
-                        continue
                     rows = _prompt_count(job)
-                    if taken and (rows > left or joining + rows > join):
+                    if taken and (interactive_joins or rows > left or joining + rows > join):
                         continue
                     taken, left, joining = True, left - rows, joining + rows
                 allowed.append(job)
