@@ -37,6 +37,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from shared.counters import JOBS_FINISHED, QUEUE_WAIT
 from shared.job_data import ErrorCode, Figures, GenerationResult, JobError, JobParams, JobResult
@@ -113,10 +114,15 @@ def claim_batch(
         query = query.where(Job.attempt == 0)
     if min_priority is not None:
         query = query.where(Job.priority >= min_priority)
-    candidates = session.scalars(query.limit(limit).with_for_update(skip_locked=True)).all()
-    # SQLite cannot upgrade a read transaction to a write one under contention; the conditional
-    # UPDATE below is what makes the claim safe, the row locks above only spare Postgres work.
-    if not candidates or session.get_bind().dialect.name == "sqlite":
+    query = query.limit(limit).with_for_update(skip_locked=True).execution_options(populate_existing=True)
+    candidates = session.scalars(query).all()
+    # Detached as read: a claim's job is this snapshot (see Claim), which no rollback below can expire.
+    for job in candidates:
+        session.expunge(job)
+    # SQLite cannot upgrade a read transaction to a write one under contention: it claims in a transaction of
+    # its own, guarded by the rows' status. On Postgres the rows stay locked (FOR UPDATE) until the claim commits.
+    locked = session.get_bind().dialect.name != "sqlite"
+    if not candidates or not locked:
         session.rollback()
     if not candidates:
         return []
@@ -130,7 +136,8 @@ def claim_batch(
     if not ids:
         session.rollback()
         return []
-    claims = _claim_where(session, worker, lease_seconds, Job.id.in_(ids))
+    chosen = {job.id: job for job in candidates}
+    claims = _take(session, worker, lease_seconds, [chosen[i] for i in ids], locked=locked)
     claims.sort(key=lambda c: (-c.job.priority, c.job.created_at, c.job.id))
     return claims
 
@@ -183,6 +190,55 @@ def _claim_where(session: Session, worker: str, lease_seconds: float, condition:
         session.expunge(job)
         QUEUE_WAIT.labels(job.kind).observe(max((now - job.created_at).total_seconds(), 0.0))
     return [Claim(job.id, attempts[job.id], job) for job in jobs]
+
+
+_JOBS: Table = Job.__table__  # type: ignore[assignment]
+
+# The claim of rows already read, by id (Core, built once: a claim runs for every wave of rows a continuous batch
+# takes in). No status guard where the rows are locked: Postgres would AND the status index's whole queued range
+# into the plan whenever its statistics lag a burst of submits (they counted few queued jobs at the last ANALYZE),
+# a scan that grows with the backlog; the ids alone are an index lookup each.
+_CLAIM_IDS = _JOBS.c.id.in_(bindparam("ids", expanding=True))
+_CLAIM_VALUES = {
+    "status": JobStatus.RUNNING,
+    "attempt": _JOBS.c.attempt + 1,
+    "worker": bindparam("worker"),
+    "lease_expires_at": bindparam("lease"),
+    "started_at": bindparam("now"),
+    "updated_at": bindparam("now"),
+}
+_CLAIM_LOCKED = update(_JOBS).where(_CLAIM_IDS).values(_CLAIM_VALUES).returning(_JOBS.c.id, _JOBS.c.attempt)
+_CLAIM_GUARDED = (
+    update(_JOBS)
+    .where(_CLAIM_IDS, _JOBS.c.status == JobStatus.QUEUED)
+    .values(_CLAIM_VALUES)
+    .returning(_JOBS.c.id, _JOBS.c.attempt)
+)
+
+
+def _take(session: Session, worker: str, lease_seconds: float, jobs: Sequence[Job], *, locked: bool) -> list[Claim]:
+    """Claims these queued rows, read and detached by the caller (locked: FOR UPDATE in the session's
+    transaction; else the UPDATE takes only those still queued), and commits; each claim's job is its row as read,
+    with the claim's own columns set as written."""
+    now = utcnow()
+    lease = now + timedelta(seconds=lease_seconds)
+    statement = _CLAIM_LOCKED if locked else _CLAIM_GUARDED
+    claimed: dict[str, int] = dict(
+        session.execute(statement, {"ids": [job.id for job in jobs], "worker": worker, "lease": lease, "now": now})
+        .tuples()
+        .all()
+    )
+    session.commit()
+    claims = []
+    for job in jobs:
+        if job.id not in claimed:
+            continue
+        for column, value in (("status", JobStatus.RUNNING), ("attempt", claimed[job.id]), ("worker", worker),
+                              ("lease_expires_at", lease), ("started_at", now), ("updated_at", now)):  # fmt: skip
+            set_committed_value(job, column, value)
+        QUEUE_WAIT.labels(job.kind).observe(max((now - job.created_at).total_seconds(), 0.0))
+        claims.append(Claim(job.id, claimed[job.id], job))
+    return claims
 
 
 def _guarded_finish(session: Session, claim: Claim, status: JobStatus, **values: object) -> bool:
