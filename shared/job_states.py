@@ -233,9 +233,9 @@ def _take(session: Session, worker: str, lease_seconds: float, jobs: Sequence[Jo
     for job in jobs:
         if job.id not in claimed:
             continue
-        for column, value in (("status", JobStatus.RUNNING), ("attempt", claimed[job.id]), ("worker", worker),
-                              ("lease_expires_at", lease), ("started_at", now), ("updated_at", now)):  # fmt: skip
-            set_committed_value(job, column, value)
+        for name, value in (("status", JobStatus.RUNNING), ("attempt", claimed[job.id]), ("worker", worker),
+                            ("lease_expires_at", lease), ("started_at", now), ("updated_at", now)):  # fmt: skip
+            set_committed_value(job, name, value)
         QUEUE_WAIT.labels(job.kind).observe(max((now - job.created_at).total_seconds(), 0.0))
         claims.append(Claim(job.id, claimed[job.id], job))
     return claims

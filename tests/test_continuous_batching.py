@@ -148,7 +148,7 @@ def test_job_arriving_mid_batch_finishes_before_its_long_neighbour(worker_settin
     assert found[short].result["batch_size"] == 2
 
 
-def add_batch_requests(base: str, count: int, max_tokens: int) -> list[str]:
+def add_batch_requests(base: str, count: int, max_tokens: int, first: int = 0) -> list[str]:
     from shared import job_states
     from shared.db import get_sessionmaker
     from shared.job_data import GenerationParams
@@ -158,10 +158,66 @@ def add_batch_requests(base: str, count: int, max_tokens: int) -> list[str]:
         jobs = [
             job_states.create_batch_request(session, batch_id="batch_b", custom_id=f"c{i}", line=i + 1, model=base,
                                             base_model=base, params=params, max_attempts=3, tenant="bulk")
-            for i in range(count)
+            for i in range(first, first + count)
         ]  # fmt: skip
         session.commit()
         return [job.id for job in jobs]
+
+
+def test_batch_requests_that_end_at_different_steps_are_written_together_when_the_batch_empties(
+    worker_settings: Any,
+) -> None:
+    from worker.scheduler import serve_continuously
+    from worker.serving import ModelHolder
+
+    settings = worker_settings.model_copy(update={"batch_poll_seconds": 60, "batch_join_rows": 8})
+    base = settings.base_model
+    bulk = [job for i, tokens in enumerate([3, 5, 7, 9]) for job in add_batch_requests(base, 1, tokens, i)]
+    reports: list[Any] = []
+
+    serve_continuously(settings, ModelHolder(settings), hooks=[reports.append])
+
+    written = [r for r in reports if r.finished]
+    assert len(written) == 1 and set(written[0].finished) == set(bulk)  # one write, not one per step
+    assert written[0].step == reports[-1].step and not written[0].in_flight
+    found = rows(bulk)
+    assert [found[j].result["outputs"][0]["completion_tokens"] for j in bulk] == [3, 5, 7, 9]
+
+
+def test_batch_requests_are_written_a_join_wave_at_a_time(worker_settings: Any) -> None:
+    from worker.scheduler import serve_continuously
+    from worker.serving import ModelHolder
+
+    settings = worker_settings.model_copy(update={"batch_poll_seconds": 60, "batch_join_rows": 2})
+    base = settings.base_model
+    bulk = [job for i, tokens in enumerate([3, 5, 7, 9]) for job in add_batch_requests(base, 1, tokens, i)]
+    reports: list[Any] = []
+
+    serve_continuously(settings, ModelHolder(settings), hooks=[reports.append])
+
+    assert [set(r.finished) for r in reports if r.finished] == [set(bulk[:2]), set(bulk[2:])]
+    assert all(r.status == "succeeded" for r in rows(bulk).values())
+
+
+def test_an_interactive_job_is_written_the_step_it_ends_with_the_batch_requests_that_ended_before(
+    worker_settings: Any,
+) -> None:
+    from worker.scheduler import serve_continuously
+    from worker.serving import ModelHolder
+
+    settings = worker_settings.model_copy(update={"batch_poll_seconds": 60, "batch_join_rows": 8,
+                                                  "interactive_slowdown": 0})  # fmt: skip  # the batch row never pauses
+    interactive = add_job(settings.base_model, "alice", good_params(PROMPTS[1], max_tokens=8))
+    (early,) = add_batch_requests(settings.base_model, 1, max_tokens=3)  # joins beside it, ends first
+    reports: list[Any] = []
+
+    serve_continuously(settings, ModelHolder(settings), hooks=[reports.append])
+
+    assert set(reports[0].joined) == {interactive, early}
+    (written,) = [r for r in reports if interactive in r.finished]
+    assert written.step == 7  # its first token from the prefill, 7 more from 7 steps: written when it ended
+    assert set(written.finished) == {interactive, early}  # the batch request's outcome waited for that write
+    assert all(r.status == "succeeded" for r in rows([interactive, early]).values())
 
 
 def test_batch_requests_leave_rows_free_so_an_interactive_job_joins_at_the_next_step(worker_settings: Any) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, inspect, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from shared import job_states
@@ -99,6 +99,29 @@ def test_pick_narrows_the_batch_but_always_takes_one(sessions: sessionmaker[Sess
             pick=lambda jobs: [jobs[0].id],
         )  # fmt: skip
         assert [c.job_id for c in claims] == ids[:1]
+
+
+def test_a_claims_job_is_its_row_as_claimed_and_detached_even_if_the_session_held_it_stale(
+    sessions: sessionmaker[Session],
+) -> None:
+    (job_id,) = add_jobs(sessions, 1)
+    with sessions() as session:
+        held = session.get(Job, job_id)  # the session holds the row as it was: queued, priority 0
+        with sessions() as other:
+            other.execute(update(Job).where(Job.id == job_id).values(priority=5))
+            other.commit()
+
+        (claim,) = job_states.claim_batch(session, kind="generate", base_model="m", worker="w", lease_seconds=60,
+                                          limit=1)  # fmt: skip
+
+        assert inspect(claim.job).detached and claim.job is held
+        with sessions() as other:
+            row = other.get(Job, job_id)
+            assert row is not None
+        job = claim.job
+        assert (job.priority, job.status, job.attempt, claim.attempt, job.worker) == (5, JobStatus.RUNNING, 1, 1, "w")
+        assert (job.lease_expires_at.replace(tzinfo=None), job.started_at.replace(tzinfo=None)) == (  # type: ignore[union-attr]
+            row.lease_expires_at.replace(tzinfo=None), row.started_at.replace(tzinfo=None))  # type: ignore[union-attr]  # fmt: skip
 
 
 def test_claim_of_a_job_that_is_no_longer_queued_does_nothing(sessions: sessionmaker[Session]) -> None:

@@ -117,6 +117,9 @@ class ContinuousLoop:
         self.joins = 0  # jobs that joined so far (paused rows resume oldest first)
         self.backlog = False  # whether the last claim suggests jobs are waiting (it took some, or skipped batch ones)
         self.refill = False  # rows left while jobs were waiting: claim at the next iteration, not at the next look
+        # Batch requests done but not yet written (their leases still held): written together, see _end_finished.
+        self.unwritten: list[tuple[Claim, Outcome]] = []
+        self.unwritten_since = 0.0  # when the oldest of them ended (perf_counter)
 
     def run(self) -> list[str]:
         with get_sessionmaker()() as session:
@@ -350,19 +353,35 @@ class ContinuousLoop:
     # Leaving: done, cancelled.
 
     def _end_finished(self, session: Session) -> list[str]:
-        """Writes back every job whose rows have all ended; their ids."""
+        """Writes back the jobs whose rows have all ended; the ids written.
+
+        An interactive job is written at once (its client waits for it). A batch request's outcome waits for
+        others, up to batch_join_rows of them or batch_poll_seconds, whichever comes first, or for the next
+        write, or for the batch to empty: a write is a transaction whatever its size, and with a small model
+        writing the one or two requests that end at each step would cost more than the step."""
         if self.batch is None:
             return []
         ended = {row.key[0] for row in self.batch.take_finished()}  # type: ignore[index]
         done = [self.jobs.pop(i) for i in ended if i in self.jobs and all(r.done for r in self.jobs[i].rows)]
-        if not done:
+        urgent: list[tuple[Claim, Outcome]] = []
+        if done:
+            self.refill = self.refill or self.backlog
+            assert self.loaded is not None
+            loaded = self.loaded
+            decoded: list[Decoded] = [([r.generation(loaded) for r in j.rows], j.batch_size) for j in done]
+            if not self.unwritten:
+                self.unwritten_since = time.perf_counter()
+            for j, d in zip(done, decoded, strict=True):
+                (self.unwritten if _is_batch(j) else urgent).append((j.claim, outcome_of(j.job, d)))
+        if not urgent and not self.unwritten:
             return []
-        self.refill = self.refill or self.backlog
-        assert self.loaded is not None
-        loaded = self.loaded
-        decoded: list[Decoded] = [([r.generation(loaded) for r in j.rows], j.batch_size) for j in done]
-        self._write(session, [(j.claim, outcome_of(j.job, d)) for j, d in zip(done, decoded, strict=True)])
-        return [j.claim.job_id for j in done]
+        waited = time.perf_counter() - self.unwritten_since
+        if not (urgent or not self.jobs or len(self.unwritten) >= self.settings.batch_join_rows
+                or waited >= self.settings.batch_poll_seconds):  # fmt: skip
+            return []
+        outcomes, self.unwritten = urgent + self.unwritten, []
+        self._write(session, outcomes)
+        return [claim.job_id for claim, _ in outcomes]
 
     def _cancel_requested(self, session: Session) -> list[str]:
         """Drops the rows of jobs cancelled (or taken over) since the last step, before the next one; their ids."""
