@@ -125,7 +125,8 @@ def _lines(settings: Settings, key: str) -> Iterator[Iterator[bytes]]:
 
 
 def cancel(session: Session, settings: Settings, batch: Batch) -> Batch:
-    """Cancels a batch: its queued jobs at once, running ones at their next step; 409 once it has ended."""
+    """Cancels a batch: its queued jobs at once, running ones when their worker next looks (within about a
+    second); 409 once it has ended."""
     if batch.status not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
         raise JobStateConflict(f"batch {batch.id!r} is {batch.status}; only a running batch can be cancelled")
     taken = session.execute(
@@ -177,8 +178,8 @@ def settle_due(session: Session, settings: Settings, limit: int = 100) -> list[s
 
 def expire_overdue(session: Session, limit: int = 100) -> list[str]:
     """Batches past expires_at (created_at + completion_window) with requests still to run expire: expired_at
-    set, queued requests cancelled at once, running ones at their next step (finished answers stay); committed.
-    The batch ends `expired` when finalized; the ids."""
+    set, queued requests cancelled at once, running ones when their worker next looks (finished answers stay);
+    committed. The batch ends `expired` when finalized; the ids."""
     now = utcnow()
     overdue = (Batch.status == BatchStatus.IN_PROGRESS) & Batch.expired_at.is_(None) & (Batch.expires_at < now)
     candidates = session.scalars(select(Batch.id).where(overdue, _any_active(Batch.id)).limit(limit)).all()

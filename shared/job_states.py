@@ -414,7 +414,7 @@ def create_batch_request(
 
 
 def cancel_batch(session: Session, batch_id: str) -> None:
-    """Cancels every job of a batch (not committed): queued ones at once, running ones at their next step."""
+    """Cancels every job of a batch (not committed): queued ones at once, running ones when their worker next looks."""
     now = utcnow()
     session.execute(
         update(Job)

@@ -103,7 +103,9 @@ class Settings(BaseSettings):
         0.05,
         ge=0,
         description="While a continuous batch decodes, how often (at most) it asks the database for waiting jobs "
-        "and for cancels of its own; 0 asks at every decoding step.",
+        "and for cancels of its own (while only OpenAI batch requests decode, for cancels at most every second); "
+        "0 asks at every decoding step. Also how long (at most) a finished batch request's outcome waits to be "
+        "written with others.",
     )
     batch_reserved_rows: int = Field(
         4,
@@ -133,7 +135,8 @@ class Settings(BaseSettings):
         ge=1,
         description="Most rows of OpenAI batch requests that join a running continuous batch at one step (their "
         "prompts are prefilled in one forward pass, which holds up every row, an interactive newcomer's too); more "
-        "join at the steps that follow.",
+        "join at the steps that follow. Also how many finished batch requests are written back together (at most "
+        "batch_poll_seconds apart).",
     )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")

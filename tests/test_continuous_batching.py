@@ -4,6 +4,7 @@ that act at a chosen step (a job arrives, a client cancels, an adapter vanishes)
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -352,6 +353,41 @@ def test_cancel_of_running_job_leaves_the_batch_at_the_next_step(worker_settings
     assert reports[3].rows == 1  # step 4 decoded only the other job's row
     found = rows([doomed, kept])
     assert found[doomed].status == "cancelled" and found[kept].status == "succeeded"
+
+
+def test_with_only_batch_requests_in_flight_the_loop_looks_for_cancels_once_a_second_and_still_ends_them(
+    worker_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from shared import job_states
+    from shared.db import get_sessionmaker
+    from worker import scheduler
+
+    looks: list[float] = []
+    real = job_states.cancels_requested
+
+    def counted(session: Any, claims: Any) -> set[str]:
+        looks.append(time.perf_counter())
+        return real(session, claims)
+
+    monkeypatch.setattr(job_states, "cancels_requested", counted)
+    bulk = add_batch_requests(worker_settings.base_model, 2, max_tokens=60)
+
+    def cancel_at_step_3(report: Any) -> None:
+        time.sleep(0.05)  # 60 steps take 3 s or more: the cancel is seen long before the requests end
+        if report.step == 3:
+            with get_sessionmaker()() as session:
+                job_states.cancel_batch(session, "batch_b")
+                session.commit()
+
+    reports = serve(worker_settings, cancel_at_step_3)  # batch_poll_seconds 0: it would look at every step
+
+    assert all(r.status == "cancelled" for r in rows(bulk).values())
+    assert 3 < step_of(reports, bulk[0]) < 60 and step_of(reports, bulk[0]) == step_of(reports, bulk[1])
+    assert len(looks) < len(reports)  # not at every step
+    # At most once a second (the loop times its looks from the start of an iteration, this from inside the look).
+    assert all(b - a > 0.8 * scheduler.BATCH_CANCEL_SECONDS for a, b in itertools.pairwise(looks))
 
 
 def test_row_whose_decoding_fails_fails_alone_and_the_rest_are_unchanged(worker_settings: Any, tmp_path: Path) -> None:

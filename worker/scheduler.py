@@ -74,6 +74,10 @@ step_hooks: list[StepHook] = []
 # Set to drain: the loop stops claiming jobs, finishes the rows in flight and returns (warm shutdown).
 stop_claiming = threading.Event()
 
+# While only requests of OpenAI batches are in flight, the loop looks for cancels (and claims taken over) at most this
+# often, whatever batch_poll_seconds says.
+BATCH_CANCEL_SECONDS = 1.0
+
 
 @dataclass
 class InFlight:
@@ -120,6 +124,7 @@ class ContinuousLoop:
         # Batch requests done but not yet written (their leases still held): written together, see _end_finished.
         self.unwritten: list[tuple[Claim, Outcome]] = []
         self.unwritten_since = 0.0  # when the oldest of them ended (perf_counter)
+        self.cancels_looked = -float("inf")  # when the loop last looked for cancels (perf_counter)
 
     def run(self) -> list[str]:
         with get_sessionmaker()() as session:
@@ -134,7 +139,7 @@ class ContinuousLoop:
                     claimed, joined = self._claim_and_join(session) if due or self.refill else (False, [])
                     if not self.jobs and not claimed:
                         break
-                    cancelled = self._cancel_requested(session) if due else []
+                    cancelled = self._cancel_requested(session) if due and self._cancels_due(started) else []
                     self.polled = started if due else self.polled
                     self._prioritize()
                     rows = self._step(session)
@@ -382,6 +387,15 @@ class ContinuousLoop:
         outcomes, self.unwritten = urgent + self.unwritten, []
         self._write(session, outcomes)
         return [claim.job_id for claim, _ in outcomes]
+
+    def _cancels_due(self, now: float) -> bool:
+        """Whether to look for cancels at this look: at every look while an interactive job is in flight (its
+        client may cancel, or leave, at any step), at most every BATCH_CANCEL_SECONDS while only batch requests
+        are (a batch's cancel may let its running requests finish; a look is a query on every job in flight)."""
+        if not (any(not _is_batch(j) for j in self.jobs.values()) or now - self.cancels_looked >= BATCH_CANCEL_SECONDS):
+            return False
+        self.cancels_looked = now
+        return True
 
     def _cancel_requested(self, session: Session) -> list[str]:
         """Drops the rows of jobs cancelled (or taken over) since the last step, before the next one; their ids."""
