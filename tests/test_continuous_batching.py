@@ -206,7 +206,8 @@ def test_an_interactive_job_is_written_the_step_it_ends_with_the_batch_requests_
     from worker.scheduler import serve_continuously
     from worker.serving import ModelHolder
 
-    settings = worker_settings.model_copy(update={"batch_poll_seconds": 60, "batch_join_rows": 8,
+    # A look at every step: what holds the batch request's outcome back is the interactive job in flight.
+    settings = worker_settings.model_copy(update={"batch_poll_seconds": 0, "batch_join_rows": 8,
                                                   "interactive_slowdown": 0})  # fmt: skip  # the batch row never pauses
     interactive = add_job(settings.base_model, "alice", good_params(PROMPTS[1], max_tokens=8))
     (early,) = add_batch_requests(settings.base_model, 1, max_tokens=3)  # joins beside it, ends first
@@ -219,6 +220,39 @@ def test_an_interactive_job_is_written_the_step_it_ends_with_the_batch_requests_
     assert written.step == 7  # its first token from the prefill, 7 more from 7 steps: written when it ended
     assert set(written.finished) == {interactive, early}  # the batch request's outcome waited for that write
     assert all(r.status == "succeeded" for r in rows([interactive, early]).values())
+
+
+def test_a_batch_row_that_ends_beside_an_interactive_job_does_not_send_the_loop_claiming_rows_it_cannot_fill(
+    worker_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared import job_states
+    from worker.scheduler import serve_continuously
+    from worker.serving import ModelHolder
+
+    settings = worker_settings.model_copy(update={"batch_poll_seconds": 60, "batch_rows_beside_interactive": 2})
+    base = settings.base_model
+    interactive = add_job(base, "alice", good_params(PROMPTS[1], max_tokens=14))
+    first = add_batch_requests(base, 1, max_tokens=2)  # joins with it (the one batch request a first claim takes)
+    short, long = add_batch_requests(base, 1, max_tokens=4, first=1) + add_batch_requests(base, 1, 14, first=2)
+    reports: list[Any] = []
+    claims_at: list[int] = []  # the step before each claim
+    real = job_states.claim_batch
+
+    def counted(session: Any, **kwargs: Any) -> Any:
+        claims_at.append(len(reports))
+        return real(session, **kwargs)
+
+    monkeypatch.setattr(job_states, "claim_batch", counted)
+
+    serve_continuously(settings, ModelHolder(settings), hooks=[reports.append])
+
+    assert set(reports[0].joined) == {interactive, *first}
+    joined = next(r.step for r in reports if short in r.joined)
+    assert long in reports[joined - 1].joined  # both fill the rows beside it once the first one ended
+    interactive_ended = step_of(reports, interactive)
+    assert joined + 3 < interactive_ended  # the short one's 4 tokens ended while the long one still decoded...
+    assert not [s for s in claims_at if joined <= s < interactive_ended]  # ...and no claim went looking
+    assert all(r.status == "succeeded" for r in rows([interactive, *first, short, long]).values())
 
 
 def test_batch_requests_leave_rows_free_so_an_interactive_job_joins_at_the_next_step(worker_settings: Any) -> None:
@@ -387,7 +421,7 @@ def test_with_only_batch_requests_in_flight_the_loop_looks_for_cancels_once_a_se
     assert 3 < step_of(reports, bulk[0]) < 60 and step_of(reports, bulk[0]) == step_of(reports, bulk[1])
     assert len(looks) < len(reports)  # not at every step
     # At most once a second (the loop times its looks from the start of an iteration, this from inside the look).
-    assert all(b - a > 0.8 * scheduler.BATCH_CANCEL_SECONDS for a, b in itertools.pairwise(looks))
+    assert all(b - a > 0.8 * scheduler.BATCH_LAG_SECONDS for a, b in itertools.pairwise(looks))
 
 
 def test_row_whose_decoding_fails_fails_alone_and_the_rest_are_unchanged(worker_settings: Any, tmp_path: Path) -> None:

@@ -74,9 +74,10 @@ step_hooks: list[StepHook] = []
 # Set to drain: the loop stops claiming jobs, finishes the rows in flight and returns (warm shutdown).
 stop_claiming = threading.Event()
 
-# While only requests of OpenAI batches are in flight, the loop looks for cancels (and claims taken over) at most this
-# often, whatever batch_poll_seconds says.
-BATCH_CANCEL_SECONDS = 1.0
+# How far behind a batch request's bookkeeping may fall: while only requests of OpenAI batches are in flight, the loop
+# looks for cancels (and claims taken over) at most this often, whatever batch_poll_seconds says; while an
+# interactive job is in flight, finished batch requests wait at most this long to be written.
+BATCH_LAG_SECONDS = 1.0
 
 
 @dataclass
@@ -360,17 +361,15 @@ class ContinuousLoop:
     def _end_finished(self, session: Session) -> list[str]:
         """Writes back the jobs whose rows have all ended; the ids written.
 
-        An interactive job is written at once (its client waits for it). A batch request's outcome waits for
-        others, up to batch_join_rows of them or batch_poll_seconds, whichever comes first, or for the next
-        write, or for the batch to empty: a write is a transaction whatever its size, and with a small model
-        writing the one or two requests that end at each step would cost more than the step."""
+        An interactive job is written at once (its client waits for it). A batch request's outcome waits to be
+        written with others (see _batch_writes_due): a write is a transaction whatever its size, and with a small
+        model writing the one or two requests that end at each step would cost more than the step."""
         if self.batch is None:
             return []
         ended = {row.key[0] for row in self.batch.take_finished()}  # type: ignore[index]
         done = [self.jobs.pop(i) for i in ended if i in self.jobs and all(r.done for r in self.jobs[i].rows)]
         urgent: list[tuple[Claim, Outcome]] = []
         if done:
-            self.refill = self.refill or self.backlog
             assert self.loaded is not None
             loaded = self.loaded
             decoded: list[Decoded] = [([r.generation(loaded) for r in j.rows], j.batch_size) for j in done]
@@ -378,21 +377,35 @@ class ContinuousLoop:
                 self.unwritten_since = time.perf_counter()
             for j, d in zip(done, decoded, strict=True):
                 (self.unwritten if _is_batch(j) else urgent).append((j.claim, outcome_of(j.job, d)))
-        if not urgent and not self.unwritten:
-            return []
-        waited = time.perf_counter() - self.unwritten_since
-        if not (urgent or not self.jobs or len(self.unwritten) >= self.settings.batch_join_rows
-                or waited >= self.settings.batch_poll_seconds):  # fmt: skip
+            # Claim again at the next step, not at the next look, only what can join now: batch requests into the
+            # rows that ended, or an interactive job after one (while one decodes, batch requests cannot join).
+            self.refill = self.refill or (self.backlog and (bool(urgent) or self._batch_room() > 0))
+        if not urgent and not (self.unwritten and self._batch_writes_due()):
             return []
         outcomes, self.unwritten = urgent + self.unwritten, []
         self._write(session, outcomes)
         return [claim.job_id for claim, _ in outcomes]
 
+    def _batch_writes_due(self) -> bool:
+        """Whether the batch requests' outcomes waiting are written now, with no interactive write to go with: once
+        the batch empties; while an interactive job is in flight, only after BATCH_LAG_SECONDS (its own write, when
+        it ends, takes them along: a write beside it would cost its next token that much); else once
+        batch_join_rows of them wait, or batch_poll_seconds after the first ended."""
+        waited = time.perf_counter() - self.unwritten_since
+        if not self.jobs:
+            return True
+        if self._interactive_in_flight():
+            return waited >= BATCH_LAG_SECONDS
+        return len(self.unwritten) >= self.settings.batch_join_rows or waited >= self.settings.batch_poll_seconds
+
+    def _interactive_in_flight(self) -> bool:
+        return any(not _is_batch(j) for j in self.jobs.values())
+
     def _cancels_due(self, now: float) -> bool:
         """Whether to look for cancels at this look: at every look while an interactive job is in flight (its
-        client may cancel, or leave, at any step), at most every BATCH_CANCEL_SECONDS while only batch requests
-        are (a batch's cancel may let its running requests finish; a look is a query on every job in flight)."""
-        if not (any(not _is_batch(j) for j in self.jobs.values()) or now - self.cancels_looked >= BATCH_CANCEL_SECONDS):
+        client may cancel, or leave, at any step), at most every BATCH_LAG_SECONDS while only batch requests are
+        (a batch's cancel may let its running requests finish; a look is a query on every job in flight)."""
+        if not (self._interactive_in_flight() or now - self.cancels_looked >= BATCH_LAG_SECONDS):
             return False
         self.cancels_looked = now
         return True
