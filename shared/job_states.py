@@ -9,8 +9,9 @@
     paused -> queued                         (a client resumes it: any train worker continues from the checkpoint)
     paused -> cancelled                      (a client cancels a paused fine-tune)
 
-A claim is one conditional UPDATE ... WHERE status = 'queued' ... RETURNING, so two workers never get
-the same job. Every later write of a worker names the attempt it claimed, so a worker whose lease
+A claim reads the first queued rows (SELECT ... FOR UPDATE SKIP LOCKED on Postgres, which locks them until it
+commits) and takes those it picks in one UPDATE ... RETURNING (on SQLite guarded by status = 'queued'), so two
+workers never get the same job. Every later write of a worker names the attempt it claimed, so a worker whose lease
 expired and whose job was claimed again can no longer change it.
 """
 
