@@ -104,6 +104,10 @@ def claim_batch(
     """Claims the queued jobs of a kind on a base model, higher priority first (interactive before batch
     requests) then oldest first (at most limit, narrowed by pick); commits.
 
+    The session must be a transactional one (not get_read_sessionmaker's autocommit): on Postgres the candidates'
+    row locks, held until the claim commits, are what keep another worker from taking them in between. Every
+    candidate read is detached from the session, the claimed ones as their claims' snapshots.
+
     pick chooses which of the candidates (oldest first) to take, e.g. to respect a token budget;
     it may return none when it is given only jobs it does not want now (fresh_only or min_priority set);
     otherwise it must return at least one id. fresh_only leaves jobs that ran before (they run alone, see

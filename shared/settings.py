@@ -104,8 +104,8 @@ class Settings(BaseSettings):
         ge=0,
         description="While a continuous batch decodes, how often (at most) it asks the database for waiting jobs "
         "and for cancels of its own (while only OpenAI batch requests decode, for cancels at most every second); "
-        "0 asks at every decoding step. Also how long (at most) a finished batch request's outcome waits to be "
-        "written with others.",
+        "0 asks at every decoding step. Also how long a finished batch request's outcome may wait to be written "
+        "with others (while an interactive job decodes, up to a second, for the interactive job's write).",
     )
     batch_reserved_rows: int = Field(
         4,
@@ -135,8 +135,8 @@ class Settings(BaseSettings):
         ge=1,
         description="Most rows of OpenAI batch requests that join a running continuous batch at one step (their "
         "prompts are prefilled in one forward pass, which holds up every row, an interactive newcomer's too); more "
-        "join at the steps that follow. Also how many finished batch requests are written back together (at most "
-        "batch_poll_seconds apart).",
+        "join at the steps that follow. Also how many finished batch requests are written back together (see "
+        "batch_poll_seconds).",
     )
     max_batch_tokens: int = Field(16384, ge=1, description="Most prompt + new tokens one generate call runs together.")
     max_loaded_adapters: int = Field(8, ge=1, description="Most LoRA adapters a generate worker keeps loaded.")

@@ -200,6 +200,54 @@ def test_batch_requests_are_written_a_join_wave_at_a_time(worker_settings: Any) 
     assert all(r.status == "succeeded" for r in rows(bulk).values())
 
 
+def test_a_loop_that_raises_writes_the_finished_batch_requests_still_waiting_on_its_way_out(
+    worker_settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.scheduler import ContinuousLoop, serve_continuously
+    from worker.serving import ModelHolder
+
+    settings = worker_settings.model_copy(update={"batch_poll_seconds": 60, "batch_join_rows": 8})
+    base = settings.base_model
+    done, cut = add_batch_requests(base, 2, max_tokens=2), add_batch_requests(base, 2, max_tokens=30, first=2)
+    reports: list[Any] = []
+    prioritize = ContinuousLoop._prioritize
+
+    def failing(loop: ContinuousLoop) -> None:
+        if len(reports) == 5:  # the first two ended at step 1 and wait to be written with others
+            raise RuntimeError("the loop fails mid-batch")
+        prioritize(loop)
+
+    monkeypatch.setattr(ContinuousLoop, "_prioritize", failing)
+    with pytest.raises(RuntimeError, match="mid-batch"):
+        serve_continuously(settings, ModelHolder(settings), hooks=[reports.append])
+
+    assert not any(r.finished for r in reports)  # nothing was written while it ran...
+    found = rows(done + cut)
+    assert [found[j].status for j in done] == ["succeeded", "succeeded"]  # ...and they were on its way out
+    assert [found[j].status for j in cut] == ["running", "running"]  # left to their leases, as before
+
+
+def test_a_draining_worker_writes_each_finished_batch_request_at_once(worker_settings: Any) -> None:
+    from worker import scheduler
+    from worker.serving import ModelHolder
+
+    settings = worker_settings.model_copy(update={"batch_poll_seconds": 60, "batch_join_rows": 8})
+    base = settings.base_model
+    (short,), (long,) = add_batch_requests(base, 1, max_tokens=3), add_batch_requests(base, 1, max_tokens=9, first=1)
+    reports: list[Any] = []
+
+    def drain_after_the_first_step(report: Any) -> None:
+        reports.append(report)
+        scheduler.stop_claiming.set()  # a warm shutdown: a kill may follow at any time
+
+    try:
+        scheduler.serve_continuously(settings, ModelHolder(settings), hooks=[drain_after_the_first_step])
+    finally:
+        scheduler.stop_claiming.clear()
+
+    assert step_of(reports, short) == 2 and step_of(reports, long) == 8  # each the step its rows ended
+
+
 def test_an_interactive_job_is_written_the_step_it_ends_with_the_batch_requests_that_ended_before(
     worker_settings: Any,
 ) -> None:

@@ -1,9 +1,11 @@
 """The generate worker's continuous loop: claims waiting jobs between decoding steps, lets their rows join the
-running batch (worker.continuous), and writes each job back, and tells its waiters, the moment its last row ends.
+running batch (worker.continuous), and writes each interactive job back, and tells its waiters, the moment its
+last row ends; requests of OpenAI batches are written a few at a time (ContinuousLoop._end_finished).
 
 One iteration of the loop:
   (at most every batch_poll_seconds) claim jobs while the batch has room, prepare them (adapters, prompts),
-  prefill their rows into the batch, and drop the rows of jobs cancelled since the last look
+  prefill their rows into the batch, and drop the rows of jobs cancelled since the last look (while only batch
+  requests are in flight, at most every BATCH_LAG_SECONDS)
   -> one decoding step -> stream deltas -> write back the jobs whose rows all ended -> the step hooks.
 The loop ends when no job is in flight and none is waiting; the Celery message that started it is then done.
 
@@ -75,8 +77,8 @@ step_hooks: list[StepHook] = []
 stop_claiming = threading.Event()
 
 # How far behind a batch request's bookkeeping may fall: while only requests of OpenAI batches are in flight, the loop
-# looks for cancels (and claims taken over) at most this often, whatever batch_poll_seconds says; while an
-# interactive job is in flight, finished batch requests wait at most this long to be written.
+# looks for cancels (and claims taken over) at most this often (or every batch_poll_seconds, if that is longer);
+# while an interactive job is in flight, finished batch requests wait at most this long to be written.
 BATCH_LAG_SECONDS = 1.0
 
 
@@ -149,10 +151,25 @@ class ContinuousLoop:
                     self._after_step(StepReport(step, rows, tuple(self.jobs), tuple(joined), tuple(finished),
                                                 time.perf_counter() - started))  # fmt: skip
             finally:
+                self._write_unwritten(session)
                 # Jobs still held (in flight, or their write-back failed: the database went away) are left to
                 # their leases, which the reaper requeues once they expire. Renewed on, they would stay running.
                 self._release(list(self.held.values()))
         return self.served
+
+    def _write_unwritten(self, session: Session) -> None:
+        """On the way out of a loop that raised, writes the batch requests' outcomes still waiting (a normal end
+        has written them: the batch emptied), so that a failure elsewhere does not make them run again; if this
+        write fails too (the database went away), their leases lapse like those of the jobs in flight."""
+        if not self.unwritten:
+            return
+        outcomes, self.unwritten = self.unwritten, []
+        try:
+            session.rollback()
+            self._write(session, outcomes)
+        except Exception:
+            log.exception("could not write %d finished batch requests on the way out; they will run again",
+                          len(outcomes))  # fmt: skip
 
     def _after_step(self, report: StepReport) -> None:
         for hook in self.hooks:
@@ -392,7 +409,7 @@ class ContinuousLoop:
         it ends, takes them along: a write beside it would cost its next token that much); else once
         batch_join_rows of them wait, or batch_poll_seconds after the first ended."""
         waited = time.perf_counter() - self.unwritten_since
-        if not self.jobs:
+        if not self.jobs or stop_claiming.is_set():  # the batch emptied, or the worker drains: a kill may follow
             return True
         if self._interactive_in_flight():
             return waited >= BATCH_LAG_SECONDS
