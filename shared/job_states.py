@@ -285,7 +285,10 @@ def finish_batch(session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) ->
         return []
     attempts = {claim.job_id: claim.attempt for claim, _ in outcomes}
     rows = session.execute(
-        select(Job.id, Job.attempt).where(Job.id.in_(attempts), Job.status == JobStatus.RUNNING).with_for_update()
+        select(Job.id, Job.attempt)
+        .where(Job.id.in_(attempts), Job.status == JobStatus.RUNNING)
+        .order_by(Job.id)  # see _locked_in_id_order
+        .with_for_update()
     ).all()
     current = {r.id for r in rows if r.attempt == attempts[r.id]}
     table: Table = Job.__table__  # type: ignore[assignment]  # Core: an executemany of plain parameters
@@ -426,11 +429,22 @@ def cancel_batch(session: Session, batch_id: str) -> None:
         .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, cancel_requested=True)
     )
-    session.execute(
-        update(Job)
-        .where(Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
-        .values(cancel_requested=True, updated_at=now)
-    )
+    running = _locked_in_id_order(session, Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
+    if running:
+        session.execute(
+            update(Job)
+            .where(Job.id.in_(running), Job.status == JobStatus.RUNNING)
+            .values(cancel_requested=True, updated_at=now)
+        )
+
+
+def _locked_in_id_order(session: Session, *conditions: ColumnElement[bool]) -> list[str]:
+    """Locks the rows that match (FOR UPDATE, in this transaction) in the order of their ids, and returns those ids.
+
+    Every statement that locks several running jobs takes them in that order (a worker's write-back and its lease
+    renewal, a batch's cancel, the reaper), so no two of them can wait for each other in a cycle: Postgres breaks
+    such a deadlock by failing one of them, and a failed write-back ends the worker's whole continuous batch."""
+    return list(session.scalars(select(Job.id).where(*conditions).order_by(Job.id).with_for_update()))
 
 
 def pause(session: Session, job_id: str) -> Job | None:
@@ -510,14 +524,14 @@ def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float
     if not claims:
         return set()
     now = utcnow()
+    held = tuple_(Job.id, Job.attempt).in_([(c.job_id, c.attempt) for c in claims]), Job.status == JobStatus.RUNNING
+    ids = _locked_in_id_order(session, *held)
     renewed = session.execute(
         update(Job)
-        .where(
-            tuple_(Job.id, Job.attempt).in_([(c.job_id, c.attempt) for c in claims]), Job.status == JobStatus.RUNNING
-        )
+        .where(Job.id.in_(ids), *held)
         .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
         .returning(Job.id)
-    ).all()
+    ).all() if ids else []
     session.commit()
     return {c.job_id for c in claims} - {row.id for row in renewed}
 
@@ -656,12 +670,14 @@ def add_checkpoint(
 def requeue_expired(session: Session) -> list[Job]:
     """Hands running jobs whose lease expired back to the queue (attempts left) and commits; those jobs."""
     now = utcnow()
+    expired = Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt < Job.max_attempts
+    locked = _locked_in_id_order(session, *expired)
     ids = session.scalars(
         update(Job)
-        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt < Job.max_attempts)
+        .where(Job.id.in_(locked), *expired)
         .values(status=JobStatus.QUEUED, lease_expires_at=None, published_at=now, updated_at=now)
         .returning(Job.id)
-    ).all()
+    ).all() if locked else []
     session.commit()
     return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
 
@@ -669,9 +685,14 @@ def requeue_expired(session: Session) -> list[Job]:
 def fail_exhausted(session: Session) -> list[str]:
     """Ends failed the running jobs whose lease expired on their last attempt, and commits; their ids."""
     now = utcnow()
+    exhausted = Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt >= Job.max_attempts
+    locked = _locked_in_id_order(session, *exhausted)
+    if not locked:
+        session.commit()
+        return []
     ids = session.scalars(
         update(Job)
-        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt >= Job.max_attempts)
+        .where(Job.id.in_(locked), *exhausted)
         .values(
             status=JobStatus.FAILED,
             finished_at=now,

@@ -220,6 +220,58 @@ def test_a_batch_writes_its_outcomes_together_and_drops_only_the_stale_ones(
     assert rows[ids[2]].status == JobStatus.RUNNING and rows[ids[2]].result is None
 
 
+@pytest.mark.parametrize("writer", ["finish_batch", "renew_leases", "cancel_batch"])
+def test_statements_that_lock_several_running_jobs_lock_them_in_id_order(postgres_url: str, writer: str) -> None:
+    """A write-back, a lease renewal and a batch's cancel lock their rows in one order (by id), so two of them never
+    deadlock. Seen from outside: while one waits for its last row (by id), it already holds the rows before it,
+    though the table stores that last row first."""
+    import psycopg
+
+    engine = make_engine(postgres_url)
+    factory = sessionmaker(bind=engine, expire_on_commit=False)
+    with factory() as session:
+        session.execute(delete(Job))
+        for job_id in ("gen-z", "gen-a", "gen-m"):  # stored z first: a scan in storage order meets it first
+            job = job_states.create_job(session, kind="generate", model="m", base_model="m", job_id=job_id,
+                                        params=GenerationParams(prompts=["p"]), max_attempts=3)  # fmt: skip
+            job.batch_id = "batch_locks"
+        session.commit()
+        claims = [job_states.claim(session, i, worker="w", lease_seconds=60) for i in ("gen-z", "gen-a", "gen-m")]
+    assert all(claims)
+    dsn = postgres_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(dsn) as holder, psycopg.connect(dsn, autocommit=True) as probe:
+        holder.execute("SELECT id FROM jobs WHERE id = 'gen-z' FOR UPDATE")  # the writer will wait for this row
+
+        def write() -> None:
+            with factory() as session:
+                if writer == "finish_batch":
+                    job_states.finish_batch(session, [(c, (result("x"), None)) for c in claims if c])
+                elif writer == "renew_leases":
+                    job_states.renew_leases(session, [c for c in claims if c], 60)
+                else:
+                    job_states.cancel_batch(session, "batch_locks")
+                    session.commit()
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        waiting = ("SELECT count(*) FROM pg_stat_activity"
+                   " WHERE wait_event_type = 'Lock' AND datname = current_database()")  # fmt: skip
+        for _ in range(200):
+            if probe.execute(waiting).fetchone() == (1,):
+                break
+            threading.Event().wait(0.025)
+        held = []
+        for job_id in ("gen-a", "gen-m"):
+            try:
+                probe.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE NOWAIT", (job_id,))
+            except psycopg.errors.LockNotAvailable:
+                held.append(job_id)
+        holder.rollback()
+        thread.join(timeout=30)
+    engine.dispose()
+    assert held == ["gen-a", "gen-m"]
+
+
 def test_terminal_jobs_do_not_change_again(sessions: sessionmaker[Session]) -> None:
     (job_id,) = add_jobs(sessions, 1)
     with sessions() as session:
