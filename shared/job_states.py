@@ -119,16 +119,7 @@ def claim_batch(
         query = query.where(Job.attempt == 0)
     if min_priority is not None:
         query = query.where(Job.priority >= min_priority)
-    query = query.limit(limit).with_for_update(skip_locked=True).execution_options(populate_existing=True)
-    candidates = session.scalars(query).all()
-    # Detached as read: a claim's job is this snapshot (see Claim), which no rollback below can expire.
-    for job in candidates:
-        session.expunge(job)
-    # SQLite cannot upgrade a read transaction to a write one under contention: it claims in a transaction of
-    # its own, guarded by the rows' status. On Postgres the rows stay locked (FOR UPDATE) until the claim commits.
-    locked = session.get_bind().dialect.name != "sqlite"
-    if not candidates or not locked:
-        session.rollback()
+    candidates, locked = _read_to_claim(session, query.limit(limit).with_for_update(skip_locked=True))
     if not candidates:
         return []
     # A job that was running when its worker died may be what killed it: it runs alone, so a poison
@@ -159,42 +150,29 @@ def queued_in_claim_order(kind: str, base_model: str) -> Select[Job]:
 
 def claim(session: Session, job_id: str, *, worker: str, lease_seconds: float) -> Claim | None:
     """Claims one job by id if it is still queued, and commits; None when it is not."""
-    claims = _claim_where(session, worker, lease_seconds, Job.id == job_id)
+    query = select(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED).with_for_update()
+    candidates, locked = _read_to_claim(session, query)
+    claims = _take(session, worker, lease_seconds, candidates, locked=locked) if candidates else []
     return claims[0] if claims else None
+
+
+def _read_to_claim(session: Session, query: Select[Job]) -> tuple[list[Job], bool]:
+    """The queued rows a claim may take (query: FOR UPDATE), each detached as read, a claim's snapshot (see Claim:
+    no later rollback can expire it); and whether they are locked. SQLite cannot upgrade a read transaction to a
+    write one under contention: it claims in a transaction of its own, guarded by the rows' status. On Postgres
+    the rows stay locked until the claim commits."""
+    candidates = list(session.scalars(query.execution_options(populate_existing=True)))
+    for job in candidates:
+        session.expunge(job)
+    locked = session.get_bind().dialect.name != "sqlite"
+    if not candidates or not locked:
+        session.rollback()
+    return candidates, locked
 
 
 def stored(data: JobParams | JobResult | JobError) -> dict[str, object]:
     """The JSON a row stores for one of shared.job_data's models: the fields its writer set, nothing more."""
     return data.model_dump(mode="json", exclude_unset=True)
-
-
-def _claim_where(session: Session, worker: str, lease_seconds: float, condition: ColumnElement[bool]) -> list[Claim]:
-    now = utcnow()
-    claimed = session.execute(
-        update(Job)
-        .where(condition, Job.status == JobStatus.QUEUED)
-        .values(
-            status=JobStatus.RUNNING,
-            attempt=Job.attempt + 1,
-            worker=worker,
-            lease_expires_at=now + timedelta(seconds=lease_seconds),
-            started_at=now,
-            updated_at=now,
-        )
-        .returning(Job.id, Job.attempt)
-    ).all()
-    session.commit()
-    if not claimed:
-        return []
-    attempts = {row.id: row.attempt for row in claimed}
-    jobs = session.scalars(select(Job).where(Job.id.in_(attempts)).execution_options(populate_existing=True)).all()
-    for job in jobs:
-        # A claim's row is what the job was when claimed, and stays so: detached, a later rollback of this session
-        # (every cancel check ends with one) cannot expire it, so reading claim.job.priority or .params never
-        # reloads the row (a SELECT per running job per look, which was a third of a continuous batch's time).
-        session.expunge(job)
-        QUEUE_WAIT.labels(job.kind).observe(max((now - job.created_at).total_seconds(), 0.0))
-    return [Claim(job.id, attempts[job.id], job) for job in jobs]
 
 
 _JOBS: Table = Job.__table__  # type: ignore[assignment]
@@ -287,7 +265,7 @@ def finish_batch(session: Session, outcomes: Sequence[tuple[Claim, Outcome]]) ->
     rows = session.execute(
         select(Job.id, Job.attempt)
         .where(Job.id.in_(attempts), Job.status == JobStatus.RUNNING)
-        .order_by(Job.id)  # see _locked_in_id_order
+        .order_by(Job.id)  # see _update_in_id_order
         .with_for_update()
     ).all()
     current = {r.id for r in rows if r.attempt == attempts[r.id]}
@@ -429,22 +407,21 @@ def cancel_batch(session: Session, batch_id: str) -> None:
         .where(Job.batch_id == batch_id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, finished_at=now, updated_at=now, cancel_requested=True)
     )
-    running = _locked_in_id_order(session, Job.batch_id == batch_id, Job.status == JobStatus.RUNNING)
-    if running:
-        session.execute(
-            update(Job)
-            .where(Job.id.in_(running), Job.status == JobStatus.RUNNING)
-            .values(cancel_requested=True, updated_at=now)
-        )
+    _update_in_id_order(session, (Job.batch_id == batch_id, Job.status == JobStatus.RUNNING),
+                        cancel_requested=True, updated_at=now)  # fmt: skip
 
 
-def _locked_in_id_order(session: Session, *conditions: ColumnElement[bool]) -> list[str]:
-    """Locks the rows that match (FOR UPDATE, in this transaction) in the order of their ids, and returns those ids.
+def _update_in_id_order(session: Session, where: tuple[ColumnElement[bool], ...], **values: object) -> list[str]:
+    """Sets values on the rows that match, locking them first (FOR UPDATE, in this transaction) in the order of
+    their ids; the ids of the rows it changed (not committed).
 
     Every statement that locks several running jobs takes them in that order (a worker's write-back and its lease
     renewal, a batch's cancel, the reaper), so no two of them can wait for each other in a cycle: Postgres breaks
     such a deadlock by failing one of them, and a failed write-back ends the worker's whole continuous batch."""
-    return list(session.scalars(select(Job.id).where(*conditions).order_by(Job.id).with_for_update()))
+    locked = list(session.scalars(select(Job.id).where(*where).order_by(Job.id).with_for_update()))
+    if not locked:
+        return []
+    return list(session.scalars(update(Job).where(Job.id.in_(locked), *where).values(**values).returning(Job.id)))
 
 
 def pause(session: Session, job_id: str) -> Job | None:
@@ -520,20 +497,15 @@ def renew_lease(session: Session, claim: Claim, lease_seconds: float) -> bool:
 
 
 def renew_leases(session: Session, claims: Sequence[Claim], lease_seconds: float) -> set[str]:
-    """Extends the leases of these claims in one statement and commits; the ids of those whose claim was lost."""
+    """Extends the leases of these claims (locked in id order, then one UPDATE) and commits; the ids of those whose
+    claim was lost."""
     if not claims:
         return set()
     now = utcnow()
     held = tuple_(Job.id, Job.attempt).in_([(c.job_id, c.attempt) for c in claims]), Job.status == JobStatus.RUNNING
-    ids = _locked_in_id_order(session, *held)
-    renewed = session.execute(
-        update(Job)
-        .where(Job.id.in_(ids), *held)
-        .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-        .returning(Job.id)
-    ).all() if ids else []
+    renewed = _update_in_id_order(session, held, lease_expires_at=now + timedelta(seconds=lease_seconds))
     session.commit()
-    return {c.job_id for c in claims} - {row.id for row in renewed}
+    return {c.job_id for c in claims} - set(renewed)
 
 
 def record_progress(session: Session, claim: Claim, result: JobResult) -> bool:
@@ -671,13 +643,8 @@ def requeue_expired(session: Session) -> list[Job]:
     """Hands running jobs whose lease expired back to the queue (attempts left) and commits; those jobs."""
     now = utcnow()
     expired = Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt < Job.max_attempts
-    locked = _locked_in_id_order(session, *expired)
-    ids = session.scalars(
-        update(Job)
-        .where(Job.id.in_(locked), *expired)
-        .values(status=JobStatus.QUEUED, lease_expires_at=None, published_at=now, updated_at=now)
-        .returning(Job.id)
-    ).all() if locked else []
+    ids = _update_in_id_order(session, expired, status=JobStatus.QUEUED, lease_expires_at=None, published_at=now,
+                              updated_at=now)  # fmt: skip
     session.commit()
     return list(session.scalars(select(Job).where(Job.id.in_(ids)))) if ids else []
 
@@ -686,30 +653,14 @@ def fail_exhausted(session: Session) -> list[str]:
     """Ends failed the running jobs whose lease expired on their last attempt, and commits; their ids."""
     now = utcnow()
     exhausted = Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempt >= Job.max_attempts
-    locked = _locked_in_id_order(session, *exhausted)
-    if not locked:
-        session.commit()
-        return []
-    ids = session.scalars(
-        update(Job)
-        .where(Job.id.in_(locked), *exhausted)
-        .values(
-            status=JobStatus.FAILED,
-            finished_at=now,
-            updated_at=now,
-            lease_expires_at=None,
-            error=stored(
-                JobError(
-                    code=ErrorCode.MAX_ATTEMPTS_EXCEEDED,
-                    message="the worker running this job stopped answering on every attempt "
-                    "(the job may crash its worker)",
-                )
-            ),
-        )
-        .returning(Job.id)
-    ).all()
+    error = JobError(
+        code=ErrorCode.MAX_ATTEMPTS_EXCEEDED,
+        message="the worker running this job stopped answering on every attempt (the job may crash its worker)",
+    )
+    ids = _update_in_id_order(session, exhausted, status=JobStatus.FAILED, finished_at=now, updated_at=now,
+                              lease_expires_at=None, error=stored(error))  # fmt: skip
     session.commit()
-    return list(ids)
+    return ids
 
 
 def queued_counts(session: Session) -> dict[str, int]:

@@ -152,7 +152,7 @@ def test_stale_attempt_cannot_finish_a_job_claimed_again(sessions: sessionmaker[
         assert session.query(JobEvent).filter_by(job_id=job_id).count() == 0
 
 
-def test_leases_renew_in_one_statement_and_a_claim_taken_over_is_reported_lost(sessions: sessionmaker[Session]) -> None:
+def test_leases_renew_together_and_a_claim_taken_over_is_reported_lost(sessions: sessionmaker[Session]) -> None:
     kept_id, lost_id = add_jobs(sessions, 2)
     with sessions() as session:
         kept = job_states.claim(session, kept_id, worker="a", lease_seconds=1)
