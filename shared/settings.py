@@ -110,9 +110,11 @@ class Settings(BaseSettings):
     batch_reserved_rows: int = Field(
         4,
         ge=0,
-        description="Rows of a continuous batch that requests of an OpenAI batch leave free, so that an interactive "
-        "job joins at the next step instead of waiting for a batch row to end (at most a quarter of "
-        "max_batch_size).",
+        description="Rows of a continuous batch that requests of an OpenAI batch leave free (at most a quarter of "
+        "max_batch_size), so that an interactive job joins at the next step without pausing a batch row. An "
+        "interactive job that needs more rows than are free still joins at the next step: the youngest batch rows "
+        "it would push past max_batch_size pause, their KV cache kept, until it ends. 0 lets batch requests fill "
+        "every row.",
     )
     batch_rows_beside_interactive: int = Field(
         0,

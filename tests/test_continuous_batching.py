@@ -322,6 +322,58 @@ def test_batch_requests_leave_rows_free_so_an_interactive_job_joins_at_the_next_
     assert max(r.rows for r in reports) <= 4 and all(r.status == "succeeded" for r in rows(bulk).values())
 
 
+def test_interactive_jobs_needing_more_rows_than_are_kept_free_join_at_the_next_step_pausing_batch_rows(
+    worker_settings: Any,
+) -> None:
+    settings = worker_settings.model_copy(update={"max_batch_size": 4, "batch_reserved_rows": 1,
+                                                  "interactive_slowdown": 0})  # fmt: skip
+    base = settings.base_model
+    bulk = add_batch_requests(base, 3, max_tokens=12)
+    arrived: list[str] = []
+
+    def arrive(report: Any) -> None:
+        if report.step == 2:  # two rows wanted, one kept free
+            arrived.extend(add_job(base, user, good_params(PROMPTS[1], max_tokens=3)) for user in ("alice", "bob"))
+
+    reports = serve(settings, arrive)
+
+    assert reports[0].rows == 3
+    assert all(next(r.step for r in reports if job_id in r.joined) == 3 for job_id in arrived)  # both at once
+    assert max(r.rows for r in reports) == 4  # a batch row paused for the second one
+    assert max(step_of(reports, job_id) for job_id in arrived) < min(step_of(reports, job_id) for job_id in bulk)
+    assert all(row.status == "succeeded" for row in rows([*bulk, *arrived]).values())
+
+
+def test_batch_requests_fill_every_row_and_an_interactive_job_joins_at_the_next_step_pausing_the_youngest(
+    worker_settings: Any,
+) -> None:
+    settings = worker_settings.model_copy(update={"max_batch_size": 4, "batch_reserved_rows": 0,
+                                                  "interactive_slowdown": 0})  # fmt: skip
+    base = settings.base_model
+    bulk = add_batch_requests(base, 4, max_tokens=12)
+    arrived: list[str] = []
+
+    def arrive(report: Any) -> None:
+        if report.step == 2:
+            arrived.append(add_job(base, "alice", good_params(PROMPTS[1], max_tokens=3)))
+
+    reports = serve(settings, arrive)
+
+    (interactive,) = arrived
+    joined, ended = next(r.step for r in reports if interactive in r.joined), step_of(reports, interactive)
+    assert reports[0].rows == 4 and set(reports[0].in_flight) == set(bulk)  # no row kept free
+    assert joined == 3  # it did not wait for a batch row to end
+    assert all(r.rows == 4 for r in reports[joined - 1 : ended])  # itself and 3 batch rows: one paused
+    assert ended < min(step_of(reports, job_id) for job_id in bulk)
+    # The youngest batch row waited out the interactive job's steps, then ended as many steps after the others.
+    assert step_of(reports, bulk[3]) - step_of(reports, bulk[0]) == ended - joined + 1
+    done = rows([*bulk, interactive])
+    assert all(row.status == "succeeded" for row in done.values())
+    assert all(row.result["batch_size"] <= 4 for row in done.values())
+    # The paused row drew what its neighbours drew (same prompt, greedy): pausing changed none of its tokens.
+    assert len({done[job_id].result["outputs"][0]["text"] for job_id in bulk}) == 1
+
+
 def test_batch_rows_over_the_cap_pause_while_an_interactive_job_decodes_and_resume_after(worker_settings: Any) -> None:
     settings = worker_settings.model_copy(
         update={"max_batch_size": 8, "batch_reserved_rows": 1, "batch_rows_beside_interactive": 2}

@@ -56,6 +56,14 @@ from worker.streaming import DeltaPublisher, StreamRow
 log = logging.getLogger(__name__)
 
 
+Pick = Callable[[Sequence[Job]], list[str]]  # which of the claim's candidates (in claim order) it takes
+
+
+def _tokens(rows: Sequence[Row]) -> int:
+    """Prompt and new tokens these rows may hold (what max_batch_tokens bounds)."""
+    return sum(len(r.prompt_ids) + r.request.params.max_new_tokens for r in rows)
+
+
 @dataclass(frozen=True)
 class StepReport:
     """What one iteration of the loop did; what a step hook sees."""
@@ -204,6 +212,7 @@ class ContinuousLoop:
         if self.batch is None or self.batch.loaded is not loaded:
             self.batch = RunningBatch(loaded)
         joining = [self._in_flight(claims[job.index], job) for job in runnable]
+        self._make_room(sum(len(j.rows) for j in joining))
         try:
             self.batch.admit([row for j in joining for row in j.rows])
         except Exception as exc:
@@ -224,11 +233,14 @@ class ContinuousLoop:
             return []  # draining, or a job that ran before runs without neighbours
         s = self.settings
         rows = self.batch.rows if self.batch is not None else []
-        room = s.max_batch_size - len(rows)
-        tokens = s.max_batch_tokens - sum(len(r.prompt_ids) + r.request.params.max_new_tokens for r in rows)
+        # Batch rows give way to interactive jobs (_make_room pauses them), so an interactive job's room is what the
+        # interactive rows leave; batch requests join beside every row decoding, into _batch_room.
+        interactive = [row for row in rows if not self._is_batch_row(row)]
+        room, tokens = s.max_batch_size - len(interactive), s.max_batch_tokens - _tokens(interactive)
         if room <= 0 or tokens <= 0:
             self.backlog = False
             return []
+        beside = _budget(s, s.max_batch_size - len(rows), s.max_batch_tokens - _tokens(rows))
         # With no row left for batch requests, only interactive jobs are read (the claim index stops at the first
         # batch request): the look that runs every batch_poll_seconds costs one short query.
         interactive_only = bool(self.jobs) and self._batch_room() <= 0
@@ -239,7 +251,7 @@ class ContinuousLoop:
             worker=worker_id(),
             lease_seconds=s.lease_seconds,
             limit=room,
-            pick=self._leaving_rows_free(_budget(s, room, tokens)),
+            pick=self._leaving_rows_free(_budget(s, room, tokens), beside),
             fresh_only=bool(self.jobs),
             min_priority=0 if interactive_only else None,
         )
@@ -250,16 +262,29 @@ class ContinuousLoop:
         return claims
 
     def _batch_room(self) -> int:
-        """Rows that batch requests (priority below 0) may still take: max_batch_size less the rows kept free for
-        interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size) and the batch rows in flight;
-        while an interactive job decodes, none while any batch row is in flight (paused ones too: a newcomer's
-        prefill would hold up the interactive rows, only to wait behind them), else _cap()."""
+        """Rows that batch requests (priority below 0) may still take: max_batch_size less the rows they leave free
+        for interactive jobs (batch_reserved_rows, at most a quarter of max_batch_size; an interactive job that
+        needs more takes them from batch rows: _make_room) and the batch rows in flight; while an interactive job
+        decodes, none while any batch row is in flight (paused ones too: a newcomer's prefill would hold up the
+        interactive rows, only to wait behind them), else _cap()."""
         s = self.settings
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
         interactive = sum(not r.done for j in self.jobs.values() if not _is_batch(j) for r in j.rows)
         if interactive:
             return 0 if in_flight else self._cap(interactive)
         return s.max_batch_size - min(s.batch_reserved_rows, s.max_batch_size // 4) - in_flight
+
+    def _make_room(self, joining: int) -> None:
+        """Pauses the youngest batch rows that these many joining rows would push past max_batch_size (only an
+        interactive job's can: batch requests join into _batch_room), so that an interactive job joins at the next
+        step even when batch requests fill every row. _prioritize resumes them once the interactive rows end."""
+        assert self.batch is not None
+        over = len(self.batch) + joining - self.settings.max_batch_size
+        if over <= 0:
+            return
+        batch_rows = sorted((row for row in self.batch.rows if self._is_batch_row(row)), key=self._joined)
+        youngest = {id(row) for row in batch_rows[-over:]}
+        self.batch.pause(lambda row: id(row) in youngest)
 
     def _prioritize(self) -> None:
         """Before a step: while an interactive job decodes, at most _cap() batch rows decode
@@ -299,13 +324,14 @@ class ContinuousLoop:
     def _joined(self, row: Row) -> int:
         return self.jobs[row.key[0]].joined  # type: ignore[index]
 
-    def _leaving_rows_free(self, budget: Callable[[Sequence[Job]], list[str]]) -> Callable[[Sequence[Job]], list[str]]:
-        """budget, given the candidates minus the batch requests (priority below 0) that would take the rows kept
-        free for interactive jobs (see _batch_room) or more than batch_join_rows rows at once (their prefill, one
-        forward pass, would hold up every row: on a CPU a 28-row prefill of the full-size model takes seconds), and
-        every batch request when an interactive job joins while batch rows are in flight (it would wait for their
-        prefill, its own first token with it, as _batch_room has it wait while it decodes). A batch request always
-        runs when no other one is in flight, so a batch never stalls."""
+    def _leaving_rows_free(self, budget: Pick, beside: Pick) -> Pick:
+        """The candidates minus the batch requests (priority below 0) that would take more rows than _batch_room
+        or more than batch_join_rows rows at once (their prefill, one forward pass, would hold up every row: on a
+        CPU a 28-row prefill of the full-size model takes seconds), and every batch request when an interactive
+        job joins while batch rows are in flight (it would wait for their prefill, its own first token with it, as
+        _batch_room has it wait while it decodes); then budget (the room interactive rows leave: batch rows give
+        way) when an interactive job is among them, else beside (the room every row decoding leaves). A batch
+        request always runs when no other one is in flight, so a batch never stalls."""
         in_flight = sum(len(j.rows) for j in self.jobs.values() if _is_batch(j))
         room = self._batch_room()
 
@@ -321,7 +347,7 @@ class ContinuousLoop:
                         continue
                     taken, left, joining = True, left - rows, joining + rows
                 allowed.append(job)
-            return budget(allowed)
+            return (budget if any(job.priority >= 0 for job in allowed) else beside)(allowed)
 
         return pick
 
