@@ -47,6 +47,7 @@ class BatchNotFound(NotFound):
 
 class InvalidBatchInput(ApiError):
     code = "invalid_input_file"
+    param = "input_file_id"
 
 
 def batch_or_404(session: Session, tenant: str, batch_id: str) -> Batch:

@@ -28,6 +28,7 @@ class ApiError(Exception):
     status_code = 400
     code = "invalid_request"
     type = "invalid_request_error"
+    param: str | None = None  # the request parameter at fault, when one is
     headers: dict[str, str] = {}
 
     def __init__(self, message: str) -> None:
@@ -128,14 +129,14 @@ def error_object(code: str, message: str, type_: str, param: str | None = None) 
     return ApiErrorObject(message=message, type=type_, code=code, param=param).model_dump(exclude_none=True)
 
 
-def error_body(code: str, message: str, type_: str) -> dict[str, object]:
+def error_body(code: str, message: str, type_: str, param: str | None = None) -> dict[str, object]:
     """The JSON body of an error answer (ErrorResponse)."""
-    return {"detail": message, "error": error_object(code, message, type_)}
+    return {"detail": message, "error": error_object(code, message, type_, param)}
 
 
 def api_error_response(exc: ApiError, path: str = "") -> JSONResponse:
     """The answer to an ApiError (a 422 is a 400 on OpenAI's routes, as OpenAI answers it)."""
-    body = error_body(exc.code, exc.message, exc.type)
+    body = error_body(exc.code, exc.message, exc.type, exc.param)
     status = 400 if exc.status_code == 422 and openai_route(path) else exc.status_code
     return JSONResponse(body, status_code=status, headers=exc.headers)
 
@@ -205,9 +206,21 @@ def openai_param(loc: Sequence[Any]) -> str | None:
     return out or None
 
 
+def in_words(issue: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic issue as a person reads it: a length limit of text (an optional field, a dict key) says
+    characters, where pydantic says "Value should have at most 64 items after validation"."""
+    ctx = issue.get("ctx") or {}
+    if issue.get("type") in ("too_long", "too_short") and isinstance(issue.get("input"), str):
+        bound = ctx.get("max_length") if issue["type"] == "too_long" else ctx.get("min_length")
+        most = "at most" if issue["type"] == "too_long" else "at least"
+        return issue | {"msg": f"String should have {most} {bound} character{'' if bound == 1 else 's'}"}
+    return issue
+
+
 def _validation_answer(issues: Sequence[Any], echo_inputs: bool, openai_shape: bool = False) -> JSONResponse:
     """The answer to an invalid request: every issue in `detail`, the first as the OpenAI-style `error` naming
     its field; 400 with OpenAI's param and code on OpenAI's routes, 422 elsewhere."""
+    issues = [in_words(issue) for issue in issues]
     if not echo_inputs:
         issues = [{k: v for k, v in issue.items() if k != "input"} for issue in issues]
     errors = _json_safe(jsonable_encoder(issues))
@@ -224,6 +237,40 @@ def _validation_answer(issues: Sequence[Any], echo_inputs: bool, openai_shape: b
     return JSONResponse({"detail": errors, "error": error.model_dump()}, status_code=422)
 
 
+def _body_problem(issues: Sequence[Any], content_type: str) -> JSONResponse | None:
+    """The answer when the body as a whole is at fault, on every route: 400 invalid_request naming no parameter,
+    for a body that is not JSON (FastAPI reports the character where parsing stopped as if it were a field) or
+    JSON that is not an object (often a body sent without Content-Type: application/json); None otherwise."""
+    first = issues[0] if issues else {}
+    loc = tuple(first.get("loc", ()))
+    if first.get("type") == "json_invalid":
+        why = (first.get("ctx") or {}).get("error")
+        at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        message = f"the request body is not valid JSON{f' ({why}{at})' if why else at}"
+    elif loc == ("body",) and first.get("type") in ("model_attributes_type", "model_type", "dict_type"):
+        message = "the request body must be a JSON object"
+        if "json" not in content_type.lower():
+            message += f", sent with Content-Type: application/json (it came with {content_type or 'none'!r})"
+    else:
+        return None
+    error = ApiErrorObject(message=message, type="invalid_request_error", code="invalid_request")
+    return JSONResponse({"detail": message, "error": error.model_dump()}, status_code=400)
+
+
+def _http_message(request: Request, exc: HTTPException) -> str:
+    """Starlette's or FastAPI's message, said more precisely where it is about the body."""
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if isinstance(exc.__cause__, ValueError) and "digits" in str(exc.__cause__):
+        # Python's JSON refuses integers of more than 4,300 digits (int_max_str_digits) while FastAPI reads it.
+        return "body holds an integer of more than 4300 digits"
+    if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's words
+        encoding = request.headers.get("content-encoding")
+        if encoding and encoding.lower() != "identity":
+            return f"the request body could not be read: Content-Encoding {encoding!r} is not supported (send it as is)"
+        return "the request body could not be read as JSON: it is not UTF-8 text (or not a valid form)"
+    return message
+
+
 def install(app: FastAPI) -> None:
     """Maps ApiError and database outages to JSON answers (never a traceback)."""
 
@@ -233,6 +280,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        whole_body = _body_problem(exc.errors(), request.headers.get("content-type", ""))
+        if whole_body is not None:
+            return whole_body
         openai_shape = openai_route(request.url.path)
         try:
             return _validation_answer(exc.errors(), echo_inputs=True, openai_shape=openai_shape)
@@ -242,10 +292,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         # Starlette's and FastAPI's own answers (unparsable body, unknown path, wrong method) in our shape.
-        message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-        if isinstance(exc.__cause__, ValueError) and "digits" in str(exc.__cause__):
-            # Python's JSON refuses integers of more than 4,300 digits (int_max_str_digits) while FastAPI reads it.
-            message = "body holds an integer of more than 4300 digits"
+        message = _http_message(request, exc)
         code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         type_ = "server_error" if exc.status_code >= 500 else "invalid_request_error"
         headers = dict(exc.headers or {})

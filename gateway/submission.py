@@ -36,8 +36,10 @@ def check_caps(
     stop: list[str] | None,
     settings: Settings,
 ) -> None:
-    """422 naming the field when a request exceeds a configured cap or holds an empty prompt."""
+    """422 naming the field when a request exceeds a configured cap or holds no prompt or an empty one."""
     errors: list[tuple[Loc, str]] = []
+    if not prompts:
+        errors.append((("body", field), "must hold at least one prompt"))
     if stop is not None and sum(len(s) for s in stop) > settings.max_stop_chars:
         errors.append((("body", "stop"), f"stop strings longer than {settings.max_stop_chars} characters together"))
     if max_tokens > settings.max_new_tokens:

@@ -8,15 +8,17 @@ Name (an id or name), so new fields are covered by writing them the same way:
 - Text refuses NUL and lone UTF-16 surrogates (shared.storable), which no row or answer can hold; other
   control characters (tab, newline, form feed, ...) are ordinary text in prompts and records;
 - Name refuses every control character (C0, DEL, C1) and lone surrogates: ids, model and dataset names,
-  module names and metadata keys are matched, logged and shown, never free text.
+  module names and metadata keys are matched, logged and shown, never free text;
+- a field that has a default takes it when sent as null, as OpenAI's nullable parameters do (`"temperature":
+  null`, which generic clients and proxies send for "unset"); a required field sent as null is refused.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 from pydantic_core import PydanticCustomError
 
 from shared.storable import unstorable
@@ -25,9 +27,17 @@ _CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class RequestModel(BaseModel):
-    """Base of every request body: unknown fields and coerced types are refused."""
+    """Base of every request body: unknown fields and coerced types are refused; null means a field's default."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_takes_the_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaulted = {name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
 
 
 def storable_text(value: str) -> str:

@@ -96,6 +96,25 @@ def test_job_whose_row_cannot_be_prepared_fails_alone_in_the_same_pass(worker_se
     assert "max_tokens" in found[bad].error["message"]
 
 
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+@pytest.mark.timeout(120)  # before the fix the continuous loop kept such a job running for ever
+def test_job_row_holding_no_prompt_fails_alone_instead_of_running_for_ever(worker_settings: Any, batching: str) -> None:
+    from worker.serving import ModelHolder, serve_waiting_jobs
+
+    settings = worker_settings.model_copy(update={"batching": batching})
+    base = settings.base_model
+    good = [add_job(base, "bob", good_params(f"Hello {i}")) for i in range(3)]
+    empty = add_job(base, "alice", good_params("unused") | {"prompts": []})  # the gateway refuses it; a row may not
+
+    served = serve_waiting_jobs(settings, ModelHolder(settings))
+
+    assert sorted(served) == sorted([*good, empty])
+    found = rows([*good, empty])
+    assert {found[i].status for i in good} == {"succeeded"}
+    assert found[empty].status == "failed" and found[empty].error["code"] == "preparation_failed"
+    assert "no prompts" in found[empty].error["message"]
+
+
 def test_one_broken_adapter_fails_only_the_jobs_that_name_it(worker_settings: Any, tmp_path: Path) -> None:
     from shared import job_states
     from shared.artifacts import ADAPTER_SEAL, ArtifactStore

@@ -179,10 +179,65 @@ def test_another_tenants_batch_is_not_found(sdk: openai.OpenAI) -> None:
 
 def test_a_batch_of_a_fine_tuning_file_or_of_no_file_is_refused(sdk: openai.OpenAI) -> None:
     training = sdk.files.create(file=("d.jsonl", b'{"instruction": "a", "output": "b"}\n'), purpose="fine-tune")
-    with pytest.raises(openai.BadRequestError, match="not batch"):
+    with pytest.raises(openai.BadRequestError, match="not batch") as refused:
         sdk.batches.create(input_file_id=training.id, endpoint="/v1/completions", completion_window="24h")
+    assert refused.value.param == "input_file_id"
     with pytest.raises(openai.NotFoundError):
         sdk.batches.create(input_file_id="file-missing", endpoint="/v1/completions", completion_window="24h")
+
+
+def test_bad_lines_name_their_custom_id_once_read_and_each_custom_id_is_answered_once(sdk: openai.OpenAI) -> None:
+    good = completion_line("a", "Hi", BASE)
+    lines = [
+        good | {"url": "/v1/chat/completions"},  # refused after its custom_id was read: it names "a"
+        good,  # "a" again: refused, naming no custom_id, so that "a" has one answer
+        good | {"custom_id": "m", "method": "GET"},
+        good | {"custom_id": "b", "body": None},
+        good | {"custom_id": "t", "body": {"model": BASE, "prompt": [1, 2, 3]}},  # token ids
+        good | {"custom_id": "e", "body": {"model": BASE, "prompt": []}},  # no prompt: it would never end
+    ]
+    uploaded = sdk.files.create(file=("requests.jsonl", batch_file(lines)), purpose="batch")
+    created = sdk.batches.create(input_file_id=uploaded.id, endpoint="/v1/completions", completion_window="24h")
+
+    batch = finished(sdk, created.id)
+
+    assert batch.request_counts is not None and (batch.request_counts.completed, batch.request_counts.failed) == (0, 6)
+    errors = {e["error"]["line"]: e for e in jsonl(sdk, batch.error_file_id)}  # type: ignore[index]
+    named = {line: (e["custom_id"], e["error"]["code"]) for line, e in errors.items()}  # type: ignore[index]
+    assert named == {1: ("a", "invalid_url"), 2: (None, "duplicate_custom_id"), 3: ("m", "invalid_method"),
+                     4: ("b", "invalid_request"), 5: ("t", "invalid_body"), 6: ("e", "invalid_body")}  # fmt: skip
+    assert errors[5]["error"]["message"].startswith("body.prompt: ")  # type: ignore[index]
+    assert "function-after" not in errors[5]["error"]["message"]  # type: ignore[index]
+    assert errors[6]["error"]["message"] == "body.prompt: must hold at least one prompt"  # type: ignore[index]
+
+
+def test_files_list_takes_openais_purpose_limit_order_and_after(sdk: openai.OpenAI) -> None:
+    for earlier in sdk.files.list():  # other tests' files (the fixture empties batches and jobs only)
+        sdk.files.delete(earlier.id)
+    training = b'{"instruction": "a", "output": "b"}\n'
+    made = [sdk.files.create(file=(f"t{i}.jsonl", training), purpose="fine-tune").id for i in range(2)]
+    made += [sdk.files.create(file=(f"b{i}.jsonl", batch_file([completion_line("x", "Hi", BASE)])),
+                              purpose="batch").id for i in range(3)]  # fmt: skip
+
+    def listed(**query: object) -> list[str]:
+        return [f.id for f in sdk.files.list(**query)]  # type: ignore[arg-type]  # the SDK pages through after=
+
+    assert listed(purpose="batch") == made[:1:-1]  # newest first, the batch files only
+    assert listed(purpose="fine-tune", order="asc") == made[:2]
+    page = sdk.files.list(purpose="batch", limit=2)
+    assert [f.id for f in page.data] == made[:1:-1][:2] and page.has_more
+    assert listed(purpose="batch", limit=1) == made[:1:-1]  # one file a page, every page
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.files.list(purpose="embeddings")  # type: ignore[arg-type]
+    assert refused.value.param == "purpose"
+
+
+def test_a_file_named_beyond_ascii_downloads_under_its_own_name(sdk: openai.OpenAI) -> None:
+    name = "données_日本.jsonl"
+    uploaded = sdk.files.create(file=(name, b'{"instruction": "a", "output": "b"}\n'), purpose="fine-tune")
+    disposition = sdk.files.with_raw_response.content(uploaded.id).headers["content-disposition"]
+    assert 'filename="donn_es___.jsonl"' in disposition  # what a header's plain form can carry
+    assert "filename*=UTF-8''donn%C3%A9es_%E6%97%A5%E6%9C%AC.jsonl" in disposition
 
 
 def run_requests(settings_sessions: sessionmaker[Session], count: int) -> list[str]:

@@ -87,6 +87,100 @@ def test_prompt_and_prompts_together_answer_422(client: TestClient) -> None:
     assert "exactly one of prompt or prompts" in response.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_completion_with_an_empty_prompt_list_answers_400_naming_prompt(client: TestClient, stream: bool) -> None:
+    response = client.post("/v1/completions", json={"model": BASE, "prompt": [], "stream": stream})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "prompt"
+    assert client.get("/v1/jobs").json()["data"] == []  # no job that would never end
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/generations"])
+@pytest.mark.parametrize("raw", [b'{"model":', b'{"prompt": "Hi"} and more', b"\xff{}"])
+def test_a_body_that_is_not_json_answers_400_invalid_request_naming_no_parameter(
+    client: TestClient, path: str, raw: bytes
+) -> None:
+    response = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error.get("param") is None, error
+    assert "JSON" in error["message"] and "[" not in error["message"], error  # no character offset as a field
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/generations"])
+@pytest.mark.parametrize(
+    ("content", "content_type", "said"),
+    [
+        (b'{"model": "m", "prompt": "Hi"}', "text/plain", ["Content-Type: application/json", "text/plain"]),
+        (b'["Hi"]', "application/json", ["must be a JSON object"]),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_told_what_to_send(
+    client: TestClient, path: str, content: bytes, content_type: str, said: list[str]
+) -> None:
+    response = client.post(path, content=content, headers={"Content-Type": content_type})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and error.get("param") is None, error
+    assert all(words in error["message"] for words in said), error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/generations"])
+def test_a_compressed_body_is_told_that_content_encoding_is_not_supported(client: TestClient, path: str) -> None:
+    import gzip
+
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    response = client.post(path, content=gzip.compress(b'{"model": "m", "prompt": "Hi"}'), headers=headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request" and "Content-Encoding 'gzip' is not supported" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "limit"),
+    [({"user": "u" * 300}, "user", 256), ({"metadata": {"k" * 65: "v"}}, "metadata", 64)],
+)
+def test_text_over_its_length_limit_is_told_in_characters(
+    client: TestClient, extra: dict[str, Any], param: str, limit: int
+) -> None:
+    body = {"model": BASE, "messages": [{"role": "user", "content": "Hi"}]} | extra
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"].startswith(param) and f"at most {limit} characters" in error["message"], error
+
+
+def test_parameters_sent_as_null_take_their_defaults(client: TestClient) -> None:
+    nulls = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stop": None, "seed": None}
+    sent = client.post("/v1/generations", json={"prompt": "Hi"} | nulls)
+    assert sent.status_code == 202, sent.text
+    plain = client.post("/v1/generations", json={"prompt": "Hi"})
+    stored = [client.get(f"/v1/generations/{r.json()['id']}").json()["request"] for r in (sent, plain)]
+    assert stored[0] == stored[1]
+    required = client.post("/v1/completions", json={"model": None, "prompt": "Hi"})  # a required one stays required
+    assert required.status_code == 400 and required.json()["error"]["param"] == "model", required.text
+
+
+@pytest.mark.parametrize(
+    ("schema", "required"),
+    [
+        ("shared.schemas:CompletionRequest", {"model": "m", "prompt": "Hi"}),
+        ("shared.chat_schemas:ChatCompletionRequest", {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}),
+        ("shared.schemas:GenerationRequest", {"prompt": "Hi"}),
+        ("shared.schemas:FineTuningJobRequest", {"model": "m", "training_file": "file-1"}),
+        ("shared.batch_schemas:BatchRequest", {"input_file_id": "file-1", "endpoint": "/v1/completions"}),
+    ],
+)
+def test_every_request_field_with_a_default_takes_it_when_sent_as_null(schema: str, required: dict[str, Any]) -> None:
+    import importlib
+
+    module, name = schema.split(":")
+    model = getattr(importlib.import_module(module), name)
+    defaulted = [field for field, info in model.model_fields.items() if not info.is_required()]
+    nulls = {field: None for field in defaulted if field not in required}
+    assert model.model_validate(required | nulls) == model.model_validate(required)
+
+
 def test_unknown_model_answers_404(client: TestClient) -> None:
     response = client.post("/v1/generations", json={"prompt": "Hi", "model": "nope"})
     assert response.status_code == 404

@@ -547,7 +547,7 @@ def _other_url(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
 
 def _other_method(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
     method = draw(st.sampled_from(["GET", "post", None]))
-    return _line(_request_line(fresh, method=method)), Fate("refused", code="invalid_method")
+    return _line(_request_line(fresh, method=method)), Fate("refused", fresh, "invalid_method")
 
 
 def _oversized(draw: st.DrawFn, fresh: str, seen: list[str]) -> Line:
@@ -644,6 +644,8 @@ def test_every_line_of_a_batch_input_file_runs_or_is_reported_with_its_line_numb
         assert entry["response"] is None and entry["error"]["message"]
         assert fate.code is None or entry["error"]["code"] == fate.code, (entry, fate)
         assert fate.custom_id is None or entry["custom_id"] == fate.custom_id, (entry, fate)
+    answered = [a["custom_id"] for a in output] + [e["custom_id"] for e in errors if e["custom_id"] is not None]
+    assert len(answered) == len(set(answered)), answered  # each custom_id answered once, in one of the files
     target.still_healthy()
 
 

@@ -426,6 +426,8 @@ def _prepare(
         GenerationParams.model_validate(job.params), loaded.tokenizer, settings.chat_template
     )
     requests = _requests(params, names.get(job.model))
+    if not requests:  # the gateway refuses such a job; a row written otherwise would never end (nothing to decode)
+        raise JobFailed(ErrorCode.PREPARATION_FAILED, "the job holds no prompts")
     for request in requests:
         if FAULT_RAISE_ON_PROMPT is not None and request.prompt == FAULT_RAISE_ON_PROMPT:
             raise InjectedFault(f"fault injection: the tokenizer refuses prompt {request.prompt!r}")

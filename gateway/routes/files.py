@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from typing import Annotated, Literal
+from urllib.parse import quote
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from starlette.concurrency import run_in_threadpool
 
 from gateway import owned, views
@@ -85,13 +86,34 @@ def _store(file: UploadFile, settings: Settings, tenant: str, purpose: str) -> F
     return row
 
 
+# What a file is for: uploads (fine-tune, batch) and what llmq writes (a batch's output and error files, a
+# fine-tune's results and exports).
+FilePurpose = Literal["fine-tune", "batch", "batch_output", "fine-tune-results"]
+
+
 @router.get("", response_model=FileList)
-def list_files(session: SessionDep, tenant: TenantDep) -> FileList:
-    """Every file the tenant uploaded, newest first."""
-    rows = session.scalars(
-        select(File).where(File.tenant == tenant).order_by(File.created_at.desc(), File.id.desc())
-    ).all()
-    return FileList(data=views.readable(rows, views.file_object))
+def list_files(
+    session: SessionDep,
+    tenant: TenantDep,
+    purpose: Annotated[FilePurpose | None, Query(description="Only the files of this purpose.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    order: Annotated[Literal["asc", "desc"], Query(description="By creation time; desc: newest first.")] = "desc",
+    after: Annotated[str | None, Query(description="Id of the last file of the previous page.")] = None,
+) -> FileList:
+    """The tenant's files (of one purpose), newest first unless order=asc, a page at a time (OpenAI's query)."""
+    newest_first = order == "desc"
+    query = select(File).where(File.tenant == tenant)
+    if purpose is not None:
+        query = query.where(File.purpose == purpose)
+    if after is not None:
+        cursor = owned.file_or_404(session, tenant, after)
+        key, at = tuple_(File.created_at, File.id), (cursor.created_at, cursor.id)
+        query = query.where(key < at if newest_first else key > at)
+    ordering = (File.created_at.desc(), File.id.desc()) if newest_first else (File.created_at, File.id)
+    rows = session.scalars(query.order_by(*ordering).limit(limit + 1)).all()
+    data = views.readable(rows[:limit], views.file_object)
+    first, last = (data[0].id, data[-1].id) if data else (None, None)
+    return FileList(data=data, first_id=first, last_id=last, has_more=len(rows) > limit)
 
 
 @router.get("/{file_id}", response_model=FileObject, responses=documented(404))
@@ -114,7 +136,9 @@ def get_file_content(file_id: str, session: SessionDep, settings: SettingsDep, t
         chunks = ArtifactStore.from_settings(settings).chunks(row.path)
     except ArtifactMissing:
         raise FileNotFound(f"file {file_id!r} has no stored content") from None
-    disposition = f"attachment; filename=\"{_ascii_name(row.filename)}\""
+    disposition = f'attachment; filename="{_ascii_name(row.filename)}"'
+    if _ascii_name(row.filename) != row.filename:  # the name itself too, for clients that read RFC 6266's form
+        disposition += f"; filename*=UTF-8''{quote(row.filename, safe='')}"
     headers = {"Content-Disposition": disposition}
     return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
