@@ -208,12 +208,15 @@ def openai_param(loc: Sequence[Any]) -> str | None:
 
 def in_words(issue: dict[str, Any]) -> dict[str, Any]:
     """A pydantic issue as a person reads it: a length limit of text (an optional field, a dict key) says
-    characters, where pydantic says "Value should have at most 64 items after validation"."""
+    characters, where pydantic says "Value should have at most 64 items after validation"; a file part sent
+    without a file name says so, where FastAPI says "Expected UploadFile, received: <class 'str'>"."""
     ctx = issue.get("ctx") or {}
     if issue.get("type") in ("too_long", "too_short") and isinstance(issue.get("input"), str):
         bound = ctx.get("max_length") if issue["type"] == "too_long" else ctx.get("min_length")
         most = "at most" if issue["type"] == "too_long" else "at least"
         return issue | {"msg": f"String should have {most} {bound} character{'' if bound == 1 else 's'}"}
+    if "Expected UploadFile" in str(issue.get("msg", "")):  # a form part with no file name reads as plain text
+        return issue | {"msg": "must be a file (a multipart part with a filename)"}
     return issue
 
 

@@ -91,7 +91,7 @@ def _store(file: UploadFile, settings: Settings, tenant: str, purpose: str) -> F
 FilePurpose = Literal["fine-tune", "batch", "batch_output", "fine-tune-results"]
 
 
-@router.get("", response_model=FileList)
+@router.get("", response_model=FileList, responses=documented(404))
 def list_files(
     session: SessionDep,
     tenant: TenantDep,
