@@ -506,6 +506,15 @@ def test_with_only_batch_requests_in_flight_the_loop_looks_for_cancels_once_a_se
         return real(session, claims)
 
     monkeypatch.setattr(job_states, "cancels_requested", counted)
+    real_claim = job_states.claim_batch
+
+    def slow_first_claim(session: Any, **kwargs: Any) -> Any:
+        claims = real_claim(session, **kwargs)
+        if not looks:  # the first claim, before the first look, takes as long as a model's first load may
+            time.sleep(0.9)
+        return claims
+
+    monkeypatch.setattr(job_states, "claim_batch", slow_first_claim)
     bulk = add_batch_requests(worker_settings.base_model, 2, max_tokens=60)
 
     def cancel_at_step_3(report: Any) -> None:

@@ -150,7 +150,7 @@ class ContinuousLoop:
                     claimed, joined = self._claim_and_join(session) if due or self.refill else (False, [])
                     if not self.jobs and not claimed:
                         break
-                    cancelled = self._cancel_requested(session) if due and self._cancels_due(started) else []
+                    cancelled = self._cancel_requested(session) if due and self._cancels_due() else []
                     self.polled = started if due else self.polled
                     self._prioritize()
                     rows = self._step(session)
@@ -444,10 +444,13 @@ class ContinuousLoop:
     def _interactive_in_flight(self) -> bool:
         return any(not _is_batch(j) for j in self.jobs.values())
 
-    def _cancels_due(self, now: float) -> bool:
+    def _cancels_due(self) -> bool:
         """Whether to look for cancels at this look: at every look while an interactive job is in flight (its
         client may cancel, or leave, at any step), at most every BATCH_LAG_SECONDS while only batch requests are
-        (a batch's cancel may let its running requests finish; a look is a query on every job in flight)."""
+        (a batch's cancel may let its running requests finish; a look is a query on every job in flight). Timed
+        from the looks themselves, not from the start of their iterations: a claim before a look (a model's first
+        load, say) would otherwise bring two looks closer than that."""
+        now = time.perf_counter()
         if not (self._interactive_in_flight() or now - self.cancels_looked >= BATCH_LAG_SECONDS):
             return False
         self.cancels_looked = now
