@@ -256,8 +256,7 @@ def _body_problem(issues: Sequence[Any], content_type: str) -> JSONResponse | No
             message += f", sent with Content-Type: application/json (it came with {content_type or 'none'!r})"
     else:
         return None
-    error = ApiErrorObject(message=message, type="invalid_request_error", code="invalid_request")
-    return JSONResponse({"detail": message, "error": error.model_dump()}, status_code=400)
+    return JSONResponse(error_body("invalid_request", message, "invalid_request_error"), status_code=400)
 
 
 def _http_message(request: Request, exc: HTTPException) -> str:
